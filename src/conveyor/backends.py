@@ -1,0 +1,34 @@
+"""Opening the log and the store named by a URL; each adapter is imported only when used."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from conveyor.log.base import EventLog
+from conveyor.store.base import StateStore
+
+
+async def open_log(url: str, *, prefix: str = "conveyor") -> EventLog:
+    scheme = urlsplit(url).scheme
+    if scheme == "nats":
+        from conveyor.log.nats import NatsEventLog
+
+        return await NatsEventLog.open(url, prefix=prefix)
+    if scheme == "memory":
+        from conveyor.log.memory import MemoryEventLog
+
+        return MemoryEventLog()
+    raise ValueError(f"unsupported log URL {url!r}: use nats://HOST:PORT (or memory:// in one process)")
+
+
+async def open_store(url: str, *, prefix: str = "conveyor") -> StateStore:
+    scheme = urlsplit(url).scheme
+    if scheme == "nats":
+        from conveyor.store.nats_kv import NatsStateStore
+
+        return await NatsStateStore.open(url, prefix=prefix)
+    if scheme == "memory":
+        from conveyor.store.memory import MemoryStateStore
+
+        return MemoryStateStore()
+    raise ValueError(f"unsupported store URL {url!r}: use nats://HOST:PORT (or memory:// in one process)")

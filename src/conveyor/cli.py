@@ -1,0 +1,159 @@
+"""The ``conveyor`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+
+from conveyor.config import STAGES, ModelSettings, Settings
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gateway port (default 8000; 0 picks a free one)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where the bundled broker keeps its data (default .conveyor)"
+    )
+    parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
+    parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
+    parser.add_argument("--model", help="model backend (default: simulated)")
+    parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
+    parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
+    parser.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = Settings.from_env()
+    model = ModelSettings(
+        name=args.model or base.model.name,
+        ttft=base.model.ttft if args.model_ttft is None else args.model_ttft,
+        token_delay=base.model.token_delay if args.model_token_delay is None else args.model_token_delay,
+    )
+    blocklist = base.blocklist
+    if args.blocklist_file:
+        lines = args.blocklist_file.read_text().splitlines()
+        blocklist = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    return dataclasses.replace(
+        base,
+        host=args.host or base.host,
+        port=base.port if args.port is None else args.port,
+        data_dir=args.data_dir or base.data_dir,
+        log_url=args.log_url or base.log_url,
+        store_url=args.store_url or base.store_url,
+        model=model,
+        blocklist=blocklist,
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from conveyor.node import run_node
+
+    settings = _settings(args)
+
+    def ready(gateway_url: str, log_url: str) -> None:
+        origin = (
+            "bundled, data in " + str(settings.data_dir / "nats") if settings.log_url is None else "external"
+        )
+        print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
+        print(f"  log and store: {log_url} ({origin})", flush=True)
+        print(f"  stages: {', '.join(settings.stages)}; model: {settings.model.name}", flush=True)
+        print("  Ctrl-C drains in-flight work and stops.", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_node(settings, stop, on_ready=ready)
+
+    _run(main())
+    print("Conveyor stopped.", flush=True)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/")
+    body: dict[str, object] = {"prompt": args.prompt}
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    if args.key:
+        body["key"] = args.key
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=None)) as client:
+        try:
+            response = client.post("/v1/requests", json=body)
+        except httpx.TransportError as exc:
+            print(f"error: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
+            return 2
+        if response.status_code >= 400:
+            print(f"error: {response.status_code} {response.text}", file=sys.stderr)
+            return 1
+        rid = response.json()["id"]
+        print(f"request {rid}", file=sys.stderr)
+        final: dict[str, object] = {}
+        with client.stream("GET", f"/v1/requests/{rid}/events") as events:
+            event = ""
+            for line in events.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "token":
+                    print(json.loads(line[6:])["text"], end="", flush=True)
+                elif line.startswith("data: ") and event in ("completed", "failed", "cancelled"):
+                    final = json.loads(line[6:])
+                    break
+        print()
+        print(f"status: {final.get('status')}", file=sys.stderr)
+        if final.get("error"):
+            print(f"error: {json.dumps(final['error'])}", file=sys.stderr)
+        if final.get("usage"):
+            print(f"usage: {json.dumps(final['usage'])}", file=sys.stderr)
+        return 0 if final.get("status") == "completed" else 1
+
+
+def _schemas(_: argparse.Namespace) -> int:
+    from conveyor.payloads import json_schemas
+
+    print(json.dumps(json_schemas(), indent=2, sort_keys=True))
+    return 0
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run everything in one process on the bundled broker")
+    _server_options(up)
+    up.set_defaults(func=_up)
+
+    submit = commands.add_parser("submit", help="submit a prompt and print the output as it streams")
+    submit.add_argument("prompt")
+    submit.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--key", help="partition key (requests with one key are handled in order)")
+    submit.set_defaults(func=_submit)
+
+    schemas = commands.add_parser("schemas", help="print the JSON Schema of every event payload")
+    schemas.set_defaults(func=_schemas)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+__all__ = ["STAGES", "main"]

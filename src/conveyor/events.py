@@ -1,0 +1,183 @@
+"""The event envelope: CloudEvents 1.0 attributes plus Conveyor's routing fields.
+
+On the wire the envelope travels in broker headers (CloudEvents binary content mode,
+``ce-`` prefixed) and the payload is the message body, so a broker, a tracing
+proxy or a CloudEvents SDK can route and read events without knowing our schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+
+from conveyor.errors import InvalidEventError
+from conveyor.ids import derive_id, new_id
+
+SPEC_VERSION = "1.0"
+CONTENT_TYPE = "application/json"
+
+
+class Topic(StrEnum):
+    """The topics of the built-in pipeline (DESIGN.md §2)."""
+
+    REQUESTS = "requests"
+    PREPARED = "prepared"
+    GENERATED = "generated"
+    COMPLETED = "completed"
+    STREAM = "stream"
+    CONTROL = "control"
+    DLQ = "dlq"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """One immutable event. ``data`` is the JSON-encoded payload."""
+
+    id: str
+    type: str
+    source: str
+    request_id: str
+    key: str
+    data: bytes
+    time: str = ""
+    dataschema: str = ""
+    tenant: str = "default"
+    causation_id: str = ""
+    attempt: int = 0
+    deadline: float | None = None
+    priority: int = 0
+    model: str = ""
+    model_version: str = ""
+    model_license: str = ""
+    traceparent: str = ""
+
+    @property
+    def subject(self) -> str:
+        """The CloudEvents subject is the request the event belongs to."""
+        return self.request_id
+
+    def payload(self) -> dict[str, Any]:
+        """The decoded JSON body (a permanent error if it is not a JSON object)."""
+        try:
+            value = orjson.loads(self.data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEventError(f"event {self.id}: body is not JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise InvalidEventError(f"event {self.id}: body is not a JSON object")
+        return value
+
+    def derive(self, *, type: str, source: str, payload: BaseModel, label: str) -> Envelope:
+        """An output caused by this event: same request, key, tenant and trace; deterministic id."""
+        return dataclasses.replace(
+            self,
+            id=derive_id(self.id, label),
+            type=type,
+            source=source,
+            data=encode_payload(payload),
+            dataschema=schema_uri(type, payload),
+            time=now_rfc3339(),
+            causation_id=self.id,
+            attempt=0,
+        )
+
+    def to_headers(self) -> dict[str, str]:
+        headers = {
+            "ce-specversion": SPEC_VERSION,
+            "ce-id": self.id,
+            "ce-type": self.type,
+            "ce-source": self.source,
+            "ce-subject": self.request_id,
+            "ce-time": self.time,
+            "ce-dataschema": self.dataschema,
+            "content-type": CONTENT_TYPE,
+            "ce-requestid": self.request_id,
+            "ce-partitionkey": self.key,
+            "ce-tenant": self.tenant,
+            "ce-priority": str(self.priority),
+            "ce-attempt": str(self.attempt),
+        }
+        optional = {
+            "ce-causationid": self.causation_id,
+            "ce-deadline": "" if self.deadline is None else repr(self.deadline),
+            "ce-model": self.model,
+            "ce-modelversion": self.model_version,
+            "ce-modellicense": self.model_license,
+            "traceparent": self.traceparent,
+        }
+        headers.update({k: v for k, v in optional.items() if v})
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None, body: bytes) -> Envelope:
+        """Decode a wire event; raises InvalidEventError naming what is missing or wrong."""
+        h = headers or {}
+        missing = [k for k in ("ce-id", "ce-type", "ce-source", "ce-requestid") if not h.get(k)]
+        if missing:
+            raise InvalidEventError(f"not a Conveyor event: missing headers {', '.join(missing)}")
+        try:
+            deadline = float(h["ce-deadline"]) if h.get("ce-deadline") else None
+            return cls(
+                id=h["ce-id"],
+                type=h["ce-type"],
+                source=h["ce-source"],
+                request_id=h["ce-requestid"],
+                key=h.get("ce-partitionkey") or h["ce-requestid"],
+                data=body,
+                time=h.get("ce-time", ""),
+                dataschema=h.get("ce-dataschema", ""),
+                tenant=h.get("ce-tenant", "default"),
+                causation_id=h.get("ce-causationid", ""),
+                attempt=int(h.get("ce-attempt", "0")),
+                deadline=deadline,
+                priority=int(h.get("ce-priority", "0")),
+                model=h.get("ce-model", ""),
+                model_version=h.get("ce-modelversion", ""),
+                model_license=h.get("ce-modellicense", ""),
+                traceparent=h.get("traceparent", ""),
+            )
+        except ValueError as exc:
+            raise InvalidEventError(f"malformed event header: {exc}") from exc
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def encode_payload(payload: BaseModel) -> bytes:
+    return orjson.dumps(payload.model_dump(mode="json"))
+
+
+def schema_uri(type: str, payload: BaseModel) -> str:
+    version = getattr(payload, "schema_version", 1)
+    return f"urn:conveyor:schema:{type}:v{version}"
+
+
+def new_event(
+    *,
+    type: str,
+    source: str,
+    payload: BaseModel,
+    request_id: str | None = None,
+    key: str | None = None,
+    **attributes: Any,
+) -> Envelope:
+    """A new root event (no cause): a fresh time-sortable id."""
+    event_id = new_id()
+    rid = request_id or event_id
+    return Envelope(
+        id=event_id,
+        type=type,
+        source=source,
+        request_id=rid,
+        key=key or rid,
+        data=encode_payload(payload),
+        dataschema=schema_uri(type, payload),
+        time=now_rfc3339(),
+        **attributes,
+    )

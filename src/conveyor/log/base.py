@@ -1,0 +1,90 @@
+"""The EventLog seam: a durable, partitioned, replayable log of envelopes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from conveyor.errors import InvalidEventError
+from conveyor.events import Envelope
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class Delivery:
+    """One message handed to a consumer group member; it must be acked or nacked.
+
+    ``attempt`` is 1 on the first delivery and grows on every redelivery by the
+    broker (after a crash or an expired ack deadline).
+    """
+
+    topic: str
+    headers: dict[str, str]
+    body: bytes
+    attempt: int
+    position: int
+    _ack: Callable[[], Awaitable[None]]
+    _nak: Callable[[float], Awaitable[None]]
+
+    def envelope(self) -> Envelope:
+        """Decode the envelope; raises InvalidEventError for a foreign or malformed message."""
+        return Envelope.from_headers(self.headers, self.body)
+
+    def try_envelope(self) -> Envelope | None:
+        try:
+            return self.envelope()
+        except InvalidEventError:
+            return None
+
+    async def ack(self) -> None:
+        await self._ack()
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Give the message back for redelivery, after ``delay`` seconds."""
+        await self._nak(delay)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tailed:
+    """An event read by ``tail`` with its position in the topic (resume after it)."""
+
+    position: int
+    envelope: Envelope
+
+
+class Subscription(Protocol):
+    """A member of a durable consumer group on one topic."""
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries; an empty list if none arrive within ``timeout``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class EventLog(Protocol):
+    """Append-only topics of envelopes, partitioned by ``Envelope.key``.
+
+    Contract (checked by tests/conformance/test_event_log.py against every backend):
+    * ``publish`` returns once every event is durably stored, in order;
+      an event whose ``id`` was already published recently is stored only once.
+    * members of one ``group`` share a topic's messages; every group sees every message;
+      an unacked message is redelivered (to any member) with a higher ``attempt``.
+    * ``tail`` reads the events of one key (or of all keys, for None), in order, from
+      just after position ``after``, without joining any group; with ``follow`` it
+      waits for new events, without it it stops at the current end.
+    """
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None: ...
+
+    async def subscribe(self, topic: str, group: str) -> Subscription: ...
+
+    def tail(
+        self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
+    ) -> AsyncIterator[Tailed]: ...
+
+    async def ping(self) -> None:
+        """Raise UnavailableError if the log cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,221 @@
+"""EventLog on NATS JetStream: a stream per topic, durable pull consumers per group.
+
+Subjects are ``<prefix>.<topic>.<key token>``, so one key's events can be read alone
+(``tail``) and a future partitioned deployment can map subjects to partitions.
+Publishing sets ``Nats-Msg-Id`` to the event id: JetStream drops a second copy
+published within the stream's duplicate window, which is what makes a redelivered
+stage input produce its (deterministic) outputs only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError as JsNotFound
+
+from conveyor.errors import UnavailableError
+from conveyor.events import Envelope
+from conveyor.log.base import Delivery, Tailed
+
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_DAY = 86_400.0
+
+
+def key_token(key: str) -> str:
+    """A subject token for a partition key: the key itself when safe, else a stable hash."""
+    if _SAFE_TOKEN.match(key):
+        return key
+    return "h" + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+async def connect(url: str, *, name: str = "conveyor") -> Client:
+    """Connect with unbounded reconnects: a restarting server must not kill the process."""
+    try:
+        return await nats.connect(
+            servers=[url],
+            name=name,
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+        )
+    except (OSError, nats.errors.Error) as exc:
+        raise UnavailableError(f"cannot reach NATS at {url}: {exc}") from exc
+
+
+class NatsEventLog:
+    """One JetStream stream per topic (``<PREFIX>_<TOPIC>``) on file storage."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        prefix: str = "conveyor",
+        duplicate_window: float = 600.0,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 2000,
+        retention: float = 7 * _DAY,
+    ) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=10)
+        self._prefix = prefix
+        self._duplicate_window = duplicate_window
+        self._ack_wait = ack_wait
+        self._max_ack_pending = max_ack_pending
+        self._retention = retention
+        self._ready: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> NatsEventLog:
+        return cls(await connect(url, name="conveyor-log"), **options)
+
+    def stream_name(self, topic: str) -> str:
+        return f"{self._prefix}_{topic}".upper().replace("-", "_").replace(".", "_")
+
+    def subject(self, topic: str, key: str) -> str:
+        return f"{self._prefix}.{topic}.{key_token(key)}"
+
+    async def _ensure(self, topic: str) -> str:
+        name = self.stream_name(topic)
+        if topic in self._ready:
+            return name
+        async with self._lock:
+            if topic not in self._ready:
+                config = api.StreamConfig(
+                    name=name,
+                    subjects=[f"{self._prefix}.{topic}.>"],
+                    storage=api.StorageType.FILE,
+                    retention=api.RetentionPolicy.LIMITS,
+                    max_age=self._retention,
+                    duplicate_window=self._duplicate_window,
+                )
+                try:
+                    await self._js.add_stream(config)
+                except nats.js.errors.BadRequestError:
+                    await self._js.update_stream(config)
+                self._ready.add(topic)
+        return name
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
+        if not events:
+            return
+        stream = await self._ensure(topic)
+        try:
+            acks = []
+            for event in events:
+                headers = event.to_headers()
+                headers["Nats-Msg-Id"] = event.id
+                acks.append(
+                    await self._js.publish_async(
+                        self.subject(topic, event.key), event.data, headers=headers, stream=stream
+                    )
+                )
+            await asyncio.gather(*acks)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
+
+    async def publish_raw(self, topic: str, key: str, headers: dict[str, str] | None, body: bytes) -> None:
+        """Publish bytes as any producer could (used to prove garbage cannot stall a stage)."""
+        stream = await self._ensure(topic)
+        await self._js.publish(self.subject(topic, key), body, headers=headers, stream=stream)
+
+    async def subscribe(self, topic: str, group: str) -> _NatsSubscription:
+        stream = await self._ensure(topic)
+        config = api.ConsumerConfig(
+            durable_name=group,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait,
+            max_ack_pending=self._max_ack_pending,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=f"{self._prefix}.{topic}.>",
+        )
+        try:
+            sub = await self._js.pull_subscribe(
+                f"{self._prefix}.{topic}.>", durable=group, stream=stream, config=config
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"subscribe to {topic} as {group} failed: {exc!r}") from exc
+        return _NatsSubscription(topic, sub)
+
+    async def tail(
+        self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
+    ) -> AsyncIterator[Tailed]:
+        stream = await self._ensure(topic)
+        subject = f"{self._prefix}.{topic}.>" if key is None else self.subject(topic, key)
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+        )
+        sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
+        try:
+            if not follow and (await sub.consumer_info()).num_pending == 0:
+                return
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                meta = msg.metadata
+                yield Tailed(meta.sequence.stream, Envelope.from_headers(msg.headers, msg.data))
+                if not follow and meta.num_pending == 0:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    async def ping(self) -> None:
+        try:
+            await self._js.account_info()
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"JetStream unavailable: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            await self._nc.close()
+
+    async def delete_streams(self) -> None:
+        """Remove every stream of this prefix (test isolation)."""
+        for topic in list(self._ready):
+            with contextlib.suppress(JsNotFound):
+                await self._js.delete_stream(self.stream_name(topic))
+        self._ready.clear()
+
+
+class _NatsSubscription:
+    def __init__(self, topic: str, sub: JetStreamContext.PullSubscription) -> None:
+        self._topic = topic
+        self._sub = sub
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        try:
+            msgs = await self._sub.fetch(max_messages, timeout=timeout)
+        except TimeoutError:
+            return []
+        except nats.errors.Error as exc:
+            raise UnavailableError(f"fetch from {self._topic} failed: {exc!r}") from exc
+        return [self._delivery(m) for m in msgs]
+
+    def _delivery(self, msg: Msg) -> Delivery:
+        meta = msg.metadata
+
+        async def nak(delay: float) -> None:
+            await msg.nak(delay=delay or None)
+
+        return Delivery(
+            topic=self._topic,
+            headers=dict(msg.headers or {}),
+            body=msg.data,
+            attempt=meta.num_delivered,
+            position=meta.sequence.stream,
+            _ack=msg.ack,
+            _nak=nak,
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()

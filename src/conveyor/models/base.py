@@ -1,0 +1,51 @@
+"""The ModelBackend seam: generate text for a batch of requests, token by token."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Travels on every event the model produced."""
+
+    name: str
+    version: str
+    license: str
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class GenerationRequest:
+    """One sequence to generate. Setting ``cancelled`` stops it at the next token."""
+
+    id: str
+    prompt: str
+    max_tokens: int
+    cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Token:
+    """A piece of text for request ``request_id``; the last one has ``finish_reason``."""
+
+    request_id: str
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+class ModelBackend(Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
+        """Tokens of all ``requests``, interleaved; each request ends with one finishing token."""
+        ...
+
+    async def close(self) -> None: ...

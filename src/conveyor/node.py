@@ -1,0 +1,126 @@
+"""One Conveyor process: the bundled broker if needed, the stages, the projector, the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import uvicorn
+
+from conveyor.backends import open_log, open_store
+from conveyor.config import Settings
+from conveyor.embedded import EmbeddedNats
+from conveyor.gateway.app import create_app
+from conveyor.log.base import EventLog
+from conveyor.models.base import ModelBackend
+from conveyor.models.simulated import SimulatedModel
+from conveyor.pipeline import Pipeline
+from conveyor.projector import Projector
+from conveyor.runtime.worker import StageWorker
+from conveyor.stages import CancelWatch, SafetyPolicy, finalize_stage, generate_stage, prepare_stage
+from conveyor.store.base import StateStore
+
+logger = logging.getLogger("conveyor")
+
+
+def build_model(settings: Settings) -> ModelBackend:
+    if settings.model.name == "simulated":
+        return SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay)
+    raise ValueError(f"unknown model {settings.model.name!r}; available: simulated")
+
+
+def build_pipeline(settings: Settings, model: ModelBackend, cancels: CancelWatch) -> Pipeline:
+    return Pipeline(
+        [
+            prepare_stage(SafetyPolicy(settings.blocklist)),
+            generate_stage(model, cancels),
+            finalize_stage(),
+            Projector().stage(),
+        ]
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+@contextlib.asynccontextmanager
+async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateStore, str]]:
+    """The log and the store of ``settings``, starting the bundled NATS server if none is named."""
+    server: EmbeddedNats | None = None
+    log_url = settings.log_url
+    if log_url is None:
+        server = await EmbeddedNats.start(settings.data_dir / "nats")
+        log_url = server.url
+    log = await open_log(log_url, prefix=settings.prefix)
+    store = await open_store(settings.store_url or log_url, prefix=settings.prefix)
+    try:
+        yield log, store, log_url
+    finally:
+        await log.close()
+        await store.close()
+        if server is not None:
+            await server.stop()
+
+
+async def run_node(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    gateway: bool = True,
+    on_ready: Callable[[str, str], None] = lambda gateway_url, log_url: None,
+) -> None:
+    """Run until ``stop`` is set; then stop accepting, drain in-flight work and shut down."""
+    async with backends(settings) as (log, store, log_url):
+        model = build_model(settings)
+        cancels = CancelWatch(log)
+        pipeline = build_pipeline(settings, model, cancels)
+        workers = [StageWorker(pipeline[name], log, store) for name in settings.stages]
+        worker_stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.run(worker_stop), name=f"stage-{w.stage.name}") for w in workers]
+        if "generate" in settings.stages:
+            tasks.append(asyncio.create_task(cancels.run(), name="cancel-watch"))
+        server: _Server | None = None
+        serve_task: asyncio.Task[None] | None = None
+        gateway_url = ""
+        try:
+            await asyncio.gather(*(w.ready.wait() for w in workers))
+            if gateway:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((settings.host, settings.port))
+                host, port = sock.getsockname()[:2]
+                config = uvicorn.Config(
+                    create_app(log, store),
+                    log_level="warning",
+                    access_log=False,
+                    lifespan="on",
+                    timeout_graceful_shutdown=5,
+                )
+                server = _Server(config)
+                serve_task = asyncio.create_task(server.serve(sockets=[sock]))
+                while not server.started:
+                    if serve_task.done():
+                        await serve_task
+                        raise RuntimeError("the gateway stopped while starting")
+                    await asyncio.sleep(0.01)
+                gateway_url = f"http://{host}:{port}"
+            on_ready(gateway_url, log_url)
+            await stop.wait()
+        finally:
+            if server is not None and serve_task is not None:
+                server.should_exit = True
+                await serve_task
+            worker_stop.set()
+            _, pending = await asyncio.wait(tasks[: len(workers)], timeout=30)
+            for task in (*pending, *tasks[len(workers) :]):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await model.close()

@@ -1,0 +1,1 @@
+"""Metrics and logging shared by every process."""

@@ -1,0 +1,98 @@
+"""Process-local metrics in the Prometheus text format (served at ``/metrics``).
+
+Deliberately small: counters and histograms with fixed label sets, no client
+library on the hot path. Each process exports its own; a scraper aggregates.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+Labels = tuple[tuple[str, str], ...]
+
+
+def _fmt(labels: Labels, extra: str = "") -> str:
+    parts = [f'{k}="{v}"' for k, v in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class Counter:
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self._values: dict[Labels, float] = defaultdict(float)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._values[tuple(sorted(labels.items()))] += amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        lines += [f"{self.name}{_fmt(k)} {v}" for k, v in sorted(self._values.items())]
+        return lines
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...] = _BUCKETS) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self._counts: dict[Labels, list[int]] = {}
+        self._sums: dict[Labels, float] = defaultdict(float)
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        self._sums[key] += value
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for key, counts in sorted(self._counts.items()):
+            running = 0
+            for bound, count in zip((*self.buckets, float("inf")), counts, strict=True):
+                running += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                bucket = _fmt(key, 'le="' + le + '"')
+                lines.append(f"{self.name}_bucket{bucket} {running}")
+            lines.append(f"{self.name}_sum{_fmt(key)} {self._sums[key]}")
+            lines.append(f"{self.name}_count{_fmt(key)} {running}")
+        return lines
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._metrics: dict[str, Counter | Histogram] = {}
+        self._lock = threading.Lock()
+
+    def counter(self, name: str, help: str) -> Counter:
+        with self._lock:
+            metric = self._metrics.setdefault(name, Counter(name, help))
+        assert isinstance(metric, Counter), f"{name} is not a counter"
+        return metric
+
+    def histogram(self, name: str, help: str) -> Histogram:
+        with self._lock:
+            metric = self._metrics.setdefault(name, Histogram(name, help))
+        assert isinstance(metric, Histogram), f"{name} is not a histogram"
+        return metric
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in self._metrics.values():
+            lines += metric.render()
+        return "\n".join(lines) + "\n"
+
+
+REGISTRY = Registry()
+
+EVENTS_HANDLED = REGISTRY.counter("conveyor_events_total", "Events consumed by a stage, by outcome.")
+HANDLE_SECONDS = REGISTRY.histogram("conveyor_handle_seconds", "Time a stage spent handling one event.")
+RETRIES = REGISTRY.counter("conveyor_retries_total", "Handler attempts that failed and were retried.")
+DEAD_LETTERS = REGISTRY.counter("conveyor_dead_letters_total", "Events sent to the dead-letter topic.")
+REQUESTS_ACCEPTED = REGISTRY.counter("conveyor_requests_accepted_total", "Requests accepted by the gateway.")
+USAGE_TOKENS = REGISTRY.counter("conveyor_usage_tokens_total", "Tokens recorded in the usage ledger.")

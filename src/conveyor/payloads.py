@@ -1,0 +1,162 @@
+"""Versioned payload schemas of the built-in pipeline and their registry.
+
+Each event type maps to one pydantic model per schema version. The registry exports
+JSON Schema (``conveyor schemas``); ``schemas/events.json`` holds the committed
+snapshot and a test fails when a change would break readers of events already in
+the log (a removed or retyped field, a new required field).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from conveyor.errors import InvalidEventError
+
+
+class Payload(BaseModel):
+    """Base of every payload: immutable, unknown fields ignored so old readers accept newer writers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    schema_version: ClassVar[int] = 1
+
+
+class Usage(Payload):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+
+
+class RequestAccepted(Payload):
+    """``request.accepted`` on [requests]: what the client asked for."""
+
+    prompt: str
+    max_tokens: int = 256
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RequestPrepared(Payload):
+    """``request.prepared`` on [prepared]: the prompt after safety checks and redaction."""
+
+    prompt: str
+    max_tokens: int = 256
+    redactions: dict[str, int] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerationStarted(Payload):
+    """``generation.started`` on [generated]: the model took the request."""
+
+    worker: str = ""
+
+
+class TokenChunk(Payload):
+    """``token.chunk`` on [stream]: ``index`` counts chunks from 0; the last one has ``final``."""
+
+    index: int
+    text: str
+    final: bool = False
+    finish_reason: FinishReason | None = None
+
+
+class GenerationCompleted(Payload):
+    """``generation.completed`` on [generated]: the full text and what it cost."""
+
+    text: str
+    chunks: int
+    finish_reason: FinishReason = "stop"
+    usage: Usage = Field(default_factory=Usage)
+
+
+class RequestCompleted(Payload):
+    """``request.completed`` on [completed]: the post-processed output, usage recorded."""
+
+    output: str
+    chunks: int
+    finish_reason: FinishReason = "stop"
+    usage: Usage = Field(default_factory=Usage)
+
+
+class RequestFailed(Payload):
+    """``request.failed`` on [completed]: a policy or a stage refused or could not serve it."""
+
+    code: str
+    message: str
+    stage: str
+
+
+class CancelRequested(Payload):
+    """``request.cancel_requested`` on [control]."""
+
+    reason: str = "client"
+
+
+class Attempt(Payload):
+    attempt: int
+    error: str
+    at: str
+
+
+class DeadLetter(Payload):
+    """``event.dead_lettered`` on [dlq]: the original event and why it could not be handled."""
+
+    stage: str
+    topic: str
+    error: str
+    attempts: list[Attempt] = Field(default_factory=list)
+    original_headers: dict[str, str] = Field(default_factory=dict)
+    original_body: str = ""
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class EventType:
+    ACCEPTED = "request.accepted"
+    PREPARED = "request.prepared"
+    STARTED = "generation.started"
+    TOKEN = "token.chunk"
+    GENERATED = "generation.completed"
+    COMPLETED = "request.completed"
+    FAILED = "request.failed"
+    CANCEL = "request.cancel_requested"
+    DEAD_LETTER = "event.dead_lettered"
+
+
+REGISTRY: dict[str, dict[int, type[Payload]]] = {
+    EventType.ACCEPTED: {1: RequestAccepted},
+    EventType.PREPARED: {1: RequestPrepared},
+    EventType.STARTED: {1: GenerationStarted},
+    EventType.TOKEN: {1: TokenChunk},
+    EventType.GENERATED: {1: GenerationCompleted},
+    EventType.COMPLETED: {1: RequestCompleted},
+    EventType.FAILED: {1: RequestFailed},
+    EventType.CANCEL: {1: CancelRequested},
+    EventType.DEAD_LETTER: {1: DeadLetter},
+}
+
+
+def decode(model: type[P], data: bytes) -> P:
+    """Validate a JSON body against ``model``; a permanent error says which field is wrong."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise InvalidEventError(f"invalid {model.__name__}: {problems}") from exc
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """Every registered schema as JSON Schema, keyed by event type then ``v<version>``."""
+    return {
+        event_type: {f"v{v}": model.model_json_schema() for v, model in sorted(versions.items())}
+        for event_type, versions in sorted(REGISTRY.items())
+    }

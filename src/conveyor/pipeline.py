@@ -1,0 +1,104 @@
+"""Declaring stages: a handler, the topics it consumes, and how it is run."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from conveyor.events import Envelope
+from conveyor.log.base import EventLog
+from conveyor.store.base import StateStore
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Output:
+    """An event a handler wants published once it returns, and where."""
+
+    topic: str
+    event: Envelope
+
+
+class StageContext(Protocol):
+    """What a running handler may use besides its input event."""
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def log(self) -> EventLog: ...
+
+    @property
+    def store(self) -> StateStore: ...
+
+    def derive(self, event: Envelope, *, type: str, payload: BaseModel, label: str = "") -> Envelope:
+        """An output of ``event``: its id is fixed by (event id, stage, label)."""
+        ...
+
+
+Handler = Callable[[StageContext, Envelope], Awaitable[Sequence[Output]]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for retryable failures."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 5.0
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stage:
+    """A handler and the contract the runtime keeps around it.
+
+    ``accepts`` lists the event types the handler wants; others on its topics are
+    acknowledged and skipped. ``lane`` picks the ordering key: events with the same
+    lane are handled one at a time in log order, different lanes concurrently.
+    ``dedupe`` records each handled event id so a redelivery is skipped; turn it off
+    only for handlers that are idempotent on their own (the projector).
+    """
+
+    name: str
+    consumes: tuple[str, ...]
+    handler: Handler
+    accepts: frozenset[str] = frozenset()
+    timeout: float = 30.0
+    retry: RetryPolicy = RetryPolicy()
+    concurrency: int = 256
+    max_deliveries: int = 10
+    dedupe: bool = True
+    lane: Callable[[Envelope], str] = lambda event: event.key
+
+
+class Pipeline:
+    """An ordered set of stages, addressable by name."""
+
+    def __init__(self, stages: Sequence[Stage] = ()) -> None:
+        self._stages: dict[str, Stage] = {}
+        for stage in stages:
+            self.add(stage)
+
+    def add(self, stage: Stage) -> None:
+        if stage.name in self._stages:
+            raise ValueError(f"stage {stage.name!r} is declared twice")
+        self._stages[stage.name] = stage
+
+    def __getitem__(self, name: str) -> Stage:
+        try:
+            return self._stages[name]
+        except KeyError:
+            raise KeyError(f"no stage {name!r}; stages: {', '.join(self._stages)}") from None
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self._stages.values())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._stages)

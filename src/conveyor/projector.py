@@ -1,0 +1,89 @@
+"""The projector: folds every event into the per-request view in the state store (CQRS read side).
+
+It runs as a stage whose lane is the request id, so one request's events are folded
+one at a time; the store write is a compare-and-set, so a second projector, the
+gateway's initial write or a replay can run beside it and nothing is lost.
+A small cache of (view, revision) saves the read before each write.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+from conveyor.events import Envelope, Topic
+from conveyor.payloads import EventType
+from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.store.base import Namespace, StateStore
+from conveyor.view import RequestView, fold
+
+PROJECTED_TOPICS = (
+    Topic.REQUESTS,
+    Topic.PREPARED,
+    Topic.GENERATED,
+    Topic.COMPLETED,
+    Topic.CONTROL,
+    Topic.DLQ,
+)
+
+
+async def read_view(store: StateStore, request_id: str) -> RequestView | None:
+    entry = await store.get(Namespace.STATUS, request_id)
+    return RequestView.model_validate_json(entry.value) if entry else None
+
+
+class Projector:
+    def __init__(self, *, cache_size: int = 20_000) -> None:
+        self._cache: collections.OrderedDict[str, tuple[RequestView, int]] = collections.OrderedDict()
+        self._cache_size = cache_size
+
+    async def apply(self, store: StateStore, event: Envelope) -> RequestView:
+        rid = event.request_id
+        cached = self._cache.pop(rid, None)
+        while True:
+            if cached is None:
+                entry = await store.get(Namespace.STATUS, rid)
+                cached = (RequestView.model_validate_json(entry.value), entry.revision) if entry else None
+            view = fold(cached[0] if cached else None, event)
+            if cached is not None and view == cached[0]:
+                result = cached
+                break
+            data = view.model_dump_json().encode()
+            if cached is None:
+                revision = await store.create(Namespace.STATUS, rid, data)
+            else:
+                revision = await store.update(Namespace.STATUS, rid, data, cached[1])
+            if revision is not None:
+                result = (view, revision)
+                break
+            cached = None  # someone else wrote it: read again and refold
+        self._cache[rid] = result
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return result[0]
+
+    def stage(self) -> Stage:
+        async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+            await self.apply(ctx.store, event)
+            return ()
+
+        return Stage(
+            name="projector",
+            consumes=PROJECTED_TOPICS,
+            handler=handle,
+            accepts=frozenset(
+                {
+                    EventType.ACCEPTED,
+                    EventType.PREPARED,
+                    EventType.STARTED,
+                    EventType.GENERATED,
+                    EventType.COMPLETED,
+                    EventType.FAILED,
+                    EventType.CANCEL,
+                    EventType.DEAD_LETTER,
+                }
+            ),
+            dedupe=False,
+            concurrency=1024,
+            lane=lambda event: event.request_id,
+        )

@@ -1,0 +1,246 @@
+"""The stage runtime: consume → decode → dedupe → handle → publish → mark → ack.
+
+Ordering: deliveries are split into lanes by ``Stage.lane`` (the partition key by
+default). A lane handles its events one at a time in log order; lanes run
+concurrently, up to ``Stage.concurrency`` events in flight, and the worker stops
+fetching while it is full (back-pressure reaches the broker, which holds the rest).
+
+Effectively-once: a handler's outputs have ids derived from its input, so when an
+input is redelivered (crash, ack timeout) the outputs repeat with the same ids and
+the log drops them; the dedupe record is written only after the outputs are durable
+and before the ack, so a crash anywhere leaves either "redo, same outputs" or "skip".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+
+from pydantic import BaseModel
+
+from conveyor.errors import InvalidEventError, PermanentError
+from conveyor.events import Envelope, Topic, new_event, now_rfc3339
+from conveyor.log.base import Delivery, EventLog, Subscription
+from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
+from conveyor.payloads import Attempt, DeadLetter, EventType
+from conveyor.pipeline import Output, Stage
+from conveyor.store.base import Namespace, StateStore
+
+logger = logging.getLogger("conveyor.runtime")
+
+
+class _Context:
+    """The StageContext handed to handlers."""
+
+    def __init__(self, stage: str, log: EventLog, store: StateStore) -> None:
+        self._stage, self._log, self._store = stage, log, store
+        self._source = f"conveyor/{stage}"
+
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @property
+    def log(self) -> EventLog:
+        return self._log
+
+    @property
+    def store(self) -> StateStore:
+        return self._store
+
+    def derive(self, event: Envelope, *, type: str, payload: BaseModel, label: str = "") -> Envelope:
+        return event.derive(
+            type=type, source=self._source, payload=payload, label=f"{self._stage}:{label or type}"
+        )
+
+
+class StageWorker:
+    """Runs one stage against the log until ``stop`` is set, then drains."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        log: EventLog,
+        store: StateStore,
+        *,
+        group: str | None = None,
+        fetch_batch: int = 256,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.stage = stage
+        self._log, self._store = log, store
+        self._group = group or stage.name
+        self._fetch_batch = fetch_batch
+        self._drain_timeout = drain_timeout
+        self._ctx = _Context(stage.name, log, store)
+        self._lanes: dict[str, collections.deque[Delivery]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        subs = [await self._log.subscribe(topic, self._group) for topic in self.stage.consumes]
+        self.ready.set()
+        try:
+            await asyncio.gather(*(self._fetch_loop(sub, stop) for sub in subs))
+        finally:
+            await self._drain()
+            for sub in subs:
+                await sub.close()
+
+    async def _fetch_loop(self, sub: Subscription, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._room.wait()
+            free = self.stage.concurrency - self._in_flight
+            try:
+                batch = await sub.fetch(min(free, self._fetch_batch), timeout=0.25)
+            except Exception:  # the log is down: keep trying, never exit the loop
+                logger.exception("stage %s: fetch failed; retrying", self.stage.name)
+                await asyncio.sleep(0.5)
+                continue
+            for delivery in batch:
+                self._dispatch(delivery)
+
+    def _dispatch(self, delivery: Delivery) -> None:
+        self._in_flight += 1
+        if self._in_flight >= self.stage.concurrency:
+            self._room.clear()
+        event = delivery.try_envelope()
+        lane = self.stage.lane(event) if event else f"undecodable:{delivery.position}"
+        queue = self._lanes.get(lane)
+        if queue is not None:
+            queue.append(delivery)
+            return
+        self._lanes[lane] = collections.deque([delivery])
+        task = asyncio.create_task(self._run_lane(lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_lane(self, lane: str) -> None:
+        queue = self._lanes[lane]
+        try:
+            while queue:
+                delivery = queue[0]
+                try:
+                    await self._process(delivery)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the log or store failed mid-way: let the broker redeliver
+                    logger.exception("stage %s: event at %s not finished", self.stage.name, delivery.position)
+                    await _quietly_nak(delivery, 1.0)
+                queue.popleft()
+                self._released()
+        finally:
+            if self._lanes.get(lane) is queue:
+                del self._lanes[lane]
+            for delivery in queue:  # cancelled during drain: hand the rest back
+                self._released()
+                await _quietly_nak(delivery, 0.0)
+
+    def _released(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight < self.stage.concurrency:
+            self._room.set()
+
+    async def _process(self, delivery: Delivery) -> None:
+        stage = self.stage
+        try:
+            event = delivery.envelope()
+        except InvalidEventError as exc:
+            await self._dead_letter(delivery, None, str(exc), [])
+            return
+        if stage.accepts and event.type not in stage.accepts:
+            EVENTS_HANDLED.inc(stage=stage.name, outcome="skipped")
+            await delivery.ack()
+            return
+        if delivery.attempt > stage.max_deliveries:
+            reason = f"delivered {delivery.attempt} times without being acknowledged (did it crash a worker?)"
+            await self._dead_letter(delivery, event, reason, [])
+            return
+        dedupe_key = f"{stage.name}.{event.id}"
+        if stage.dedupe and await self._store.get(Namespace.DEDUPE, dedupe_key) is not None:
+            EVENTS_HANDLED.inc(stage=stage.name, outcome="duplicate")
+            await delivery.ack()
+            return
+        attempts: list[Attempt] = []
+        while True:
+            started = time.perf_counter()
+            try:
+                outputs = await asyncio.wait_for(stage.handler(self._ctx, event), stage.timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempts.append(Attempt(attempt=len(attempts) + 1, error=_describe(exc), at=now_rfc3339()))
+                if isinstance(exc, PermanentError) or len(attempts) >= stage.retry.max_attempts:
+                    await self._dead_letter(delivery, event, _describe(exc), attempts)
+                    return
+                RETRIES.inc(stage=stage.name)
+                await asyncio.sleep(stage.retry.backoff(len(attempts)))
+                continue
+            await self._publish(outputs)
+            if stage.dedupe:
+                await self._store.put(Namespace.DEDUPE, dedupe_key, b"1")
+            await delivery.ack()
+            HANDLE_SECONDS.observe(time.perf_counter() - started, stage=stage.name)
+            EVENTS_HANDLED.inc(stage=stage.name, outcome="ok")
+            return
+
+    async def _publish(self, outputs: Sequence[Output]) -> None:
+        # Consecutive outputs to one topic go out as one batch; topic order is kept.
+        start = 0
+        for i in range(1, len(outputs) + 1):
+            if i == len(outputs) or outputs[i].topic != outputs[start].topic:
+                await self._log.publish(outputs[start].topic, [o.event for o in outputs[start:i]])
+                start = i
+
+    async def _dead_letter(
+        self, delivery: Delivery, event: Envelope | None, error: str, attempts: list[Attempt]
+    ) -> None:
+        payload = DeadLetter(
+            stage=self.stage.name,
+            topic=delivery.topic,
+            error=error,
+            attempts=attempts,
+            original_headers=delivery.headers,
+            original_body=delivery.body.decode("utf-8", "backslashreplace"),
+        )
+        if event is not None:
+            letter = self._ctx.derive(event, type=EventType.DEAD_LETTER, payload=payload, label="dlq")
+        else:
+            letter = new_event(
+                type=EventType.DEAD_LETTER,
+                source=f"conveyor/{self.stage.name}",
+                payload=payload,
+                request_id=f"undecodable-{delivery.topic}-{delivery.position}",
+            )
+        await self._log.publish(Topic.DLQ, [letter])
+        await delivery.ack()
+        DEAD_LETTERS.inc(stage=self.stage.name)
+        EVENTS_HANDLED.inc(stage=self.stage.name, outcome="dead_lettered")
+        logger.warning("stage %s: dead-lettered event at %s: %s", self.stage.name, delivery.position, error)
+
+    async def _drain(self) -> None:
+        """Let in-flight events finish (bounded), then hand unfinished ones back to the broker."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError: the handler exceeded its timeout"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _quietly_nak(delivery: Delivery, delay: float) -> None:
+    try:
+        await delivery.nak(delay)
+    except Exception:  # the message will be redelivered after its ack deadline anyway
+        logger.debug("nak failed for %s", delivery.position, exc_info=True)

@@ -1,0 +1,51 @@
+"""finalize: post-process the text and write the usage ledger exactly once per request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from conveyor.events import Envelope, Topic, now_rfc3339
+from conveyor.observability.metrics import USAGE_TOKENS
+from conveyor.payloads import EventType, GenerationCompleted, RequestCompleted, decode
+from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.store.base import Namespace
+
+
+def postprocess(text: str) -> str:
+    return text.strip()
+
+
+def finalize_stage() -> Stage:
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        generated = decode(GenerationCompleted, event.data)
+        record = {
+            "request_id": event.request_id,
+            "tenant": event.tenant,
+            "model": event.model,
+            "model_version": event.model_version,
+            "prompt_tokens": generated.usage.prompt_tokens,
+            "completion_tokens": generated.usage.completion_tokens,
+            "finish_reason": generated.finish_reason,
+            "event_id": event.id,
+            "recorded_at": now_rfc3339(),
+        }
+        # Create-only: a redelivered or duplicated generation event finds the record
+        # already there and bills nothing more.
+        if await ctx.store.create(Namespace.USAGE, event.request_id, orjson.dumps(record)) is not None:
+            USAGE_TOKENS.inc(generated.usage.total_tokens, tenant=event.tenant)
+        completed = RequestCompleted(
+            output=postprocess(generated.text),
+            chunks=generated.chunks,
+            finish_reason=generated.finish_reason,
+            usage=generated.usage,
+        )
+        return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.COMPLETED, payload=completed))]
+
+    return Stage(
+        name="finalize",
+        consumes=(Topic.GENERATED,),
+        handler=handle,
+        accepts=frozenset({EventType.GENERATED}),
+    )

@@ -1,0 +1,51 @@
+"""prepare: validate the request, apply the safety policy, redact PII."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from conveyor.events import Envelope, Topic
+from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
+from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.stages.redact import redact
+
+# A deliberately small default; real deployments pass their own list (--blocklist-file).
+DEFAULT_BLOCKLIST = ("build a bomb", "make a bomb", "synthesize nerve agent", "credit card dump")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SafetyPolicy:
+    """Rejects prompts containing a blocked phrase (case-insensitive, on word boundaries)."""
+
+    blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
+
+    def violation(self, prompt: str) -> str | None:
+        for phrase in self.blocklist:
+            words = r"\s+".join(re.escape(w) for w in phrase.split())
+            if words and re.search(rf"(?<!\w){words}(?!\w)", prompt, re.IGNORECASE):
+                return phrase
+        return None
+
+
+def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        request = decode(RequestAccepted, event.data)
+        blocked = policy.violation(request.prompt)
+        if blocked is not None:
+            failed = RequestFailed(
+                code="safety_blocked",
+                message=f"the prompt was refused by the safety policy (matched {blocked!r})",
+                stage=ctx.stage,
+            )
+            return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.FAILED, payload=failed))]
+        prompt, redactions = redact(request.prompt)
+        prepared = RequestPrepared(
+            prompt=prompt, max_tokens=request.max_tokens, redactions=redactions, metadata=request.metadata
+        )
+        return [Output(Topic.PREPARED, ctx.derive(event, type=EventType.PREPARED, payload=prepared))]
+
+    return Stage(
+        name="prepare", consumes=(Topic.REQUESTS,), handler=handle, accepts=frozenset({EventType.ACCEPTED})
+    )

@@ -1,0 +1,57 @@
+"""The StateStore seam: small keyed records with compare-and-set, grouped in namespaces."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from enum import StrEnum
+from typing import Protocol
+
+
+class Namespace(StrEnum):
+    """Every kind of state Conveyor keeps outside the log (each rebuildable from it)."""
+
+    STATUS = "status"  # the projector's per-request view
+    DEDUPE = "dedupe"  # (stage, event id) pairs whose outputs are durably published
+    USAGE = "usage"  # the usage ledger: one record per request, written once
+    IDEMPOTENCY = "idempotency"  # client Idempotency-Key -> request id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    value: bytes
+    revision: int
+
+
+class StateStore(Protocol):
+    """Contract (tests/conformance/test_state_store.py runs it against every backend):
+
+    * ``create`` writes only if the key is absent and says whether it did; two racing
+      creates: exactly one wins. ``update`` writes only if the revision still matches.
+    * revisions grow with every write to a key.
+    * ``watch`` yields (key, value) for every write made after it started.
+    """
+
+    async def get(self, ns: Namespace, key: str) -> Entry | None: ...
+
+    async def put(self, ns: Namespace, key: str, value: bytes) -> int: ...
+
+    async def create(self, ns: Namespace, key: str, value: bytes) -> int | None:
+        """The new revision, or None if the key already exists."""
+        ...
+
+    async def update(self, ns: Namespace, key: str, value: bytes, revision: int) -> int | None:
+        """The new revision, or None if the key changed since ``revision``."""
+        ...
+
+    async def delete(self, ns: Namespace, key: str) -> None: ...
+
+    async def keys(self, ns: Namespace) -> list[str]:
+        """Every live key (an operator or test tool: it reads the whole namespace)."""
+        ...
+
+    def watch(self, ns: Namespace) -> AsyncIterator[tuple[str, bytes]]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,143 @@
+"""StateStore on JetStream key-value: one bucket per namespace."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import NotFoundError as JsNotFound
+from nats.js.kv import KeyValue
+
+from conveyor.errors import UnavailableError
+from conveyor.log.nats import connect
+from conveyor.store.base import Entry, Namespace
+
+_DAY = 86_400.0
+# How long each namespace keeps a key after its last write (0: forever).
+_TTL = {
+    Namespace.STATUS: 30 * _DAY,
+    Namespace.DEDUPE: 7 * _DAY,
+    Namespace.USAGE: 0.0,
+    Namespace.IDEMPOTENCY: 1 * _DAY,
+}
+
+
+class NatsStateStore:
+    def __init__(self, nc: Client, *, prefix: str = "conveyor") -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=10)
+        self._prefix = prefix
+        self._buckets: dict[Namespace, KeyValue] = {}
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> NatsStateStore:
+        return cls(await connect(url, name="conveyor-store"), **options)
+
+    def bucket_name(self, ns: Namespace) -> str:
+        return f"{self._prefix}_{ns.value}"
+
+    async def _kv(self, ns: Namespace) -> KeyValue:
+        kv = self._buckets.get(ns)
+        if kv is not None:
+            return kv
+        async with self._lock:
+            if ns not in self._buckets:
+                try:
+                    self._buckets[ns] = await self._js.key_value(self.bucket_name(ns))
+                except (JsNotFound, nats.js.errors.BucketNotFoundError):
+                    config = api.KeyValueConfig(
+                        bucket=self.bucket_name(ns),
+                        history=1,
+                        ttl=_TTL[ns] or None,
+                        storage=api.StorageType.FILE,
+                    )
+                    self._buckets[ns] = await self._js.create_key_value(config)
+        return self._buckets[ns]
+
+    async def get(self, ns: Namespace, key: str) -> Entry | None:
+        kv = await self._kv(ns)
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
+        return Entry(entry.value or b"", entry.revision or 0)
+
+    async def put(self, ns: Namespace, key: str, value: bytes) -> int:
+        kv = await self._kv(ns)
+        try:
+            return int(await kv.put(key, value))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"store put {ns}/{key}: {exc!r}") from exc
+
+    async def create(self, ns: Namespace, key: str, value: bytes) -> int | None:
+        kv = await self._kv(ns)
+        try:
+            return int(await kv.create(key, value))
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"store create {ns}/{key}: {exc!r}") from exc
+
+    async def update(self, ns: Namespace, key: str, value: bytes, revision: int) -> int | None:
+        kv = await self._kv(ns)
+        try:
+            return int(await kv.update(key, value, last=revision))
+        except KeyWrongLastSequenceError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"store update {ns}/{key}: {exc!r}") from exc
+
+    async def delete(self, ns: Namespace, key: str) -> None:
+        kv = await self._kv(ns)
+        await kv.purge(key)
+
+    async def keys(self, ns: Namespace) -> list[str]:
+        kv = await self._kv(ns)
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            return []
+
+    async def watch(self, ns: Namespace) -> AsyncIterator[tuple[str, bytes]]:
+        # A core subscription on the bucket's subjects sees every write as it is made,
+        # without a JetStream consumer and without replaying the existing keys.
+        await self._kv(ns)
+        prefix = f"$KV.{self.bucket_name(ns)}."
+        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            if msg.headers and msg.headers.get("KV-Operation"):
+                return  # a delete or purge marker
+            queue.put_nowait((msg.subject[len(prefix) :], msg.data))
+
+        sub = await self._nc.subscribe(prefix + ">", cb=on_msg)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            await sub.unsubscribe()
+
+    async def ping(self) -> None:
+        try:
+            await self._js.account_info()
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"JetStream unavailable: {exc!r}") from exc
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            await self._nc.close()
+
+    async def delete_buckets(self) -> None:
+        """Remove every bucket of this prefix (test isolation)."""
+        for ns in list(self._buckets):
+            await self._js.delete_key_value(self.bucket_name(ns))
+        self._buckets.clear()

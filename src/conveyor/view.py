@@ -1,0 +1,117 @@
+"""The per-request read model: what ``GET /v1/requests/{id}`` returns.
+
+``fold`` applies one event to a view. It is idempotent and order-tolerant: status
+only moves forward (accepted < prepared < generating < terminal) and the first
+terminal status wins, so redeliveries and events from different topics arriving
+in any order converge on the same view.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from conveyor.events import Envelope
+from conveyor.payloads import (
+    DeadLetter,
+    EventType,
+    GenerationCompleted,
+    RequestCompleted,
+    RequestFailed,
+    Usage,
+    decode,
+)
+
+Status = Literal["accepted", "prepared", "generating", "completed", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+_RANK = {"accepted": 0, "prepared": 1, "generating": 2, "completed": 3, "failed": 3, "cancelled": 3}
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    stage: str = ""
+
+
+class RequestView(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: Status = "accepted"
+    tenant: str = "default"
+    output: str | None = None
+    finish_reason: str | None = None
+    chunks: int | None = None
+    stages: dict[str, dict[str, str]] = Field(default_factory=dict)
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+    model: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"cancel_requested"})
+
+
+def _advance(view: RequestView, status: Status) -> None:
+    if view.terminal:
+        return
+    if _RANK[status] >= _RANK[view.status]:
+        view.status = status
+
+
+def _stamp(view: RequestView, stage: str, mark: str, at: str) -> None:
+    view.stages.setdefault(stage, {}).setdefault(mark, at)
+
+
+def fold(view: RequestView | None, event: Envelope) -> RequestView:
+    """The view after ``event`` (a new object; the input is not modified)."""
+    v = view.model_copy(deep=True) if view else RequestView(id=event.request_id, tenant=event.tenant)
+    at = event.time
+    match event.type:
+        case EventType.ACCEPTED:
+            _stamp(v, "gateway", "accepted_at", at)
+        case EventType.PREPARED:
+            _advance(v, "prepared")
+            _stamp(v, "prepare", "finished_at", at)
+        case EventType.STARTED:
+            _advance(v, "generating")
+            _stamp(v, "generate", "started_at", at)
+            v.model = v.model or event.model or None
+        case EventType.GENERATED:
+            generated = decode(GenerationCompleted, event.data)
+            _advance(v, "generating")
+            _stamp(v, "generate", "finished_at", at)
+            v.chunks = generated.chunks
+        case EventType.COMPLETED:
+            completed = decode(RequestCompleted, event.data)
+            _stamp(v, "finalize", "finished_at", at)
+            v.output, v.usage, v.chunks = completed.output, completed.usage, completed.chunks
+            v.finish_reason = completed.finish_reason
+            v.model = event.model or v.model
+            # Whether a cancel won the race with the last token is the generator's call.
+            cancelled = completed.finish_reason in ("cancelled", "deadline")
+            _advance(v, "cancelled" if cancelled else "completed")
+        case EventType.FAILED:
+            failed = decode(RequestFailed, event.data)
+            _stamp(v, failed.stage, "failed_at", at)
+            if not v.terminal:
+                v.error = ErrorInfo(code=failed.code, message=failed.message, stage=failed.stage)
+            _advance(v, "failed")
+        case EventType.CANCEL:
+            v.cancel_requested = True
+            _stamp(v, "gateway", "cancel_requested_at", at)
+            if not v.terminal and v.status != "generating":
+                # Generation stops at its next token and reports; before that, nothing runs.
+                _advance(v, "cancelled")
+        case EventType.DEAD_LETTER:
+            letter = decode(DeadLetter, event.data)
+            _stamp(v, letter.stage, "dead_lettered_at", at)
+            if not v.terminal:
+                v.error = ErrorInfo(code="dead_lettered", message=letter.error, stage=letter.stage)
+            _advance(v, "failed")
+    return v
