@@ -10,15 +10,19 @@ stage input produce its (deterministic) outputs only once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError as JsNotFound
 
@@ -129,7 +133,7 @@ class NatsEventLog:
         stream = await self._ensure(topic)
         await self._js.publish(self.subject(topic, key), body, headers=headers, stream=stream)
 
-    async def subscribe(self, topic: str, group: str) -> _NatsSubscription:
+    async def subscribe(self, topic: str, group: str) -> _PullConsumer:
         stream = await self._ensure(topic)
         config = api.ConsumerConfig(
             durable_name=group,
@@ -140,12 +144,12 @@ class NatsEventLog:
             filter_subject=f"{self._prefix}.{topic}.>",
         )
         try:
-            sub = await self._js.pull_subscribe(
-                f"{self._prefix}.{topic}.>", durable=group, stream=stream, config=config
-            )
+            await self._js.add_consumer(stream, config)
+            consumer = _PullConsumer(self._nc, topic, stream, group)
+            await consumer.start()
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"subscribe to {topic} as {group} failed: {exc!r}") from exc
-        return _NatsSubscription(topic, sub)
+        return consumer
 
     async def tail(
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
@@ -186,19 +190,68 @@ class NatsEventLog:
         self._ready.clear()
 
 
-class _NatsSubscription:
-    def __init__(self, topic: str, sub: JetStreamContext.PullSubscription) -> None:
-        self._topic = topic
-        self._sub = sub
+class _PullConsumer:
+    """A continuous pull from a durable consumer into a local buffer.
+
+    nats-py's ``fetch(n)`` returns only when n messages arrived or the timeout
+    passed, which adds the whole timeout to the latency of a lone message. Here pull
+    requests stay open and keep the buffer topped up; ``fetch`` returns as soon as
+    anything is buffered. Outstanding requests are bounded by what the caller asks
+    for, so the broker (``max_ack_pending``) holds the rest of a burst.
+    """
+
+    _EXPIRES = 5.0
+
+    def __init__(self, nc: Client, topic: str, stream: str, group: str) -> None:
+        self._nc, self._topic = nc, topic
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{group}"
+        self._inbox = nc.new_inbox()
+        self._buffer: collections.deque[Msg] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._outstanding = 0
+        self._requests_expire = 0.0
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None and msg.reply:
+            self._buffer.append(msg)
+            self._outstanding = max(0, self._outstanding - 1)
+            self._arrived.set()
+        elif status in ("404", "408", "409"):
+            # A pull request ended (no messages / expired / limits): what it still had is not coming.
+            left = int(msg.headers.get("Nats-Pending-Messages", "0")) if msg.headers else 0
+            self._outstanding = max(0, self._outstanding - left)
+        # "100" idle heartbeats need nothing.
+
+    async def _top_up(self, wanted: int) -> None:
+        now = time.monotonic()
+        if now >= self._requests_expire:
+            self._outstanding = 0  # every earlier request has expired on the server by now
+        missing = wanted - len(self._buffer) - self._outstanding
+        if missing <= 0:
+            return
+        request = {"batch": missing, "expires": int(self._EXPIRES * 1e9)}
+        await self._nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
+        self._outstanding += missing
+        self._requests_expire = now + self._EXPIRES
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         try:
-            msgs = await self._sub.fetch(max_messages, timeout=timeout)
-        except TimeoutError:
-            return []
+            await self._top_up(max_messages)
+            if not self._buffer:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), timeout)
         except nats.errors.Error as exc:
             raise UnavailableError(f"fetch from {self._topic} failed: {exc!r}") from exc
-        return [self._delivery(m) for m in msgs]
+        out: list[Delivery] = []
+        while self._buffer and len(out) < max_messages:
+            out.append(self._delivery(self._buffer.popleft()))
+        return out
 
     def _delivery(self, msg: Msg) -> Delivery:
         meta = msg.metadata
@@ -217,5 +270,11 @@ class _NatsSubscription:
         )
 
     async def close(self) -> None:
-        with contextlib.suppress(nats.errors.Error):
-            await self._sub.unsubscribe()
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+        # Buffered but unhandled messages are redelivered after their ack deadline.
+        for msg in self._buffer:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak()
+        self._buffer.clear()
