@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
 from conveyor.log.base import Delivery, Tailed
 
@@ -62,6 +63,17 @@ class MemoryEventLog:
         if dedupe_id:
             t.ids.add(dedupe_id)
         t.records.append(_Record(len(t.records) + 1, key, dict(headers), body))
+
+    def topics(self) -> list[str]:
+        return list(self._topics)
+
+    def events(self, topic: str) -> list[Envelope]:
+        """The decodable events of ``topic`` in order (for assertions in tests)."""
+        out = []
+        for record in self._topic(topic).records:
+            with contextlib.suppress(InvalidEventError):
+                out.append(Envelope.from_headers(record.headers, record.body))
+        return out
 
     async def subscribe(self, topic: str, group: str) -> _MemorySubscription:
         t = self._topic(topic)

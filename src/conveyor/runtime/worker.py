@@ -82,6 +82,8 @@ class StageWorker:
         self._room = asyncio.Event()
         self._room.set()
         self.ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._empty_since_busy: set[int] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         subs = [await self._log.subscribe(topic, self._group) for topic in self.stage.consumes]
@@ -105,6 +107,21 @@ class StageWorker:
                 continue
             for delivery in batch:
                 self._dispatch(delivery)
+            self._note_fetch(id(sub), empty=not batch, of=len(self.stage.consumes))
+
+    def _note_fetch(self, sub: int, *, empty: bool, of: int) -> None:
+        if not empty:
+            self._empty_since_busy.clear()
+            return
+        self._empty_since_busy.add(sub)
+        if len(self._empty_since_busy) == of and self._in_flight == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Wait until every subscription came back empty with nothing in flight (tests, drain)."""
+        self._idle.clear()
+        self._empty_since_busy.clear()
+        await self._idle.wait()
 
     def _dispatch(self, delivery: Delivery) -> None:
         self._in_flight += 1

@@ -1,0 +1,130 @@
+"""The EventLog contract, run against every backend (memory and real NATS JetStream)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from conveyor.events import Envelope, new_event
+from conveyor.log.base import Delivery, EventLog, Subscription
+from conveyor.payloads import RequestAccepted
+
+
+def event(prompt: str, *, key: str = "k1", **attributes: object) -> Envelope:
+    return new_event(
+        type="request.accepted", source="test", payload=RequestAccepted(prompt=prompt), key=key, **attributes
+    )
+
+
+async def drain(sub: Subscription, count: int, *, timeout: float = 10.0) -> list[Delivery]:
+    """Fetch until ``count`` deliveries arrived (acking none of them)."""
+    got: list[Delivery] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < count:
+            got += await sub.fetch(count - len(got), timeout=0.5)
+    return got
+
+
+async def test_publish_then_consume_in_order_with_every_attribute(log: EventLog) -> None:
+    events = [event(f"p{i}", tenant="acme", priority=3, deadline=1.5e9, model="m", traceparent="00-a-b-01") for i in range(5)]
+    await log.publish("requests", events)
+    sub = await log.subscribe("requests", "g")
+    got = await drain(sub, 5)
+    assert [d.envelope() for d in got] == events
+    assert all(d.attempt == 1 for d in got)
+    assert [d.position for d in got] == sorted(d.position for d in got)
+    for d in got:
+        await d.ack()
+    assert await sub.fetch(10, timeout=0.3) == []
+    await sub.close()
+
+
+async def test_an_event_published_twice_is_stored_once(log: EventLog) -> None:
+    e = event("once")
+    await log.publish("requests", [e])
+    await log.publish("requests", [e, event("other")])
+    sub = await log.subscribe("requests", "g")
+    got = await drain(sub, 2)
+    assert [d.envelope().id for d in got] == [e.id, got[1].envelope().id]
+    assert got[1].envelope().id != e.id
+    for d in got:
+        await d.ack()
+    assert await sub.fetch(10, timeout=0.3) == []
+
+
+async def test_every_group_sees_every_event(log: EventLog) -> None:
+    events = [event(f"p{i}") for i in range(3)]
+    await log.publish("requests", events)
+    for group in ("a", "b"):
+        sub = await log.subscribe("requests", group)
+        assert [d.envelope().id for d in await drain(sub, 3)] == [e.id for e in events]
+
+
+async def test_members_of_a_group_share_the_events(log: EventLog) -> None:
+    events = [event(f"p{i}", key=f"k{i}") for i in range(20)]
+    first, second = await log.subscribe("requests", "g"), await log.subscribe("requests", "g")
+    await log.publish("requests", events)
+    seen: list[str] = []
+    async with asyncio.timeout(10):
+        while len(seen) < 20:
+            for sub in (first, second):
+                for d in await sub.fetch(5, timeout=0.1):
+                    seen.append(d.envelope().id)
+                    await d.ack()
+    assert sorted(seen) == sorted(e.id for e in events)  # each exactly once
+
+
+async def test_a_nacked_event_is_redelivered_with_a_higher_attempt(log: EventLog) -> None:
+    e = event("again")
+    await log.publish("requests", [e])
+    sub = await log.subscribe("requests", "g")
+    (first,) = await drain(sub, 1)
+    await first.nak()
+    (second,) = await drain(sub, 1)
+    assert second.envelope().id == e.id
+    assert second.attempt == 2
+
+
+async def test_an_unacked_event_is_redelivered_after_the_ack_deadline(log: EventLog) -> None:
+    await log.publish("requests", [event("lost worker")])
+    sub = await log.subscribe("requests", "g")
+    (first,) = await drain(sub, 1)
+    (again,) = await drain(sub, 1, timeout=15)  # the fixture's ack deadline is 2 s
+    assert again.envelope().id == first.envelope().id
+    assert again.attempt == 2
+
+
+async def test_a_foreign_message_is_delivered_and_fails_to_decode_clearly(log: EventLog) -> None:
+    garbage = dataclasses.replace(event("x"), type="")  # encodes with an empty ce-type header
+    await log.publish("requests", [garbage])
+    sub = await log.subscribe("requests", "g")
+    (d,) = await drain(sub, 1)
+    assert d.try_envelope() is None
+
+
+async def test_tail_reads_one_key_in_order_and_resumes_after_a_position(log: EventLog) -> None:
+    mine = [event(f"m{i}", key="req-1") for i in range(4)]
+    await log.publish("stream", [mine[0], event("other", key="req-2"), mine[1], mine[2]])
+    seen = [t async for t in log.tail("stream", "req-1", follow=False)]
+    assert [t.envelope.id for t in seen] == [e.id for e in mine[:3]]
+    after = [t.envelope.id async for t in log.tail("stream", "req-1", after=seen[0].position, follow=False)]
+    assert after == [mine[1].id, mine[2].id]
+
+    async def follow() -> list[str]:
+        ids = []
+        async for t in log.tail("stream", "req-1", after=seen[-1].position):
+            ids.append(t.envelope.id)
+            return ids
+        return ids
+
+    waiting = asyncio.create_task(follow())
+    await log.publish("stream", [mine[3]])
+    async with asyncio.timeout(10):
+        assert await waiting == [mine[3].id]
+
+
+async def test_tail_without_a_key_reads_every_key_and_an_empty_topic_ends(log: EventLog) -> None:
+    assert [t async for t in log.tail("control", None, follow=False)] == []
+    events = [event("a", key="x"), event("b", key="y")]
+    await log.publish("control", events)
+    assert [t.envelope.id async for t in log.tail("control", None, follow=False)] == [e.id for e in events]
