@@ -43,7 +43,9 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
     if request.param == "memory":
         yield MemoryEventLog(ack_wait=2.0)
         return
-    backend = await NatsEventLog.open(request.getfixturevalue("nats_url"), prefix=unique_prefix(), ack_wait=2.0)
+    backend = await NatsEventLog.open(
+        request.getfixturevalue("nats_url"), prefix=unique_prefix(), ack_wait=2.0
+    )
     try:
         yield backend
     finally:

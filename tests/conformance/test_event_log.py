@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 from conveyor.events import Envelope, new_event
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.payloads import RequestAccepted
 
 
-def event(prompt: str, *, key: str = "k1", **attributes: object) -> Envelope:
+def event(prompt: str, *, key: str = "k1", **attributes: Any) -> Envelope:
     return new_event(
         type="request.accepted", source="test", payload=RequestAccepted(prompt=prompt), key=key, **attributes
     )
@@ -26,7 +27,10 @@ async def drain(sub: Subscription, count: int, *, timeout: float = 10.0) -> list
 
 
 async def test_publish_then_consume_in_order_with_every_attribute(log: EventLog) -> None:
-    events = [event(f"p{i}", tenant="acme", priority=3, deadline=1.5e9, model="m", traceparent="00-a-b-01") for i in range(5)]
+    events = [
+        event(f"p{i}", tenant="acme", priority=3, deadline=1.5e9, model="m", traceparent="00-a-b-01")
+        for i in range(5)
+    ]
     await log.publish("requests", events)
     sub = await log.subscribe("requests", "g")
     got = await drain(sub, 5)

@@ -23,7 +23,9 @@ async def test_namespaces_are_separate(store: StateStore) -> None:
 
 
 async def test_create_writes_only_once_even_when_racing(store: StateStore) -> None:
-    results = await asyncio.gather(*(store.create(Namespace.USAGE, "req", f"{i}".encode()) for i in range(10)))
+    results = await asyncio.gather(
+        *(store.create(Namespace.USAGE, "req", f"{i}".encode()) for i in range(10))
+    )
     winners = [i for i, r in enumerate(results) if r is not None]
     assert len(winners) == 1
     entry = await store.get(Namespace.USAGE, "req")
