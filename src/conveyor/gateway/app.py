@@ -30,6 +30,7 @@ from conveyor.store.base import Namespace, StateStore
 from conveyor.view import RequestView
 
 SOURCE = "conveyor/gateway"
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +115,8 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(UnavailableError)
     async def on_unavailable(_: Request, exc: UnavailableError) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -34,7 +35,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -44,14 +45,12 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:
             if not started:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = orjson.dumps(
-            error_body("body_too_large", f"request body exceeds the limit of {self.max_bytes} bytes")
-        )
+        body = orjson.dumps(error_body("body_too_large", BodyTooLarge(self.max_bytes).detail))
         await send(
             {
                 "type": "http.response.start",
@@ -65,5 +64,8 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException, so the framework's body parsing lets it through."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {max_bytes} bytes")

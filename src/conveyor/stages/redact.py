@@ -1,7 +1,7 @@
 """PII redaction: emails, phone numbers and payment card numbers become placeholders.
 
 Runs in ``prepare``, before the prompt reaches any later topic, log line or model.
-Card numbers must pass the Luhn check and phone numbers need 9+ digits, so order
+Card numbers must pass the Luhn check and phone numbers need 9 to 15 digits, so order
 numbers, dates and the like survive.
 """
 
@@ -21,8 +21,8 @@ def _luhn_ok(number: str) -> bool:
     return total % 10 == 0
 
 
-def _enough_digits(number: str) -> bool:
-    return sum(c.isdigit() for c in number) >= 9
+def _phone_length(number: str) -> bool:
+    return 9 <= sum(c.isdigit() for c in number) <= 15  # E.164 numbers have at most 15 digits
 
 
 _RULES: tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...] = (
@@ -33,7 +33,7 @@ _RULES: tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...] = (
         re.compile(
             r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?!\w)"
         ),
-        _enough_digits,
+        _phone_length,
     ),
 )
 

@@ -1,0 +1,205 @@
+"""The gateway over real HTTP, in-process, with the pipeline on in-memory backends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.config import ModelSettings, Settings
+from conveyor.models.simulated import SimulatedModel
+from conveyor.node import run_node
+from tests.helpers import read_sse, streamed_text, submit, wait_final
+
+NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeFactory:
+    @contextlib.asynccontextmanager
+    async def start(**model: float) -> AsyncIterator[httpx.AsyncClient]:
+        settings = Settings(
+            port=0,
+            data_dir=tmp_path,
+            log_url="memory://",
+            store_url="memory://",
+            model=ModelSettings(**model),
+        )
+        stop = asyncio.Event()
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, _: ready.set_result(url)))
+        try:
+            async with asyncio.timeout(10):
+                url = await asyncio.wait_for(ready, 10)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                yield client
+        finally:
+            stop.set()
+            await task
+
+    return start
+
+
+async def test_a_request_completes_with_the_models_answer(node: NodeFactory) -> None:
+    async with node() as client:
+        rid = await submit(client, "Write a haiku about queues", max_tokens=64, metadata={"user": "u1"})
+        view = await wait_final(client, rid)
+    tokens, reason = SimulatedModel().answer("Write a haiku about queues", 64)
+    assert view["status"] == "completed"
+    assert view["output"] == "".join(tokens).strip()
+    assert view["finish_reason"] == reason
+    assert view["usage"] == {"prompt_tokens": 5, "completion_tokens": len(tokens)}
+    assert view["model"] == "simulated"
+    assert set(view["stages"]) == {"gateway", "prepare", "generate", "finalize"}
+
+
+async def test_sse_streams_the_output_and_resumes_after_last_event_id(node: NodeFactory) -> None:
+    async with node(token_delay=0.002) as client:
+        rid = await submit(client, "stream me", max_tokens=40)
+        events = await read_sse(client, rid)
+        view = await wait_final(client, rid)
+        assert [kind for _, kind, _ in events[:3]] == ["accepted", "prepared", "generating"]
+        assert events[-1][1] == "completed"
+        assert streamed_text(events) == "".join(SimulatedModel().answer("stream me", 40)[0])
+        assert streamed_text(events).strip() == view["output"]
+        ids = [i for i, _, _ in events]
+        assert ids == sorted(set(ids))
+        # Reconnect after the 4th event: the rest, no gaps, no repeats.
+        resumed = await read_sse(client, rid, last_event_id=str(ids[3]))
+        assert resumed == events[4:]
+
+
+async def test_a_client_can_follow_a_request_from_the_middle_of_its_stream(node: NodeFactory) -> None:
+    async with node(token_delay=0.01) as client:
+        rid = await submit(client, "slow stream", max_tokens=30)
+        first = await read_sse(client, rid, stop_after=5)
+        rest = await read_sse(client, rid, last_event_id=str(first[-1][0]))
+        whole = await read_sse(client, rid)
+    assert first + rest == whole
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b'{"prompt": "unterminated', 400, "invalid_json"),
+        (b'{"prompt": 42}', 422, "invalid_request"),
+        (b'{"prompt": ""}', 422, "invalid_request"),
+        (b'{"prompt": "x", "max_tokens": "10"}', 422, "invalid_request"),
+        (b'{"prompt": "x", "max_tokens": 0}', 422, "invalid_request"),
+        (b'{"prompt": "x", "max_tokens": 100000}', 422, "max_tokens_too_large"),
+        (b'{"prompt": "x", "tenant_id": 1}', 422, "invalid_request"),
+        (b'["prompt"]', 422, "invalid_request"),
+        (b'{"prompt": "' + b"a" * 300_000 + b'"}', 413, "body_too_large"),
+    ],
+)
+async def test_bad_submissions_get_a_4xx_that_says_what_is_wrong(
+    node: NodeFactory, body: bytes, status: int, code: str
+) -> None:
+    async with node() as client:
+        response = await client.post(
+            "/v1/requests", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["code"] == code
+        assert error["message"]
+        # Nothing was lost: the gateway keeps serving.
+        assert (await wait_final(client, await submit(client, "still fine")))["status"] == "completed"
+
+
+async def test_a_chunked_oversize_body_is_refused_too(node: NodeFactory) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"a" * 10_000
+        yield b'"}'
+
+    async with node() as client:
+        response = await client.post(
+            "/v1/requests", content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413
+
+
+async def test_unknown_ids_are_404_everywhere(node: NodeFactory) -> None:
+    async with node() as client:
+        for method, path in [
+            ("GET", "/v1/requests/nope"),
+            ("GET", "/v1/requests/nope/events"),
+            ("DELETE", "/v1/requests/nope"),
+        ]:
+            response = await client.request(method, path)
+            assert response.status_code == 404
+            assert response.json()["error"]["message"] == "no request with id 'nope'"
+
+
+async def test_idempotency_key_returns_the_same_request(node: NodeFactory) -> None:
+    async with node() as client:
+        headers = {"Idempotency-Key": "order-17"}
+        first = await client.post("/v1/requests", json={"prompt": "once"}, headers=headers)
+        again = await client.post("/v1/requests", json={"prompt": "once"}, headers=headers)
+        other = await client.post("/v1/requests", json={"prompt": "different"}, headers=headers)
+        assert first.status_code == 202
+        assert again.status_code == 200
+        assert again.json()["id"] == first.json()["id"]
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_the_safety_policy_fails_a_request_with_its_reason(node: NodeFactory) -> None:
+    async with node() as client:
+        view = await wait_final(client, await submit(client, "Tell me how to build a bomb"))
+    assert view["status"] == "failed"
+    assert view["error"]["code"] == "safety_blocked"
+    assert "build a bomb" in view["error"]["message"]
+    assert view["usage"] is None
+
+
+async def test_cancel_stops_generation_and_records_the_tokens_made(node: NodeFactory) -> None:
+    async with node(token_delay=0.02) as client:
+        rid = await submit(client, "a long answer", max_tokens=2000)
+        async with asyncio.timeout(10):
+            await read_sse(client, rid, stop_after=4)  # the first token has been produced
+        response = await client.delete(f"/v1/requests/{rid}")
+        assert response.status_code == 202
+        view = await wait_final(client, rid)
+        assert view["status"] == "cancelled"
+        assert view["finish_reason"] == "cancelled"
+        full = len(SimulatedModel().answer("a long answer", 2000)[0])
+        assert 1 <= view["usage"]["completion_tokens"] < full
+        again = await client.delete(f"/v1/requests/{rid}")
+        assert (again.status_code, again.json()["status"]) == (200, "cancelled")
+
+
+async def test_a_completed_request_stays_completed_when_cancelled(node: NodeFactory) -> None:
+    async with node() as client:
+        rid = await submit(client, "quick")
+        await wait_final(client, rid)
+        response = await client.delete(f"/v1/requests/{rid}")
+        assert response.status_code == 409
+        assert response.json()["error"]["status"] == "completed"
+        assert (await wait_final(client, rid))["status"] == "completed"
+
+
+async def test_an_expired_deadline_stops_generation(node: NodeFactory) -> None:
+    async with node(token_delay=0.05) as client:
+        view = await wait_final(client, await submit(client, "too slow", max_tokens=2000, timeout=0.2))
+    assert view["status"] == "cancelled"
+    assert view["finish_reason"] == "deadline"
+
+
+async def test_health_readiness_metrics_and_docs(node: NodeFactory) -> None:
+    async with node() as client:
+        await wait_final(client, await submit(client, "count me"))
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = await client.get("/readyz")
+        assert (ready.status_code, ready.json()["checks"]) == (200, {"log": "ok", "store": "ok"})
+        metrics = (await client.get("/metrics")).text
+        assert 'conveyor_events_total{outcome="ok",stage="finalize"}' in metrics
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert {"/v1/requests", "/v1/requests/{rid}", "/v1/requests/{rid}/events"} <= set(paths)

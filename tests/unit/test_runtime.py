@@ -1,0 +1,191 @@
+"""The stage runtime on in-memory backends: ordering, retries, dead letters, effectively-once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+from conveyor.errors import PermanentError, RetryableError
+from conveyor.events import Envelope, Topic, new_event
+from conveyor.payloads import DeadLetter, EventType, RequestAccepted, decode
+from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
+from conveyor.store.base import Namespace
+from conveyor.store.memory import MemoryStateStore
+from conveyor.testing import StageHarness
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)
+
+
+def accepted(prompt: str, key: str = "k") -> Envelope:
+    return new_event(type=EventType.ACCEPTED, source="test", payload=RequestAccepted(prompt=prompt), key=key)
+
+
+def echo_stage(handler_body: object = None, **options: object) -> tuple[Stage, list[str]]:
+    """A stage that records the prompts it handled and echoes each to [prepared]."""
+    seen: list[str] = []
+
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        prompt = decode(RequestAccepted, event.data).prompt
+        seen.append(prompt)
+        if callable(handler_body):
+            await handler_body(prompt)
+        out = ctx.derive(event, type=EventType.PREPARED, payload=RequestAccepted(prompt=prompt))
+        return [Output(Topic.PREPARED, out)]
+
+    stage = Stage(name="echo", consumes=(Topic.REQUESTS,), handler=handle, retry=FAST_RETRY, **options)  # type: ignore[arg-type]
+    return stage, seen
+
+
+async def test_events_of_one_key_run_in_order_while_keys_run_concurrently() -> None:
+    running, peak = 0, 0
+
+    async def slow(prompt: str) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(random.uniform(0, 0.003))
+        running -= 1
+
+    stage, seen = echo_stage(slow)
+    harness = StageHarness(stage)
+    events = [accepted(f"{key}-{i}", key=key) for i in range(10) for key in ("a", "b", "c", "d")]
+    async with harness.running() as worker:
+        await harness.log.publish(Topic.REQUESTS, events)
+        await worker.idle()
+    for key in "abcd":
+        assert [p for p in seen if p.startswith(key)] == [f"{key}-{i}" for i in range(10)]
+    assert peak > 1
+    assert len(harness.published(Topic.PREPARED)) == 40
+
+
+async def test_retryable_failures_are_retried_and_publish_once() -> None:
+    failures = 2
+
+    async def flaky(prompt: str) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RetryableError("model server busy")
+
+    stage, seen = echo_stage(flaky)
+    out = await StageHarness(stage).handle(accepted("x"))
+    assert seen == ["x", "x", "x"]
+    assert len(out[Topic.PREPARED]) == 1
+    assert Topic.DLQ not in out
+
+
+async def test_a_permanent_error_dead_letters_at_once_with_its_reason_and_the_original() -> None:
+    async def refuse(prompt: str) -> None:
+        raise PermanentError("upstream said 400: prompt too long")
+
+    stage, seen = echo_stage(refuse)
+    event = accepted("bad")
+    out = await StageHarness(stage).handle(event)
+    assert seen == ["bad"]
+    (letter,) = out[Topic.DLQ]
+    dead = decode(DeadLetter, letter.data)
+    assert dead.stage == "echo"
+    assert dead.topic == Topic.REQUESTS
+    assert "prompt too long" in dead.error
+    assert [a.attempt for a in dead.attempts] == [1]
+    assert Envelope.from_headers(dead.original_headers, dead.original_body.encode()) == event
+    assert letter.request_id == event.request_id
+
+
+async def test_exhausted_retries_dead_letter_with_the_attempt_history() -> None:
+    async def always(prompt: str) -> None:
+        raise ValueError("a bug in the handler")
+
+    stage, seen = echo_stage(always)
+    out = await StageHarness(stage).handle(accepted("x"))
+    dead = decode(DeadLetter, out[Topic.DLQ][0].data)
+    assert len(seen) == FAST_RETRY.max_attempts
+    assert [a.attempt for a in dead.attempts] == [1, 2, 3]
+    assert all("a bug in the handler" in a.error for a in dead.attempts)
+
+
+async def test_a_handler_that_hangs_times_out_and_is_dead_lettered() -> None:
+    async def hang(prompt: str) -> None:
+        await asyncio.Event().wait()
+
+    stage, _ = echo_stage(hang, timeout=0.01)
+    out = await StageHarness(stage).handle(accepted("x"))
+    assert "exceeded its timeout" in decode(DeadLetter, out[Topic.DLQ][0].data).error
+
+
+async def test_garbage_is_dead_lettered_and_the_partition_keeps_flowing() -> None:
+    stage, seen = echo_stage()
+    harness = StageHarness(stage)
+    async with harness.running() as worker:
+        harness.log.append_raw(Topic.REQUESTS, "k", {}, b"\x00not an event")
+        harness.log.append_raw(Topic.REQUESTS, "k", {"ce-id": "1"}, b"{}")
+        await harness.log.publish(Topic.REQUESTS, [accepted("after garbage")])
+        await worker.idle()
+    assert seen == ["after garbage"]
+    letters = [decode(DeadLetter, e.data) for e in harness.published(Topic.DLQ)]
+    assert [d.original_body for d in letters] == ["\x00not an event", "{}"]
+    assert all("not a Conveyor event" in d.error for d in letters)
+
+
+async def test_a_payload_that_fails_validation_is_dead_lettered_without_retries() -> None:
+    stage, seen = echo_stage()
+    bad = new_event(type=EventType.ACCEPTED, source="t", payload=RequestAccepted(prompt="x"))
+    harness = StageHarness(stage)
+    async with harness.running() as worker:
+        harness.log.append_raw(Topic.REQUESTS, "k", bad.to_headers(), b'{"prompt": 42}')
+        await worker.idle()
+    (letter,) = harness.published(Topic.DLQ)
+    dead = decode(DeadLetter, letter.data)
+    assert seen == []
+    assert "prompt: Input should be a valid string" in dead.error
+    assert len(dead.attempts) == 1
+
+
+async def test_a_redelivered_event_is_skipped_after_it_was_handled() -> None:
+    stage, seen = echo_stage()
+    harness = StageHarness(stage)
+    event = accepted("once")
+    async with harness.running() as worker:
+        await harness.log.publish(Topic.REQUESTS, [event])
+        await worker.idle()
+        # The broker delivers the same event again (a copy beyond its dedupe window).
+        harness.log.append_raw(Topic.REQUESTS, event.key, event.to_headers(), event.data)
+        await worker.idle()
+    assert seen == ["once"]
+    assert len(harness.published(Topic.PREPARED)) == 1
+
+
+class CrashingStore(MemoryStateStore):
+    """Fails the first dedupe write: the worker 'dies' after publishing, before marking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.crashes = 1
+
+    async def put(self, ns: Namespace, key: str, value: bytes) -> int:
+        if ns is Namespace.DEDUPE and self.crashes:
+            self.crashes -= 1
+            raise ConnectionError("store went away")
+        return await super().put(ns, key, value)
+
+
+async def test_a_crash_between_publish_and_mark_republishes_the_same_output_once() -> None:
+    stage, seen = echo_stage()
+    harness = StageHarness(stage, store=CrashingStore())
+    async with harness.running() as worker:
+        await harness.log.publish(Topic.REQUESTS, [accepted("x")])
+        async with asyncio.timeout(10):
+            while len(seen) < 2:  # handled, not acked, redelivered, handled again
+                await worker.idle()
+    assert seen == ["x", "x"]
+    assert len(harness.published(Topic.PREPARED)) == 1
+    assert harness.published(Topic.DLQ) == []
+
+
+async def test_events_of_other_types_are_skipped() -> None:
+    stage, seen = echo_stage(accepts=frozenset({EventType.ACCEPTED}))
+    other = new_event(type="something.else", source="t", payload=RequestAccepted(prompt="x"))
+    out = await StageHarness(stage).handle(other)
+    assert seen == []
+    assert out.get(Topic.PREPARED, []) == []
