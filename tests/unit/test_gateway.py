@@ -22,13 +22,10 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 @pytest.fixture
 def node(tmp_path: Path) -> NodeFactory:
     @contextlib.asynccontextmanager
-    async def start(**model: float) -> AsyncIterator[httpx.AsyncClient]:
+    async def start(*, token_delay: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
+        model = ModelSettings(token_delay=token_delay)
         settings = Settings(
-            port=0,
-            data_dir=tmp_path,
-            log_url="memory://",
-            store_url="memory://",
-            model=ModelSettings(**model),
+            port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
         )
         stop = asyncio.Event()
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
