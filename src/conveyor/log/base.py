@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from conveyor.errors import InvalidEventError
@@ -81,7 +81,7 @@ class EventLog(Protocol):
 
     def tail(
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
-    ) -> AsyncIterator[Tailed]: ...
+    ) -> AsyncGenerator[Tailed, None]: ...
 
     async def ping(self) -> None:
         """Raise UnavailableError if the log cannot be reached."""

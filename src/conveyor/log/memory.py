@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
@@ -81,7 +81,7 @@ class MemoryEventLog:
 
     async def tail(
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
-    ) -> AsyncIterator[Tailed]:
+    ) -> AsyncGenerator[Tailed, None]:
         t = self._topic(topic)
         index = after
         while True:

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import nats
@@ -153,24 +153,34 @@ class NatsEventLog:
 
     async def tail(
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
-    ) -> AsyncIterator[Tailed]:
+    ) -> AsyncGenerator[Tailed, None]:
         stream = await self._ensure(topic)
         subject = f"{self._prefix}.{topic}.>" if key is None else self.subject(topic, key)
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
+        end = None if follow else await self._last_position(stream, key, subject)
+        if end is not None and end <= after:
+            return
         sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
         try:
-            if not follow and (await sub.consumer_info()).num_pending == 0:
-                return
             while True:
                 msg = await sub.next_msg(timeout=None)
-                meta = msg.metadata
-                yield Tailed(meta.sequence.stream, Envelope.from_headers(msg.headers, msg.data))
-                if not follow and meta.num_pending == 0:
+                position = msg.metadata.sequence.stream
+                yield Tailed(position, Envelope.from_headers(msg.headers, msg.data))
+                if end is not None and position >= end:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def _last_position(self, stream: str, key: str | None, subject: str) -> int:
+        """The position of the last event of ``key`` (of any key for None); 0 if there is none."""
+        if key is None:
+            return int((await self._js.stream_info(stream)).state.last_seq)
+        try:
+            return int((await self._js.get_last_msg(stream, subject)).seq or 0)
+        except JsNotFound:
+            return 0
 
     async def ping(self) -> None:
         try:

@@ -1,0 +1,84 @@
+"""``conveyor up`` as a user runs it: a subprocess with the bundled NATS server, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+
+from conveyor.events import Topic
+from conveyor.log.nats import NatsEventLog
+from conveyor.models.simulated import SimulatedModel
+from conveyor.payloads import DeadLetter, EventType, RequestPrepared, decode
+from conveyor.store.base import Namespace
+from conveyor.store.nats_kv import NatsStateStore
+from tests.e2e.conftest import ConveyorFactory
+from tests.helpers import read_sse, streamed_text, submit, wait_final
+
+pytestmark = pytest.mark.slow
+
+
+async def test_fifty_concurrent_requests_complete_and_stream_their_output(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor().start()
+    model = SimulatedModel()
+    async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
+        prompts = [f"request number {i} about queues" for i in range(50)]
+        rids = await asyncio.gather(*(submit(client, p, max_tokens=32) for p in prompts))
+        streams = await asyncio.gather(*(read_sse(client, rid) for rid in rids))
+        views = await asyncio.gather(*(wait_final(client, rid) for rid in rids))
+        for prompt, view, events in zip(prompts, views, streams, strict=True):
+            assert view["status"] == "completed"
+            assert view["output"] == "".join(model.answer(prompt, 32)[0]).strip()
+            assert streamed_text(events).strip() == view["output"]
+            assert events[-1][1] == "completed"
+        # Resume in the middle of one stream: the rest, without gaps or repeats.
+        events = streams[0]
+        assert await read_sse(client, rids[0], last_event_id=str(events[2][0])) == events[3:]
+    store = await NatsStateStore.open(up.log_url)
+    try:
+        assert set(rids) <= set(await store.keys(Namespace.USAGE))
+    finally:
+        await store.close()
+    assert up.stop() == 0
+    assert up.nats_pid is None  # SIGTERM stopped the bundled server and cleared its state
+
+
+async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_serving(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor().start()
+    log = await NatsEventLog.open(up.log_url)
+    try:
+        await log.publish_raw(Topic.REQUESTS, "poison", {"ce-id": "x"}, b"\xff\xfe not json")
+        await log.publish_raw(Topic.PREPARED, "poison", None, b"{}")
+        # Every consumer of those topics (the stage and the projector) dead-letters its copy.
+        expected = {
+            ("prepare", "requests"),
+            ("generate", "prepared"),
+            ("projector", "requests"),
+            ("projector", "prepared"),
+        }
+        letters: dict[tuple[str, str], DeadLetter] = {}
+        async with asyncio.timeout(30), contextlib.aclosing(log.tail(Topic.DLQ, None)) as dlq:
+            async for tailed in dlq:
+                letter = decode(DeadLetter, tailed.envelope.data)
+                letters[(letter.stage, letter.topic)] = letter
+                if set(letters) == expected:
+                    break
+        assert all("not a Conveyor event" in d.error for d in letters.values())
+        async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
+            rid = await submit(client, "email me at jane@example.com or call +44 20 7946 0958")
+            assert (await wait_final(client, rid))["status"] == "completed"
+        # The prompt was redacted before it reached the rest of the pipeline.
+        prepared = [
+            decode(RequestPrepared, t.envelope.data)
+            async for t in log.tail(Topic.PREPARED, rid, follow=False)
+            if t.envelope.type == EventType.PREPARED
+        ]
+        assert [p.prompt for p in prepared] == ["email me at [EMAIL] or call [PHONE]"]
+    finally:
+        await log.close()
