@@ -58,9 +58,15 @@ class GenerationStarted(Payload):
 
 
 class TokenChunk(Payload):
-    """``token.chunk`` on [stream]: ``index`` counts chunks from 0; the last one has ``final``."""
+    """``token.chunk`` on [stream]: ``text`` starts at character ``offset`` of the generated text.
+
+    Readers place chunks by offset, not by arrival: a generation redone after a
+    crash may cut its chunks differently, and its chunks overlap the first run's.
+    ``index`` counts the chunks of one run; the last one has ``final``.
+    """
 
     index: int
+    offset: int
     text: str
     final: bool = False
     finish_reason: FinishReason | None = None
@@ -70,7 +76,6 @@ class GenerationCompleted(Payload):
     """``generation.completed`` on [generated]: the full text and what it cost."""
 
     text: str
-    chunks: int
     finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
 
@@ -79,7 +84,9 @@ class RequestCompleted(Payload):
     """``request.completed`` on [completed]: the post-processed output, usage recorded."""
 
     output: str
-    chunks: int
+    streamed_chars: int = Field(
+        description="Length of the text streamed on [stream], before post-processing."
+    )
     finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
 

@@ -42,7 +42,7 @@ class RequestView(BaseModel):
     tenant: str = "default"
     output: str | None = None
     finish_reason: str | None = None
-    chunks: int | None = None
+    streamed_chars: int | None = None
     stages: dict[str, dict[str, str]] = Field(default_factory=dict)
     usage: Usage | None = None
     error: ErrorInfo | None = None
@@ -86,11 +86,11 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
             generated = decode(GenerationCompleted, event.data)
             _advance(v, "generating")
             _stamp(v, "generate", "finished_at", at)
-            v.chunks = generated.chunks
+            v.streamed_chars = len(generated.text)
         case EventType.COMPLETED:
             completed = decode(RequestCompleted, event.data)
             _stamp(v, "finalize", "finished_at", at)
-            v.output, v.usage, v.chunks = completed.output, completed.usage, completed.chunks
+            v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason = completed.finish_reason
             v.model = event.model or v.model
             # Whether a cancel won the race with the last token is the generator's call.

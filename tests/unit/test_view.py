@@ -25,10 +25,10 @@ def child(type: str, payload: object) -> Envelope:
 
 PREPARED = child(EventType.PREPARED, RequestPrepared(prompt="p"))
 STARTED = child(EventType.STARTED, GenerationStarted())
-GENERATED = child(EventType.GENERATED, GenerationCompleted(text=" hi ", chunks=2))
+GENERATED = child(EventType.GENERATED, GenerationCompleted(text=" hi "))
 COMPLETED = child(
     EventType.COMPLETED,
-    RequestCompleted(output="hi", chunks=2, usage=Usage(prompt_tokens=1, completion_tokens=2)),
+    RequestCompleted(output="hi", streamed_chars=4, usage=Usage(prompt_tokens=1, completion_tokens=2)),
 )
 
 
@@ -71,7 +71,9 @@ def test_cancel_before_generation_is_final_and_during_generation_waits_for_the_g
     )
     assert fold_all([ROOT, cancel]).status == "cancelled"
     assert fold_all([ROOT, STARTED, cancel]).status == "generating"
-    stopped = child(EventType.COMPLETED, RequestCompleted(output="h", chunks=1, finish_reason="cancelled"))
+    stopped = child(
+        EventType.COMPLETED, RequestCompleted(output="h", streamed_chars=1, finish_reason="cancelled")
+    )
     assert fold_all([ROOT, STARTED, cancel, stopped]).status == "cancelled"
     # The generator finished before it saw the cancel: the request completed.
     assert fold_all([ROOT, STARTED, cancel, COMPLETED]).status == "completed"

@@ -4,11 +4,12 @@ The event sequence of a request is a pure function of its history, so it can be
 regenerated on reconnect and everything up to the client's last id skipped:
 
     id 1  accepted           id 2  prepared           id 3  generating
-    id 4+i  token (chunk i)  id 4+n  completed | failed | cancelled  (n = chunks)
+    id 4+e  token (text up to character e)       id 5+n  completed | failed | cancelled
 
 Tokens come from the stream topic (tailed for this request only), progress and the
-final event from the status view; chunks are ordered and deduplicated by index, so
-a generation that was redone after a crash never shows twice.
+final event from the status view. Chunks are placed by character offset, so when a
+generation is redone after a crash (with differently cut chunks) each character is
+still sent once, and ``n``, the streamed length, is known from the final view.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class _Sequencer:
     def __init__(self, request_id: str, last_id: int) -> None:
         self.request_id, self.last_id = request_id, last_id
         self.sent: set[int] = set()
-        self.next_chunk = 0
+        self.position = 0  # characters of the stream sent (or skipped on resume)
         self.held: dict[int, TokenChunk] = {}
         self.final: RequestView | None = None
         self.done = False
@@ -67,26 +68,35 @@ class _Sequencer:
         return out + self._finish()
 
     def on_chunk(self, chunk: TokenChunk) -> list[str]:
-        if chunk.index < self.next_chunk:
-            return []
-        self.held[chunk.index] = chunk
+        if chunk.offset + len(chunk.text) <= self.position:
+            return []  # already sent (a repeat, or an overlapping chunk of a redone generation)
+        kept = self.held.get(chunk.offset)
+        if kept is None or len(chunk.text) > len(kept.text):
+            self.held[chunk.offset] = chunk
         out: list[str] = []
-        while self.next_chunk in self.held:
-            c = self.held.pop(self.next_chunk)
+        while held := [c for o, c in self.held.items() if o <= self.position]:
+            for c in held:
+                del self.held[c.offset]
+            c = max(held, key=lambda h: h.offset + len(h.text))
+            end = c.offset + len(c.text)
+            if end <= self.position:
+                continue
             out += self._progress(_PREPARED, "prepared") + self._progress(_GENERATING, "generating")
-            data = {"index": c.index, "text": c.text, "finish_reason": c.finish_reason}
-            out += self._emit(_FIRST_TOKEN + c.index, "token", data)
-            self.next_chunk += 1
+            piece = c.text[self.position - c.offset :]
+            out += self._emit(_FIRST_TOKEN + end, "token", {"text": piece, "offset": self.position})
+            self.position = end
         return out + self._finish()
 
     def _finish(self) -> list[str]:
         if self.final is None or self.done:
             return []
-        total = self.final.chunks or 0
-        if self.next_chunk < total:
+        total = self.final.streamed_chars or 0
+        if self.position < total:
             return []  # the rest of the stream is still on its way
         self.done = True
-        return self._emit(_FIRST_TOKEN + max(total, self.next_chunk), self.final.status, self.final.public())
+        return self._emit(
+            _FIRST_TOKEN + 1 + max(total, self.position), self.final.status, self.final.public()
+        )
 
 
 async def _pump_chunks(log: EventLog, request_id: str, queue: asyncio.Queue[Any]) -> None:

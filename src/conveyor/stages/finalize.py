@@ -37,7 +37,7 @@ def finalize_stage() -> Stage:
             USAGE_TOKENS.inc(generated.usage.total_tokens, tenant=event.tenant)
         completed = RequestCompleted(
             output=postprocess(generated.text),
-            chunks=generated.chunks,
+            streamed_chars=len(generated.text),
             finish_reason=generated.finish_reason,
             usage=generated.usage,
         )

@@ -90,9 +90,13 @@ def generate_stage(
             event, model=info.name, model_version=info.version, model_license=info.license
         )
 
-        def chunk(index: int, text: str, finish: FinishReason | None = None) -> Envelope:
-            payload = TokenChunk(index=index, text=text, final=finish is not None, finish_reason=finish)
-            out = ctx.derive(source, type=EventType.TOKEN, payload=payload, label=f"chunk:{index}")
+        def chunk(index: int, offset: int, text: str, finish: FinishReason | None = None) -> Envelope:
+            payload = TokenChunk(
+                index=index, offset=offset, text=text, final=finish is not None, finish_reason=finish
+            )
+            # Identified by content, so a redone generation adds only chunks that differ.
+            label = f"chunk:{offset}:{len(text)}:{finish or ''}"
+            out = ctx.derive(source, type=EventType.TOKEN, payload=payload, label=label)
             return dataclasses.replace(out, key=event.request_id)  # the stream is read per request
 
         started = ctx.derive(source, type=EventType.STARTED, payload=GenerationStarted(worker=ctx.stage))
@@ -104,34 +108,36 @@ def generate_stage(
         cancels.attach(request)
         deadline_timer = _arm_deadline(event.deadline, request)
         text: list[str] = []
-        pending: list[str] = []
-        index, produced = 0, 0
+        pending = ""
+        index, offset, produced = 0, 0, 0
         finish: FinishReason = "stop"
         last_flush = time.monotonic()
         try:
             async for token in model.generate([request]):
                 if token.text:
                     text.append(token.text)
-                    pending.append(token.text)
+                    pending += token.text
                     produced += 1
                 if token.finish_reason is not None:
                     finish = token.finish_reason
                     break
-                if sum(map(len, pending)) >= chunking.max_chars or (
-                    time.monotonic() - last_flush >= chunking.max_delay
-                ):
-                    await ctx.log.publish(Topic.STREAM, [chunk(index, "".join(pending))])
-                    index, pending, last_flush = index + 1, [], time.monotonic()
+                if len(pending) >= chunking.max_chars or time.monotonic() - last_flush >= chunking.max_delay:
+                    await ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending)])
+                    index, offset, pending, last_flush = (
+                        index + 1,
+                        offset + len(pending),
+                        "",
+                        time.monotonic(),
+                    )
         finally:
             cancels.detach(request)
             if deadline_timer is not None:
                 deadline_timer.cancel()
         if finish == "cancelled" and _past(event.deadline):
             finish = "deadline"
-        await ctx.log.publish(Topic.STREAM, [chunk(index, "".join(pending), finish)])
+        await ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending, finish)])
         completed = GenerationCompleted(
             text="".join(text),
-            chunks=index + 1,
             finish_reason=finish,
             usage=Usage(prompt_tokens=model.count_tokens(prepared.prompt), completion_tokens=produced),
         )
