@@ -8,16 +8,16 @@ from conveyor.log.base import EventLog
 from conveyor.store.base import StateStore
 
 
-async def open_log(url: str, *, prefix: str = "conveyor") -> EventLog:
+async def open_log(url: str, *, prefix: str = "conveyor", ack_wait: float = 10.0) -> EventLog:
     scheme = urlsplit(url).scheme
     if scheme == "nats":
         from conveyor.log.nats import NatsEventLog
 
-        return await NatsEventLog.open(url, prefix=prefix)
+        return await NatsEventLog.open(url, prefix=prefix, ack_wait=ack_wait)
     if scheme == "memory":
         from conveyor.log.memory import MemoryEventLog
 
-        return MemoryEventLog()
+        return MemoryEventLog(ack_wait=ack_wait)
     raise ValueError(f"unsupported log URL {url!r}: use nats://HOST:PORT (or memory:// in one process)")
 
 

@@ -27,6 +27,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model backend (default: simulated)")
     parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
     parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
+    parser.add_argument(
+        "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
+    )
     parser.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
 
 
@@ -48,6 +51,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         data_dir=args.data_dir or base.data_dir,
         log_url=args.log_url or base.log_url,
         store_url=args.store_url or base.store_url,
+        ack_wait=args.ack_wait or base.ack_wait,
         model=model,
         blocklist=blocklist,
     )

@@ -27,6 +27,9 @@ class Settings:
     log_url: str | None = None  # None: start the bundled NATS server in data_dir
     store_url: str | None = None  # None: the same NATS server's key-value store
     prefix: str = "conveyor"
+    # Seconds before the broker redelivers an event whose worker went silent. Live workers
+    # send heartbeats for long handlers, so this bounds recovery time after a crash.
+    ack_wait: float = 10.0
     model: ModelSettings = ModelSettings()
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
@@ -50,6 +53,7 @@ class Settings:
             log_url=get("LOG_URL"),
             store_url=get("STORE_URL"),
             prefix=get("PREFIX") or base.prefix,
+            ack_wait=float(get("ACK_WAIT") or base.ack_wait),
             model=model,
             blocklist=tuple(p.strip() for p in blocklist.split(",") if p.strip())
             if blocklist

@@ -59,7 +59,7 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
     if log_url is None:
         server = await EmbeddedNats.start(settings.data_dir / "nats")
         log_url = server.url
-    log = await open_log(log_url, prefix=settings.prefix)
+    log = await open_log(log_url, prefix=settings.prefix, ack_wait=settings.ack_wait)
     store = await open_store(settings.store_url or log_url, prefix=settings.prefix)
     try:
         yield log, store, log_url
@@ -82,7 +82,10 @@ async def run_node(
         model = build_model(settings)
         cancels = CancelWatch(log)
         pipeline = build_pipeline(settings, model, cancels)
-        workers = [StageWorker(pipeline[name], log, store) for name in settings.stages]
+        workers = [
+            StageWorker(pipeline[name], log, store, heartbeat=settings.ack_wait / 3)
+            for name in settings.stages
+        ]
         worker_stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(worker_stop), name=f"stage-{w.stage.name}") for w in workers]
         if "generate" in settings.stages:

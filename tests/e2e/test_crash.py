@@ -18,7 +18,8 @@ from tests.helpers import read_sse, streamed_text, submit, wait_final
 
 pytestmark = pytest.mark.slow
 
-SLOW_MODEL = ("--model-token-delay", "0.01")
+# A short ack deadline: events the killed process held are redelivered within 2 s.
+SLOW_MODEL = ("--model-token-delay", "0.01", "--ack-wait", "2")
 REQUESTS = 40
 
 

@@ -10,6 +10,8 @@ from conveyor.errors import PermanentError, RetryableError
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, decode
 from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
+from conveyor.log.memory import MemoryEventLog
+from conveyor.runtime.worker import StageWorker
 from conveyor.store.base import Namespace
 from conveyor.store.memory import MemoryStateStore
 from conveyor.testing import StageHarness
@@ -189,3 +191,20 @@ async def test_events_of_other_types_are_skipped() -> None:
     out = await StageHarness(stage).handle(other)
     assert seen == []
     assert out.get(Topic.PREPARED, []) == []
+
+
+async def test_heartbeats_keep_a_long_handler_from_being_redelivered() -> None:
+    async def long_work(prompt: str) -> None:
+        await asyncio.sleep(1.0)  # the work itself: longer than three ack deadlines
+
+    stage, seen = echo_stage(long_work)
+    harness = StageHarness(stage, log=MemoryEventLog(ack_wait=0.3))
+    worker = StageWorker(stage, harness.log, harness.store, heartbeat=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await harness.log.publish(Topic.REQUESTS, [accepted("x")])
+    await worker.idle()
+    stop.set()
+    await task
+    assert seen == ["x"]
+    assert len(harness.published(Topic.PREPARED)) == 1

@@ -25,6 +25,7 @@ class Delivery:
     position: int
     _ack: Callable[[], Awaitable[None]]
     _nak: Callable[[float], Awaitable[None]]
+    _progress: Callable[[], Awaitable[None]]
 
     def envelope(self) -> Envelope:
         """Decode the envelope; raises InvalidEventError for a foreign or malformed message."""
@@ -42,6 +43,10 @@ class Delivery:
     async def nak(self, delay: float = 0.0) -> None:
         """Give the message back for redelivery, after ``delay`` seconds."""
         await self._nak(delay)
+
+    async def in_progress(self) -> None:
+        """Still working on it: restart the ack deadline so the broker does not redeliver."""
+        await self._progress()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,7 +74,8 @@ class EventLog(Protocol):
     * ``publish`` returns once every event is durably stored, in order;
       an event whose ``id`` was already published recently is stored only once.
     * members of one ``group`` share a topic's messages; every group sees every message;
-      an unacked message is redelivered (to any member) with a higher ``attempt``.
+      an unacked message is redelivered (to any member) with a higher ``attempt`` once
+      its ack deadline passes; ``in_progress`` restarts that deadline.
     * ``tail`` reads the events of one key (or of all keys, for None), in order, from
       just after position ``after``, without joining any group; with ``follow`` it
       waits for new events, without it it stops at the current end.

@@ -129,6 +129,9 @@ class _MemorySubscription:
             if position in self._g.in_flight:
                 self._g.in_flight[position] = (attempt, time.monotonic() + delay)
 
+        async def progress() -> None:
+            await nak(self._ack_wait)
+
         return Delivery(
             topic=self._name,
             headers=dict(record.headers),
@@ -137,6 +140,7 @@ class _MemorySubscription:
             position=position,
             _ack=ack,
             _nak=nak,
+            _progress=progress,
         )
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:

@@ -277,6 +277,7 @@ class _PullConsumer:
             position=meta.sequence.stream,
             _ack=msg.ack,
             _nak=nak,
+            _progress=msg.in_progress,
         )
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -69,12 +70,15 @@ class StageWorker:
         group: str | None = None,
         fetch_batch: int = 256,
         drain_timeout: float = 10.0,
+        heartbeat: float = 3.0,
     ) -> None:
         self.stage = stage
         self._log, self._store = log, store
         self._group = group or stage.name
         self._fetch_batch = fetch_batch
         self._drain_timeout = drain_timeout
+        self._heartbeat = heartbeat
+        self._active: dict[int, tuple[Delivery, float]] = {}
         self._ctx = _Context(stage.name, log, store)
         self._lanes: dict[str, collections.deque[Delivery]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,10 +92,12 @@ class StageWorker:
     async def run(self, stop: asyncio.Event) -> None:
         subs = [await self._log.subscribe(topic, self._group) for topic in self.stage.consumes]
         self.ready.set()
+        heartbeats = asyncio.create_task(self._send_heartbeats())
         try:
             await asyncio.gather(*(self._fetch_loop(sub, stop) for sub in subs))
         finally:
             await self._drain()
+            heartbeats.cancel()
             for sub in subs:
                 await sub.close()
 
@@ -143,6 +149,7 @@ class StageWorker:
         try:
             while queue:
                 delivery = queue[0]
+                self._active[id(delivery)] = (delivery, time.monotonic())
                 try:
                     await self._process(delivery)
                 except asyncio.CancelledError:
@@ -150,6 +157,8 @@ class StageWorker:
                 except Exception:  # the log or store failed mid-way: let the broker redeliver
                     logger.exception("stage %s: event at %s not finished", self.stage.name, delivery.position)
                     await _quietly_nak(delivery, 1.0)
+                finally:
+                    self._active.pop(id(delivery), None)
                 queue.popleft()
                 self._released()
         finally:
@@ -158,6 +167,17 @@ class StageWorker:
             for delivery in queue:  # cancelled during drain: hand the rest back
                 self._released()
                 await _quietly_nak(delivery, 0.0)
+
+    async def _send_heartbeats(self) -> None:
+        """Tell the broker about events handled for longer than a heartbeat, so only a dead
+        worker's events are redelivered: the ack deadline can stay short and recovery fast."""
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            due = time.monotonic() - self._heartbeat
+            for delivery, started in list(self._active.values()):
+                if started <= due:
+                    with contextlib.suppress(Exception):
+                        await delivery.in_progress()
 
     def _released(self) -> None:
         self._in_flight -= 1
