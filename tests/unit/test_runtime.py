@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events import Envelope, Topic, new_event
+from conveyor.log.memory import MemoryEventLog
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, decode
 from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
-from conveyor.log.memory import MemoryEventLog
 from conveyor.runtime.worker import StageWorker
 from conveyor.store.base import Namespace
 from conveyor.store.memory import MemoryStateStore
