@@ -40,6 +40,7 @@ class StageContext(Protocol):
 
 
 Handler = Callable[[StageContext, Envelope], Awaitable[Sequence[Output]]]
+ManyHandler = Callable[[StageContext, Sequence[Envelope]], Awaitable[Sequence[Output]]]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,8 +62,12 @@ class Stage:
     ``accepts`` lists the event types the handler wants; others on its topics are
     acknowledged and skipped. ``lane`` picks the ordering key: events with the same
     lane are handled one at a time in log order, different lanes concurrently.
-    ``dedupe`` records each handled event id so a redelivery is skipped; turn it off
-    only for handlers that are idempotent on their own (the projector).
+    ``dedupe`` records each handled event id so a redelivery is skipped. A stage whose
+    handler is deterministic and has no side effects (or only idempotent ones) can turn
+    it off: a rerun publishes the same output ids, which the log or the next stage drops.
+    ``handle_many``, when given, receives every event queued in one lane at once (a
+    read model can fold them into one write); ``handler`` still handles lone events and
+    isolates a poison event when a batch fails.
     """
 
     name: str
@@ -74,6 +79,7 @@ class Stage:
     concurrency: int = 256
     max_deliveries: int = 10
     dedupe: bool = True
+    handle_many: ManyHandler | None = None
     lane: Callable[[Envelope], str] = lambda event: event.key
 
 

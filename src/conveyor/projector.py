@@ -37,14 +37,18 @@ class Projector:
         self._cache: collections.OrderedDict[str, tuple[RequestView, int]] = collections.OrderedDict()
         self._cache_size = cache_size
 
-    async def apply(self, store: StateStore, event: Envelope) -> RequestView:
-        rid = event.request_id
+    async def apply(self, store: StateStore, events: Sequence[Envelope]) -> RequestView:
+        """Fold ``events`` (all of one request) into its view with one compare-and-set write."""
+        rid = events[0].request_id
         cached = self._cache.pop(rid, None)
         while True:
             if cached is None:
                 entry = await store.get(Namespace.STATUS, rid)
                 cached = (RequestView.model_validate_json(entry.value), entry.revision) if entry else None
-            view = fold(cached[0] if cached else None, event)
+            view = cached[0] if cached else None
+            for event in events:
+                view = fold(view, event)
+            assert view is not None
             if cached is not None and view == cached[0]:
                 result = cached
                 break
@@ -64,13 +68,18 @@ class Projector:
 
     def stage(self) -> Stage:
         async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
-            await self.apply(ctx.store, event)
+            await self.apply(ctx.store, [event])
+            return ()
+
+        async def handle_many(ctx: StageContext, events: Sequence[Envelope]) -> Sequence[Output]:
+            await self.apply(ctx.store, events)
             return ()
 
         return Stage(
             name="projector",
             consumes=PROJECTED_TOPICS,
             handler=handle,
+            handle_many=handle_many,
             accepts=frozenset(
                 {
                     EventType.ACCEPTED,

@@ -2,109 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conveyor.embedded import STATE_FILE, terminate
+from conveyor.testing import UpProcess
 
-
-class ConveyorProcess:
-    def __init__(self, data_dir: Path, *args: str) -> None:
-        self.data_dir, self.args = data_dir, args
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self.log_url = ""
-        self.output: list[str] = []
-
-    def start(self, timeout: float = 30) -> ConveyorProcess:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "conveyor",
-                "up",
-                "--port",
-                "0",
-                "--data-dir",
-                str(self.data_dir),
-                *self.args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        self.output.clear()
-        ready = threading.Event()
-        threading.Thread(target=self._read_output, args=(self.process, ready), daemon=True).start()
-        if not ready.wait(timeout) or not self.url:
-            self.cleanup()
-            raise RuntimeError("conveyor up did not start:\n" + "".join(self.output))
-        return self
-
-    def _read_output(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode(errors="replace")
-            self.output.append(line)
-            if found := re.search(r"gateway (http://\S+) ", line):
-                self.url = found.group(1)
-            if found := re.search(r"log and store: (nats://\S+)", line):
-                self.log_url = found.group(1)
-                ready.set()
-        ready.set()  # exited: let start() report the output
-
-    @property
-    def nats_pid(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            return int(json.loads((self.data_dir / "nats" / STATE_FILE).read_text())["pid"])
-        return None
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> int:
-        """SIGTERM (what Ctrl-C does): drains, stops the bundled server; returns the exit code."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            raise
-
-    def cleanup(self) -> None:
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.kill9()
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-        pid = self.nats_pid
-        if pid is not None:
-            terminate(pid, grace=2)
-
-
-ConveyorFactory = Callable[..., ConveyorProcess]
+ConveyorFactory = Callable[..., UpProcess]
 
 
 @pytest.fixture
 def conveyor(tmp_path: Path) -> Iterator[ConveyorFactory]:
-    """Makes ConveyorProcess objects (data dir under tmp_path) and kills whatever they left running."""
-    made: list[ConveyorProcess] = []
+    """Makes UpProcess objects (data dir under tmp_path) and kills whatever they left running."""
+    made: list[UpProcess] = []
 
-    def make(*args: str, data_dir: Path = tmp_path / "data") -> ConveyorProcess:
-        made.append(ConveyorProcess(data_dir, *args))
+    def make(*args: str, data_dir: Path = tmp_path / "data") -> UpProcess:
+        made.append(UpProcess(data_dir, *args))
         return made[-1]
 
     yield make

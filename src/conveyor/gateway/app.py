@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -76,6 +77,9 @@ def _fingerprint(body: SubmitRequest) -> str:
 
 def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = GatewayLimits()) -> FastAPI:
     watch = StatusWatch(store)
+    # Read-your-writes: a request accepted here is "accepted" even before the projector
+    # has written its view (a few milliseconds later).
+    recent: collections.OrderedDict[str, RequestView] = collections.OrderedDict()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -128,7 +132,7 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
         return {"status_url": f"/v1/requests/{rid}", "stream_url": f"/v1/requests/{rid}/events"}
 
     async def view_or_404(rid: str) -> RequestView:
-        view = await read_view(store, rid)
+        view = await read_view(store, rid) or recent.get(rid)
         if view is None:
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
@@ -170,17 +174,16 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
                     status = view.status if view else "accepted"
                     content = {"id": previous["id"], "status": status, **urls(previous["id"])}
                     return JSONResponse(content, status_code=200)
-        initial = RequestView(id=rid, stages={"gateway": {"accepted_at": event.time}})
         try:
-            await asyncio.gather(
-                log.publish(Topic.REQUESTS, [event]),
-                store.create(Namespace.STATUS, rid, initial.model_dump_json().encode()),
-            )
+            await log.publish(Topic.REQUESTS, [event])
         except Exception:
             if idempotency_key:  # not accepted: a retry with the same key must try again
                 await store.delete(Namespace.IDEMPOTENCY, idem)
             raise
         REQUESTS_ACCEPTED.inc()
+        recent[rid] = RequestView(id=rid, stages={"gateway": {"accepted_at": event.time}})
+        if len(recent) > 10_000:
+            recent.popitem(last=False)
         return JSONResponse({"id": rid, "status": "accepted", **urls(rid)}, status_code=202)
 
     @app.get("/v1/requests/{rid}", tags=["requests"])

@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import BaseModel
 
@@ -33,7 +34,7 @@ from conveyor.store.base import Namespace, StateStore
 logger = logging.getLogger("conveyor.runtime")
 
 
-class _Context:
+class HandlerContext:
     """The StageContext handed to handlers."""
 
     def __init__(self, stage: str, log: EventLog, store: StateStore) -> None:
@@ -79,7 +80,7 @@ class StageWorker:
         self._drain_timeout = drain_timeout
         self._heartbeat = heartbeat
         self._active: dict[int, tuple[Delivery, float]] = {}
-        self._ctx = _Context(stage.name, log, store)
+        self._ctx = HandlerContext(stage.name, log, store)
         self._lanes: dict[str, collections.deque[Delivery]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -148,19 +149,25 @@ class StageWorker:
         queue = self._lanes[lane]
         try:
             while queue:
-                delivery = queue[0]
-                self._active[id(delivery)] = (delivery, time.monotonic())
+                # A stage with ``handle_many`` takes everything its lane has queued at once.
+                batch = list(queue) if self.stage.handle_many is not None else [queue[0]]
+                now = time.monotonic()
+                for delivery in batch:
+                    self._active[id(delivery)] = (delivery, now)
                 try:
-                    await self._process(delivery)
+                    await self._process(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the log or store failed mid-way: let the broker redeliver
-                    logger.exception("stage %s: event at %s not finished", self.stage.name, delivery.position)
-                    await _quietly_nak(delivery, 1.0)
+                    logger.exception("stage %s: events not finished, to be redelivered", self.stage.name)
+                    for delivery in batch:
+                        await _quietly_nak(delivery, 1.0)
                 finally:
-                    self._active.pop(id(delivery), None)
-                queue.popleft()
-                self._released()
+                    for delivery in batch:
+                        self._active.pop(id(delivery), None)
+                for _ in batch:
+                    queue.popleft()
+                    self._released()
         finally:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
@@ -184,48 +191,81 @@ class StageWorker:
         if self._in_flight < self.stage.concurrency:
             self._room.set()
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, batch: list[Delivery]) -> None:
+        admitted = [(d, e) for d in batch if (e := await self._admit(d)) is not None]
+        many = self.stage.handle_many
+        if many is not None and len(admitted) > 1:
+            events = [e for _, e in admitted]
+            if await self._attempt(lambda: many(self._ctx, events), admitted, dead_letter=False):
+                return
+            # The batch failed for good: one at a time, so only the poison event is dead-lettered.
+        for delivery, event in admitted:
+            call = functools.partial(self.stage.handler, self._ctx, event)
+            await self._attempt(call, [(delivery, event)], dead_letter=True)
+
+    async def _admit(self, delivery: Delivery) -> Envelope | None:
+        """The event to handle, or None when it was settled here (skipped, duplicate, dead letter)."""
         stage = self.stage
         try:
             event = delivery.envelope()
         except InvalidEventError as exc:
             await self._dead_letter(delivery, None, str(exc), [])
-            return
+            return None
         if stage.accepts and event.type not in stage.accepts:
             EVENTS_HANDLED.inc(stage=stage.name, outcome="skipped")
             await delivery.ack()
-            return
+            return None
         if delivery.attempt > stage.max_deliveries:
             reason = f"delivered {delivery.attempt} times without being acknowledged (did it crash a worker?)"
             await self._dead_letter(delivery, event, reason, [])
-            return
-        dedupe_key = f"{stage.name}.{event.id}"
-        if stage.dedupe and await self._store.get(Namespace.DEDUPE, dedupe_key) is not None:
+            return None
+        if stage.dedupe and await self._store.get(Namespace.DEDUPE, self._dedupe_key(event)) is not None:
             EVENTS_HANDLED.inc(stage=stage.name, outcome="duplicate")
             await delivery.ack()
-            return
+            return None
+        return event
+
+    def _dedupe_key(self, event: Envelope) -> str:
+        return f"{self.stage.name}.{event.id}"
+
+    async def _attempt(
+        self,
+        call: Callable[[], Awaitable[Sequence[Output]]],
+        items: list[tuple[Delivery, Envelope]],
+        *,
+        dead_letter: bool,
+    ) -> bool:
+        """Run ``call`` with retries; on success publish, mark and ack. False if it failed for good
+        and ``dead_letter`` is off (the caller decides what to do with the items)."""
+        stage = self.stage
         attempts: list[Attempt] = []
         while True:
             started = time.perf_counter()
             try:
-                outputs = await asyncio.wait_for(stage.handler(self._ctx, event), stage.timeout)
+                outputs = await asyncio.wait_for(call(), stage.timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 attempts.append(Attempt(attempt=len(attempts) + 1, error=_describe(exc), at=now_rfc3339()))
                 if isinstance(exc, PermanentError) or len(attempts) >= stage.retry.max_attempts:
-                    await self._dead_letter(delivery, event, _describe(exc), attempts)
-                    return
+                    if not dead_letter:
+                        return False
+                    for delivery, event in items:
+                        await self._dead_letter(delivery, event, _describe(exc), attempts)
+                    return True
                 RETRIES.inc(stage=stage.name)
                 await asyncio.sleep(stage.retry.backoff(len(attempts)))
                 continue
             await self._publish(outputs)
             if stage.dedupe:
-                await self._store.put(Namespace.DEDUPE, dedupe_key, b"1")
-            await delivery.ack()
+                await asyncio.gather(
+                    *(self._store.put(Namespace.DEDUPE, self._dedupe_key(e), b"1") for _, e in items)
+                )
+            for delivery, _ in items:
+                await delivery.ack()
             HANDLE_SECONDS.observe(time.perf_counter() - started, stage=stage.name)
-            EVENTS_HANDLED.inc(stage=stage.name, outcome="ok")
-            return
+            EVENTS_HANDLED.inc(len(items), stage=stage.name, outcome="ok")
+            return True
 
     async def _publish(self, outputs: Sequence[Output]) -> None:
         # Consecutive outputs to one topic go out as one batch; topic order is kept.

@@ -48,4 +48,5 @@ def finalize_stage() -> Stage:
         consumes=(Topic.GENERATED,),
         handler=handle,
         accepts=frozenset({EventType.GENERATED}),
+        dedupe=False,  # the ledger write is create-only and the output id is deterministic
     )

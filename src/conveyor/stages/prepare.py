@@ -47,5 +47,9 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
         return [Output(Topic.PREPARED, ctx.derive(event, type=EventType.PREPARED, payload=prepared))]
 
     return Stage(
-        name="prepare", consumes=(Topic.REQUESTS,), handler=handle, accepts=frozenset({EventType.ACCEPTED})
+        name="prepare",
+        consumes=(Topic.REQUESTS,),
+        handler=handle,
+        accepts=frozenset({EventType.ACCEPTED}),
+        dedupe=False,  # deterministic and side-effect free: a rerun republishes the same ids
     )

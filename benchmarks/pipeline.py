@@ -1,0 +1,178 @@
+"""Throughput and end-to-end latency of the pipeline with the zero-latency simulated model.
+
+Two systems, same stage functions, same run, same machine:
+
+* baseline: prepare → generate → finalize (+ projector) chained directly in one asyncio
+  loop, no broker, no HTTP (the physical limit of the Python code itself);
+* conveyor: ``conveyor up`` as a subprocess (bundled NATS), driven over HTTP: POST
+  /v1/requests, then a long-poll GET ?wait= until the request is completed.
+
+Load is open-loop at each offered rate (requests are sent on schedule whether or not
+earlier ones finished), bounded by a count and a time limit; ``max`` is a closed loop
+with a fixed number in flight. Run: ``.venv/bin/python benchmarks/pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import httpx
+
+from conveyor.events import Envelope, Topic, new_event
+from conveyor.log.memory import MemoryEventLog
+from conveyor.models.simulated import SimulatedModel
+from conveyor.payloads import EventType, RequestAccepted
+from conveyor.pipeline import Stage
+from conveyor.projector import Projector
+from conveyor.runtime import HandlerContext
+from conveyor.stages import CancelWatch, finalize_stage, generate_stage, prepare_stage
+from conveyor.store.memory import MemoryStateStore
+from conveyor.testing import UpProcess
+
+Submit = Callable[[int], Awaitable[None]]
+
+
+class Direct:
+    """The baseline: every stage's handler called in turn, outputs fed to the next stage."""
+
+    def __init__(self) -> None:
+        log, self.store = MemoryEventLog(), MemoryStateStore()
+        model = SimulatedModel()
+        self.projector = Projector()
+        stages = [prepare_stage(), generate_stage(model, CancelWatch(log)), finalize_stage()]
+        self.by_topic: dict[str, Stage] = {s.consumes[0]: s for s in stages}
+        self.contexts = {s.name: HandlerContext(s.name, log, self.store) for s in stages}
+
+    async def run(self, i: int) -> None:
+        queue: list[tuple[str, Envelope]] = [(Topic.REQUESTS, accepted(i))]
+        while queue:
+            topic, event = queue.pop(0)
+            await self.projector.apply(self.store, [event])
+            stage = self.by_topic.get(topic)
+            if stage is not None and event.type in stage.accepts:
+                outputs = await stage.handler(self.contexts[stage.name], event)
+                queue += [(o.topic, o.event) for o in outputs]
+
+
+def accepted(i: int) -> Envelope:
+    payload = RequestAccepted(prompt=f"benchmark request {i}", max_tokens=16)
+    return new_event(type=EventType.ACCEPTED, source="bench", payload=payload)
+
+
+async def over_http(client: httpx.AsyncClient, i: int) -> None:
+    response = await client.post("/v1/requests", json={"prompt": f"benchmark request {i}", "max_tokens": 16})
+    response.raise_for_status()
+    view = (await client.get(f"/v1/requests/{response.json()['id']}", params={"wait": 30})).json()
+    if view["status"] != "completed":
+        raise RuntimeError(f"request ended {view['status']}")
+
+
+async def offered_load(submit: Submit, rate: float | None, count: int, limit: float) -> dict[str, float]:
+    """Send ``count`` requests at ``rate``/s (None: closed loop, 256 in flight); stop after ``limit`` s."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            await submit(i)
+            latencies.append(time.perf_counter() - t0)
+        except Exception:
+            errors += 1
+
+    tasks: list[asyncio.Task[None]] = []
+    if rate is None:
+        counter = iter(range(count))
+
+        async def loop() -> None:
+            for i in counter:
+                if time.perf_counter() - start > limit:
+                    return
+                await one(i)
+
+        tasks = [asyncio.create_task(loop()) for _ in range(256)]
+    else:
+        for i in range(count):
+            due = start + i / rate
+            if due - start > limit:
+                break
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+    await asyncio.wait(tasks, timeout=max(1.0, limit - (time.perf_counter() - start)) + 30)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
+    return {
+        "done": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50": q[49] * 1000,
+        "p99": q[98] * 1000,
+    }
+
+
+def table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
+    lines = [
+        "| system | offered req/s | completed | errors | completed req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for system, offered, r in rows:
+        lines.append(
+            f"| {system} | {offered} | {r['done']:.0f} | {r['errors']:.0f} | {r['rps']:,.0f} "
+            f"| {r['p50']:.1f} | {r['p99']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+async def main(rates: list[float | None], seconds: float) -> None:
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    for rate in rates:
+        count = int((rate or 20_000) * seconds)
+        result = await offered_load(Direct().run, rate, count, seconds)
+        rows.append(("direct chain (baseline)", str(int(rate)) if rate else "max", result))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        up = UpProcess(Path(tmp) / "data").start()
+        try:
+            limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+            async with httpx.AsyncClient(base_url=up.url, timeout=60, limits=limits) as client:
+                await offered_load(lambda i: over_http(client, i), 200, 200, 5)  # warm up
+                for rate in rates:
+                    count = int((rate or 2_000) * seconds)
+                    result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
+                    rows.append(("conveyor up (HTTP + NATS)", str(int(rate)) if rate else "max", result))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+        finally:
+            up.stop()
+            up.cleanup()
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rates", default="250,500,1000,max", help="offered loads in req/s; max = closed loop"
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="time limit per load step")
+    args = parser.parse_args()
+    parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
+    try:
+        import uvloop
+
+        uvloop.run(main(parsed, args.seconds))
+    except ImportError:
+        asyncio.run(main(parsed, args.seconds))
+    sys.exit(0)
