@@ -9,11 +9,13 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from conveyor.config import STAGES, ModelSettings, Settings
+from conveyor.errors import ConveyorError
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
@@ -57,30 +59,73 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _up(args: argparse.Namespace) -> int:
+def _serve(
+    settings: Settings,
+    *,
+    gateway: bool,
+    worker_processes: int = 0,
+    on_ready: Callable[[str, str], None] = lambda gateway_url, log_url: None,
+) -> int:
+    """Run a node until SIGINT/SIGTERM, then drain; a clear message if it cannot start."""
     from conveyor.node import run_node
-
-    settings = _settings(args)
-
-    def ready(gateway_url: str, log_url: str) -> None:
-        origin = (
-            "bundled, data in " + str(settings.data_dir / "nats") if settings.log_url is None else "external"
-        )
-        print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
-        print(f"  log and store: {log_url} ({origin})", flush=True)
-        print(f"  stages: {', '.join(settings.stages)}; model: {settings.model.name}", flush=True)
-        print("  Ctrl-C drains in-flight work and stops.", flush=True)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_node(settings, stop, on_ready=ready)
+        await run_node(settings, stop, gateway=gateway, worker_processes=worker_processes, on_ready=on_ready)
 
-    _run(main())
-    print("Conveyor stopped.", flush=True)
+    try:
+        _run(main())
+    except (ConveyorError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    in_process = args.workers == 0 or (settings.log_url or "").startswith("memory:")
+
+    def ready(gateway_url: str, log_url: str) -> None:
+        origin = (
+            "bundled, data in " + str(settings.data_dir / "nats") if settings.log_url is None else "external"
+        )
+        where = "in this process" if in_process else f"in {args.workers} worker process(es)"
+        print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
+        print(f"  log and store: {log_url} ({origin})", flush=True)
+        print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.name}", flush=True)
+        print("  Ctrl-C drains in-flight work and stops.", flush=True)
+
+    code = _serve(settings, gateway=True, worker_processes=0 if in_process else args.workers, on_ready=ready)
+    print("Conveyor stopped.", flush=True)
+    return code
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from conveyor.supervisor import die_with_parent
+
+    die_with_parent()
+    settings = dataclasses.replace(_settings(args), stages=tuple(args.stages))
+    if settings.log_url is None:
+        print("error: a worker needs --log-url (or CONVEYOR_LOG_URL) naming the event log", file=sys.stderr)
+        return 2
+    return _serve(settings, gateway=False)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    settings = dataclasses.replace(_settings(args), stages=())
+    if settings.log_url is None:
+        print(
+            "error: the gateway needs --log-url (or CONVEYOR_LOG_URL) naming the event log", file=sys.stderr
+        )
+        return 2
+
+    def ready(gateway_url: str, log_url: str) -> None:
+        print(f"Conveyor gateway on {gateway_url}; log {log_url}", flush=True)
+
+    return _serve(settings, gateway=True, on_ready=ready)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -141,9 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("up", help="run everything in one process on the bundled broker")
+    up = commands.add_parser("up", help="run the whole pipeline with one command, on the bundled broker")
     _server_options(up)
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="stage worker processes beside the gateway (default %(default)s; 0: all in one process)",
+    )
     up.set_defaults(func=_up)
+
+    worker = commands.add_parser("worker", help="run pipeline stages against an existing log")
+    worker.add_argument("stages", nargs="+", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
+    _server_options(worker)
+    worker.set_defaults(func=_worker)
+
+    gateway = commands.add_parser("gateway", help="run the HTTP gateway against an existing log")
+    _server_options(gateway)
+    gateway.set_defaults(func=_gateway)
 
     submit = commands.add_parser("submit", help="submit a prompt and print the output as it streams")
     submit.add_argument("prompt")
@@ -158,6 +218,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
-
-
-__all__ = ["STAGES", "main"]

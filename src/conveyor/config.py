@@ -45,7 +45,7 @@ class Settings:
             ttft=float(get("MODEL_TTFT") or base.model.ttft),
             token_delay=float(get("MODEL_TOKEN_DELAY") or base.model.token_delay),
         )
-        blocklist = get("BLOCKLIST")
+        blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         return cls(
             host=get("HOST") or base.host,
             port=int(get("PORT") or base.port),
@@ -55,7 +55,30 @@ class Settings:
             prefix=get("PREFIX") or base.prefix,
             ack_wait=float(get("ACK_WAIT") or base.ack_wait),
             model=model,
-            blocklist=tuple(p.strip() for p in blocklist.split(",") if p.strip())
-            if blocklist
-            else base.blocklist,
+            blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
         )
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment that ``from_env`` reads (for child processes)."""
+        env = {
+            "CONVEYOR_HOST": self.host,
+            "CONVEYOR_PORT": str(self.port),
+            "CONVEYOR_DATA_DIR": str(self.data_dir),
+            "CONVEYOR_PREFIX": self.prefix,
+            "CONVEYOR_ACK_WAIT": repr(self.ack_wait),
+            "CONVEYOR_MODEL": self.model.name,
+            "CONVEYOR_MODEL_TTFT": repr(self.model.ttft),
+            "CONVEYOR_MODEL_TOKEN_DELAY": repr(self.model.token_delay),
+            "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
+        }
+        if self.log_url:
+            env["CONVEYOR_LOG_URL"] = self.log_url
+        if self.store_url:
+            env["CONVEYOR_STORE_URL"] = self.store_url
+        return env
+
+
+def _phrases(value: str) -> tuple[str, ...]:
+    """Blocked phrases: one per line, or comma-separated on a single line."""
+    parts = value.splitlines() if "\n" in value else value.split(",")
+    return tuple(p.strip() for p in parts if p.strip())

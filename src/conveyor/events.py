@@ -20,7 +20,6 @@ from conveyor.errors import InvalidEventError
 from conveyor.ids import derive_id, new_id
 
 SPEC_VERSION = "1.0"
-CONTENT_TYPE = "application/json"
 
 
 class Topic(StrEnum):
@@ -87,6 +86,8 @@ class Envelope:
         )
 
     def to_headers(self) -> dict[str, str]:
+        """CloudEvents binary-mode headers; attributes at their default value are left out
+        (every header costs parsing on every hop)."""
         headers = {
             "ce-specversion": SPEC_VERSION,
             "ce-id": self.id,
@@ -95,15 +96,13 @@ class Envelope:
             "ce-subject": self.request_id,
             "ce-time": self.time,
             "ce-dataschema": self.dataschema,
-            "content-type": CONTENT_TYPE,
-            "ce-requestid": self.request_id,
-            "ce-partitionkey": self.key,
-            "ce-tenant": self.tenant,
-            "ce-priority": str(self.priority),
-            "ce-attempt": str(self.attempt),
         }
         optional = {
+            "ce-partitionkey": "" if self.key == self.request_id else self.key,
+            "ce-tenant": "" if self.tenant == "default" else self.tenant,
             "ce-causationid": self.causation_id,
+            "ce-attempt": str(self.attempt) if self.attempt else "",
+            "ce-priority": str(self.priority) if self.priority else "",
             "ce-deadline": "" if self.deadline is None else repr(self.deadline),
             "ce-model": self.model,
             "ce-modelversion": self.model_version,
@@ -117,7 +116,7 @@ class Envelope:
     def from_headers(cls, headers: Mapping[str, str] | None, body: bytes) -> Envelope:
         """Decode a wire event; raises InvalidEventError naming what is missing or wrong."""
         h = headers or {}
-        missing = [k for k in ("ce-id", "ce-type", "ce-source", "ce-requestid") if not h.get(k)]
+        missing = [k for k in ("ce-id", "ce-type", "ce-source", "ce-subject") if not h.get(k)]
         if missing:
             raise InvalidEventError(f"not a Conveyor event: missing headers {', '.join(missing)}")
         try:
@@ -126,16 +125,16 @@ class Envelope:
                 id=h["ce-id"],
                 type=h["ce-type"],
                 source=h["ce-source"],
-                request_id=h["ce-requestid"],
-                key=h.get("ce-partitionkey") or h["ce-requestid"],
+                request_id=h["ce-subject"],
+                key=h.get("ce-partitionkey") or h["ce-subject"],
                 data=body,
                 time=h.get("ce-time", ""),
                 dataschema=h.get("ce-dataschema", ""),
-                tenant=h.get("ce-tenant", "default"),
+                tenant=h.get("ce-tenant") or "default",
                 causation_id=h.get("ce-causationid", ""),
-                attempt=int(h.get("ce-attempt", "0")),
+                attempt=int(h.get("ce-attempt") or 0),
                 deadline=deadline,
-                priority=int(h.get("ce-priority", "0")),
+                priority=int(h.get("ce-priority") or 0),
                 model=h.get("ce-model", ""),
                 model_version=h.get("ce-modelversion", ""),
                 model_license=h.get("ce-modellicense", ""),

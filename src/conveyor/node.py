@@ -13,6 +13,7 @@ import uvicorn
 from conveyor.backends import open_log, open_store
 from conveyor.config import Settings
 from conveyor.embedded import EmbeddedNats
+from conveyor.errors import UnavailableError
 from conveyor.gateway.app import create_app
 from conveyor.log.base import EventLog
 from conveyor.models.base import ModelBackend
@@ -22,6 +23,7 @@ from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
 from conveyor.stages import CancelWatch, SafetyPolicy, finalize_stage, generate_stage, prepare_stage
 from conveyor.store.base import StateStore
+from conveyor.supervisor import WorkerProcesses
 
 logger = logging.getLogger("conveyor")
 
@@ -70,35 +72,56 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
             await server.stop()
 
 
+def bind_gateway(settings: Settings) -> socket.socket:
+    """Bind the gateway's port first, so a taken port fails before anything else starts."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
+    return sock
+
+
 async def run_node(
     settings: Settings,
     stop: asyncio.Event,
     *,
     gateway: bool = True,
+    worker_processes: int = 0,
     on_ready: Callable[[str, str], None] = lambda gateway_url, log_url: None,
 ) -> None:
-    """Run until ``stop`` is set; then stop accepting, drain in-flight work and shut down."""
+    """Run until ``stop`` is set; then stop accepting, drain in-flight work and shut down.
+
+    With ``worker_processes`` the stages run in that many child processes (each with
+    every stage of ``settings.stages``); otherwise they run here, in this event loop.
+    """
+    sock = bind_gateway(settings) if gateway else None
     async with backends(settings) as (log, store, log_url):
         model = build_model(settings)
         cancels = CancelWatch(log)
         pipeline = build_pipeline(settings, model, cancels)
+        local_stages = () if worker_processes else settings.stages
         workers = [
-            StageWorker(pipeline[name], log, store, heartbeat=settings.ack_wait / 3)
-            for name in settings.stages
+            StageWorker(pipeline[name], log, store, heartbeat=settings.ack_wait / 3) for name in local_stages
         ]
         worker_stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(worker_stop), name=f"stage-{w.stage.name}") for w in workers]
-        if "generate" in settings.stages:
-            tasks.append(asyncio.create_task(cancels.run(), name="cancel-watch"))
+        helpers: list[asyncio.Task[None]] = []
+        if "generate" in local_stages:
+            helpers.append(asyncio.create_task(cancels.run(), name="cancel-watch"))
+        children = None
+        if worker_processes:
+            env = settings.to_env() | {"CONVEYOR_LOG_URL": log_url}
+            children = WorkerProcesses(worker_processes, settings.stages, env)
+            helpers.append(asyncio.create_task(children.run(), name="worker-processes"))
         server: _Server | None = None
         serve_task: asyncio.Task[None] | None = None
         gateway_url = ""
         try:
             await asyncio.gather(*(w.ready.wait() for w in workers))
-            if gateway:
-                sock = socket.socket()
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((settings.host, settings.port))
+            if sock is not None:
                 host, port = sock.getsockname()[:2]
                 config = uvicorn.Config(
                     create_app(log, store),
@@ -121,9 +144,11 @@ async def run_node(
             if server is not None and serve_task is not None:
                 server.should_exit = True
                 await serve_task
+            if children is not None:
+                await children.stop()
             worker_stop.set()
-            _, pending = await asyncio.wait(tasks[: len(workers)], timeout=30)
-            for task in (*pending, *tasks[len(workers) :]):
+            _, pending = await asyncio.wait(tasks, timeout=30) if tasks else (set(), set())
+            for task in (*pending, *helpers):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *helpers, return_exceptions=True)
             await model.close()

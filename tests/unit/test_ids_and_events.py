@@ -65,10 +65,10 @@ def test_derived_event_carries_cause_request_and_trace() -> None:
 @pytest.mark.parametrize(
     ("headers", "reason"),
     [
-        (None, "missing headers ce-id, ce-type, ce-source, ce-requestid"),
-        ({"ce-id": "1", "ce-type": "t", "ce-source": "s"}, "missing headers ce-requestid"),
+        (None, "missing headers ce-id, ce-type, ce-source, ce-subject"),
+        ({"ce-id": "1", "ce-type": "t", "ce-source": "s"}, "missing headers ce-subject"),
         (
-            {"ce-id": "1", "ce-type": "t", "ce-source": "s", "ce-requestid": "r", "ce-attempt": "x"},
+            {"ce-id": "1", "ce-type": "t", "ce-source": "s", "ce-subject": "r", "ce-attempt": "x"},
             "malformed",
         ),
     ],

@@ -37,7 +37,7 @@ def format_event(event_id: int, event: str, data: Any) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {orjson.dumps(data).decode()}\n\n"
 
 
-class _Sequencer:
+class Sequencer:
     """Turns views and chunks, in any order and with repeats, into the canonical sequence."""
 
     def __init__(self, request_id: str, last_id: int) -> None:
@@ -54,15 +54,25 @@ class _Sequencer:
         self.sent.add(event_id)
         return [] if event_id <= self.last_id else [format_event(event_id, event, data)]
 
-    def _progress(self, event_id: int, status: str, at: str = "") -> list[str]:
-        return self._emit(event_id, status, {"id": self.request_id, "status": status, "at": at})
+    def _progress(self, upto: int) -> list[str]:
+        """Progress events up to ``upto`` (accepted, prepared, generating), always in that order."""
+        out: list[str] = []
+        for event_id, status in (
+            (_ACCEPTED, "accepted"),
+            (_PREPARED, "prepared"),
+            (_GENERATING, "generating"),
+        ):
+            if event_id <= upto:
+                out += self._emit(event_id, status, {"id": self.request_id, "status": status})
+        return out
 
     def on_view(self, view: RequestView) -> list[str]:
-        out = self._progress(_ACCEPTED, "accepted", view.stages.get("gateway", {}).get("accepted_at", ""))
+        reached = _ACCEPTED
         if "finished_at" in view.stages.get("prepare", {}):
-            out += self._progress(_PREPARED, "prepared", view.stages["prepare"]["finished_at"])
+            reached = _PREPARED
         if "started_at" in view.stages.get("generate", {}):
-            out += self._progress(_GENERATING, "generating", view.stages["generate"]["started_at"])
+            reached = _GENERATING
+        out = self._progress(reached)
         if view.terminal:
             self.final = view
         return out + self._finish()
@@ -81,7 +91,7 @@ class _Sequencer:
             end = c.offset + len(c.text)
             if end <= self.position:
                 continue
-            out += self._progress(_PREPARED, "prepared") + self._progress(_GENERATING, "generating")
+            out += self._progress(_GENERATING)
             piece = c.text[self.position - c.offset :]
             out += self._emit(_FIRST_TOKEN + end, "token", {"text": piece, "offset": self.position})
             self.position = end
@@ -94,9 +104,11 @@ class _Sequencer:
         if self.position < total:
             return []  # the rest of the stream is still on its way
         self.done = True
-        return self._emit(
-            _FIRST_TOKEN + 1 + max(total, self.position), self.final.status, self.final.public()
-        )
+        # Only the outcome, not the stage timestamps: those may still be filling in, and a
+        # resumed stream must repeat this event exactly.
+        outcome = self.final.public()
+        data = {k: outcome[k] for k in ("id", "status", "output", "finish_reason", "usage", "error", "model")}
+        return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, data)
 
 
 async def _pump_chunks(log: EventLog, request_id: str, queue: asyncio.Queue[Any]) -> None:
@@ -112,7 +124,7 @@ async def stream_request(
     request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
 ) -> AsyncIterator[str]:
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    seq = _Sequencer(request_id, last_id)
+    seq = Sequencer(request_id, last_id)
     with watch.subscribe(request_id, queue):
         pump = asyncio.create_task(_pump_chunks(log, request_id, queue))
         try:

@@ -1,0 +1,82 @@
+"""Stage worker processes started and watched by ``conveyor up``.
+
+The gateway stays in the parent; the stages run in children (``conveyor worker``), so
+the two use separate cores. A child that dies is restarted with backoff. Children
+ask the kernel to kill them when the parent dies (PR_SET_PDEATHSIG), so ``kill -9``
+of ``conveyor up`` never leaves stage workers behind; their unacknowledged events
+are redelivered to the next run. Ctrl-C in a terminal reaches the children too;
+they drain on their own while the parent waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("conveyor.supervisor")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Called first thing in a worker started by ``conveyor up``: follow the parent's death."""
+    parent = os.environ.get("CONVEYOR_PARENT_PID")
+    if not parent:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class WorkerProcesses:
+    def __init__(self, count: int, stages: Sequence[str], env: dict[str, str]) -> None:
+        self._count, self._stages, self._env = count, tuple(stages), env
+        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._stopping = False
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "worker", *self._stages],
+            env={**os.environ, **self._env, "CONVEYOR_PARENT_PID": str(os.getpid())},
+            stdin=subprocess.DEVNULL,
+        )
+        self._processes[index] = process
+        return process
+
+    async def run(self) -> None:
+        """Start every worker and keep them running until ``stop``."""
+        await asyncio.gather(*(self._keep(i) for i in range(self._count)))
+
+    async def _keep(self, index: int) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            process = self._spawn(index)
+            code = await asyncio.to_thread(process.wait)
+            if self._stopping:
+                return
+            logger.error(
+                "worker %d (%s) exited with %s; restarting in %.1fs", index, self._stages, code, backoff
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM (the workers drain), then SIGKILL whatever is left after ``grace``."""
+        self._stopping = True
+        live = [p for p in self._processes if p is not None and p.poll() is None]
+        for process in live:
+            process.send_signal(signal.SIGTERM)
+        for process in live:
+            try:
+                await asyncio.to_thread(process.wait, grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
