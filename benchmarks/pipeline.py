@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.memory import MemoryEventLog
@@ -66,10 +66,13 @@ def accepted(i: int) -> Envelope:
     return new_event(type=EventType.ACCEPTED, source="bench", payload=payload)
 
 
-async def over_http(client: httpx.AsyncClient, i: int) -> None:
-    response = await client.post("/v1/requests", json={"prompt": f"benchmark request {i}", "max_tokens": 16})
-    response.raise_for_status()
-    view = (await client.get(f"/v1/requests/{response.json()['id']}", params={"wait": 30})).json()
+async def over_http(client: aiohttp.ClientSession, i: int) -> None:
+    body = {"prompt": f"benchmark request {i}", "max_tokens": 16}
+    async with client.post("/v1/requests", json=body) as response:
+        response.raise_for_status()
+        rid = (await response.json())["id"]
+    async with client.get(f"/v1/requests/{rid}", params={"wait": "30"}) as response:
+        view = await response.json()
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")
 
@@ -144,8 +147,8 @@ async def main(rates: list[float | None], seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         up = UpProcess(Path(tmp) / "data").start()
         try:
-            limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-            async with httpx.AsyncClient(base_url=up.url, timeout=60, limits=limits) as client:
+            connector = aiohttp.TCPConnector(limit=512)
+            async with aiohttp.ClientSession(up.url, connector=connector) as client:
                 await offered_load(lambda i: over_http(client, i), 200, 200, 5)  # warm up
                 for rate in rates:
                     count = int((rate or 2_000) * seconds)

@@ -30,6 +30,7 @@ class Topic(StrEnum):
     GENERATED = "generated"
     COMPLETED = "completed"
     STREAM = "stream"
+    PROGRESS = "progress"
     CONTROL = "control"
     DLQ = "dlq"
 

@@ -29,7 +29,10 @@ def new_id() -> str:
 
 def derive_id(parent: str, label: str) -> str:
     """The id of the output that ``label`` (a stage, a chunk index) derives from ``parent``."""
-    ms = uuid.UUID(parent).int >> 80 if _is_uuid(parent) else 0
+    try:
+        ms = int(parent.replace("-", ""), 16) >> 80 if len(parent) == 36 else 0
+    except ValueError:
+        ms = 0  # not a UUID (an id from elsewhere): derived ids then sort first
     digest = hashlib.blake2b(f"{parent}\x00{label}".encode(), digest_size=10).digest()
     return _uuid7_from(ms, int.from_bytes(digest, "big"))
 
@@ -37,11 +40,3 @@ def derive_id(parent: str, label: str) -> str:
 def id_time_ms(event_id: str) -> int:
     """The creation time, in Unix milliseconds, encoded in a UUIDv7."""
     return uuid.UUID(event_id).int >> 80
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

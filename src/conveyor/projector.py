@@ -21,6 +21,7 @@ PROJECTED_TOPICS = (
     Topic.REQUESTS,
     Topic.PREPARED,
     Topic.GENERATED,
+    Topic.PROGRESS,
     Topic.COMPLETED,
     Topic.CONTROL,
     Topic.DLQ,
@@ -41,10 +42,13 @@ class Projector:
         """Fold ``events`` (all of one request) into its view with one compare-and-set write."""
         rid = events[0].request_id
         cached = self._cache.pop(rid, None)
+        # Not cached: most likely a new request, so try to create before paying for a read.
+        fresh = cached is None
         while True:
-            if cached is None:
+            if cached is None and not fresh:
                 entry = await store.get(Namespace.STATUS, rid)
                 cached = (RequestView.model_validate_json(entry.value), entry.revision) if entry else None
+            fresh = False
             view = cached[0] if cached else None
             for event in events:
                 view = fold(view, event)

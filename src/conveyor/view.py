@@ -70,7 +70,10 @@ def _stamp(view: RequestView, stage: str, mark: str, at: str) -> None:
 
 def fold(view: RequestView | None, event: Envelope) -> RequestView:
     """The view after ``event`` (a new object; the input is not modified)."""
-    v = view.model_copy(deep=True) if view else RequestView(id=event.request_id, tenant=event.tenant)
+    if view is None:
+        v = RequestView(id=event.request_id, tenant=event.tenant)
+    else:  # the only nested value fold mutates is ``stages``: copy that, share the rest
+        v = view.model_copy(update={"stages": {k: dict(marks) for k, marks in view.stages.items()}})
     at = event.time
     match event.type:
         case EventType.ACCEPTED:

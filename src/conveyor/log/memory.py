@@ -44,7 +44,10 @@ class MemoryEventLog:
         self._ack_wait = ack_wait
 
     def _topic(self, name: str) -> _Topic:
-        return self._topics.setdefault(name, _Topic())
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = _Topic()
+        return topic
 
     async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
         t = self._topic(topic)

@@ -255,7 +255,8 @@ class _PullConsumer:
             if not self._buffer:
                 self._arrived.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._arrived.wait()
         except nats.errors.Error as exc:
             raise UnavailableError(f"fetch from {self._topic} failed: {exc!r}") from exc
         out: list[Delivery] = []

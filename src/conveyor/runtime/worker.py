@@ -242,7 +242,8 @@ class StageWorker:
         while True:
             started = time.perf_counter()
             try:
-                outputs = await asyncio.wait_for(call(), stage.timeout)
+                async with asyncio.timeout(stage.timeout):  # no extra task, unlike wait_for
+                    outputs = await call()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -99,8 +99,9 @@ def generate_stage(
             out = ctx.derive(source, type=EventType.TOKEN, payload=payload, label=label)
             return dataclasses.replace(out, key=event.request_id)  # the stream is read per request
 
+        # "generating" is announced with the first streamed chunk, not before: a request
+        # answered in one chunk never needs the extra event (it goes straight to completed).
         started = ctx.derive(source, type=EventType.STARTED, payload=GenerationStarted(worker=ctx.stage))
-        await ctx.log.publish(Topic.GENERATED, [started])
 
         request = GenerationRequest(
             id=event.request_id, prompt=prepared.prompt, max_tokens=prepared.max_tokens
@@ -122,7 +123,11 @@ def generate_stage(
                     finish = token.finish_reason
                     break
                 if len(pending) >= chunking.max_chars or time.monotonic() - last_flush >= chunking.max_delay:
-                    await ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending)])
+                    flush = ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending)])
+                    if index == 0:
+                        await asyncio.gather(flush, ctx.log.publish(Topic.PROGRESS, [started]))
+                    else:
+                        await flush
                     index, offset, pending, last_flush = (
                         index + 1,
                         offset + len(pending),

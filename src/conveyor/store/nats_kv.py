@@ -57,6 +57,7 @@ class NatsStateStore:
                         history=1,
                         ttl=_TTL[ns] or None,
                         storage=api.StorageType.FILE,
+                        direct=True,  # reads served by any replica, without the JSON API round trip
                     )
                     self._buckets[ns] = await self._js.create_key_value(config)
         return self._buckets[ns]
