@@ -240,14 +240,16 @@ class _PullConsumer:
     async def _top_up(self, wanted: int) -> None:
         now = time.monotonic()
         if now >= self._requests_expire:
-            self._outstanding = 0  # every earlier request has expired on the server by now
+            # Renew a little before the server expires the last request, so there is never
+            # a moment without a pull outstanding (overlap is bounded by ``wanted``).
+            self._outstanding = 0
         missing = wanted - len(self._buffer) - self._outstanding
         if missing <= 0:
             return
         request = {"batch": missing, "expires": int(self._EXPIRES * 1e9)}
         await self._nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
         self._outstanding += missing
-        self._requests_expire = now + self._EXPIRES
+        self._requests_expire = now + self._EXPIRES * 0.8
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         try:

@@ -269,12 +269,12 @@ class StageWorker:
             return True
 
     async def _publish(self, outputs: Sequence[Output]) -> None:
-        # Consecutive outputs to one topic go out as one batch; topic order is kept.
-        start = 0
-        for i in range(1, len(outputs) + 1):
-            if i == len(outputs) or outputs[i].topic != outputs[start].topic:
-                await self._log.publish(outputs[start].topic, [o.event for o in outputs[start:i]])
-                start = i
+        # One batch per topic, in order within the topic; topics are independent (no consumer
+        # can rely on an order across topics), so they go out concurrently.
+        by_topic: dict[str, list[Envelope]] = {}
+        for output in outputs:
+            by_topic.setdefault(output.topic, []).append(output.event)
+        await asyncio.gather(*(self._log.publish(topic, events) for topic, events in by_topic.items()))
 
     async def _dead_letter(
         self, delivery: Delivery, event: Envelope | None, error: str, attempts: list[Attempt]

@@ -140,13 +140,15 @@ def generate_stage(
                 deadline_timer.cancel()
         if finish == "cancelled" and _past(event.deadline):
             finish = "deadline"
-        await ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending, finish)])
         completed = GenerationCompleted(
             text="".join(text),
             finish_reason=finish,
             usage=Usage(prompt_tokens=model.count_tokens(prepared.prompt), completion_tokens=produced),
         )
-        return [Output(Topic.GENERATED, ctx.derive(source, type=EventType.GENERATED, payload=completed))]
+        return [
+            Output(Topic.STREAM, chunk(index, offset, pending, finish)),
+            Output(Topic.GENERATED, ctx.derive(source, type=EventType.GENERATED, payload=completed)),
+        ]
 
     return Stage(
         name="generate",
