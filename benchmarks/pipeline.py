@@ -167,7 +167,7 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--rates", default="250,500,1000,max", help="offered loads in req/s; max = closed loop"
+        "--rates", default="50,100,200,400,max", help="offered loads in req/s; max = closed loop"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per load step")
     args = parser.parse_args()

@@ -71,6 +71,18 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
                     break
         assert all("not a Conveyor event" in d.error for d in letters.values())
         async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
+            bad = [
+                (b'{"prompt": ', 400),
+                (b'{"prompt": ["a list"]}', 422),
+                (b'{"prompt": "' + b"x" * 300_000 + b'"}', 413),
+            ]
+            for body, status in bad:
+                response = await client.post(
+                    "/v1/requests", content=body, headers={"content-type": "application/json"}
+                )
+                assert response.status_code == status
+                assert response.json()["error"]["message"]
+            assert (await client.get("/v1/requests/unknown-id")).status_code == 404
             rid = await submit(client, "email me at jane@example.com or call +44 20 7946 0958")
             assert (await wait_final(client, rid))["status"] == "completed"
         # The prompt was redacted before it reached the rest of the pipeline.
