@@ -137,27 +137,29 @@ def table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-async def main(rates: list[float | None], seconds: float) -> None:
+async def main(rates: list[float | None], seconds: float, worker_counts: list[int]) -> None:
     rows: list[tuple[str, str, dict[str, float]]] = []
     for rate in rates:
         count = int((rate or 20_000) * seconds)
         result = await offered_load(Direct().run, rate, count, seconds)
         rows.append(("direct chain (baseline)", str(int(rate)) if rate else "max", result))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        up = UpProcess(Path(tmp) / "data").start()
-        try:
-            connector = aiohttp.TCPConnector(limit=512)
-            async with aiohttp.ClientSession(up.url, connector=connector) as client:
-                await offered_load(lambda i: over_http(client, i), 200, 200, 5)  # warm up
-                for rate in rates:
-                    count = int((rate or 2_000) * seconds)
-                    result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
-                    rows.append(("conveyor up (HTTP + NATS)", str(int(rate)) if rate else "max", result))
-                    print(table(rows[-1:]).splitlines()[-1], flush=True)
-        finally:
-            up.stop()
-            up.cleanup()
+    for workers in worker_counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            up = UpProcess(Path(tmp) / "data", "--workers", str(workers)).start()
+            system = f"conveyor up --workers {workers}"
+            try:
+                connector = aiohttp.TCPConnector(limit=512)
+                async with aiohttp.ClientSession(up.url, connector=connector) as client:
+                    await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
+                    for rate in rates:
+                        count = int((rate or 2_000) * seconds)
+                        result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
+                        rows.append((system, str(int(rate)) if rate else "max", result))
+                        print(table(rows[-1:]).splitlines()[-1], flush=True)
+            finally:
+                up.stop()
+                up.cleanup()
     print()
     print(table(rows))
 
@@ -170,12 +172,13 @@ if __name__ == "__main__":
         "--rates", default="50,100,200,400,max", help="offered loads in req/s; max = closed loop"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per load step")
+    parser.add_argument("--workers", default="1,2", help="conveyor up --workers values to compare")
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
     try:
         import uvloop
 
-        uvloop.run(main(parsed, args.seconds))
+        uvloop.run(main(parsed, args.seconds, [int(w) for w in args.workers.split(",")]))
     except ImportError:
-        asyncio.run(main(parsed, args.seconds))
+        asyncio.run(main(parsed, args.seconds, [int(w) for w in args.workers.split(",")]))
     sys.exit(0)

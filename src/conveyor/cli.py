@@ -166,6 +166,38 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if final.get("status") == "completed" else 1
 
 
+def _dlq(args: argparse.Namespace) -> int:
+    from conveyor.backends import open_log
+    from conveyor.embedded import running_url
+    from conveyor.events import Topic
+    from conveyor.payloads import DeadLetter, decode
+
+    settings = _settings(args)
+    url = settings.log_url or running_url(settings.data_dir / "nats")
+    if url is None:
+        print(f"error: no running conveyor up uses {settings.data_dir}; pass --log-url", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        log = await open_log(url, prefix=settings.prefix)
+        try:
+            async for tailed in log.tail(Topic.DLQ, None, follow=False):
+                letter = decode(DeadLetter, tailed.envelope.data)
+                if args.json:
+                    record = {"request_id": tailed.envelope.request_id, **letter.model_dump(mode="json")}
+                    print(json.dumps(record))
+                else:
+                    print(
+                        f"{tailed.envelope.time}  {letter.stage:<10} {letter.topic:<10} "
+                        f"{tailed.envelope.request_id}  {letter.error}"
+                    )
+        finally:
+            await log.close()
+
+    _run(main())
+    return 0
+
+
 def _schemas(_: argparse.Namespace) -> int:
     from conveyor.payloads import json_schemas
 
@@ -211,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--key", help="partition key (requests with one key are handled in order)")
     submit.set_defaults(func=_submit)
+
+    dlq = commands.add_parser("dlq", help="list dead-lettered events with their errors")
+    _server_options(dlq)
+    dlq.add_argument("--json", action="store_true", help="one JSON object per line, with the original event")
+    dlq.set_defaults(func=_dlq)
 
     schemas = commands.add_parser("schemas", help="print the JSON Schema of every event payload")
     schemas.set_defaults(func=_schemas)

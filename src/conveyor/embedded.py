@@ -148,6 +148,14 @@ class EmbeddedNats:
             state_path.unlink()
 
 
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the bundled server a ``conveyor up`` on ``data_dir`` runs, if one answers."""
+    state = _read_state(data_dir.resolve() / STATE_FILE)
+    if state is None or not _alive(state[0]) or not port_accepts(state[1]):
+        return None
+    return f"nats://127.0.0.1:{state[1]}"
+
+
 def _read_state(path: Path) -> tuple[int, int] | None:
     try:
         state = json.loads(path.read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 
 import httpx
 import pytest
@@ -70,6 +72,17 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
                 if set(letters) == expected:
                     break
         assert all("not a Conveyor event" in d.error for d in letters.values())
+        # An operator finds them with `conveyor dlq`, which locates the running server by data dir.
+        listed = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "conveyor", "dlq", "--json", "--data-dir", str(up.data_dir)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            stdout, _ = await listed.communicate()
+        assert listed.returncode == 0
+        rows = [json.loads(line) for line in stdout.splitlines()]
+        assert {(r["stage"], r["topic"]) for r in rows} == expected
+        assert {r["original_body"] for r in rows} == {"\\xff\\xfe not json", "{}"}
         async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
             bad = [
                 (b'{"prompt": ', 400),

@@ -23,11 +23,12 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext, api
+from nats.js import api
 from nats.js.errors import NotFoundError as JsNotFound
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
+from conveyor.jetstream import JetStreamBackend, connect
 from conveyor.log.base import Delivery, Tailed
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -41,22 +42,7 @@ def key_token(key: str) -> str:
     return "h" + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
-async def connect(url: str, *, name: str = "conveyor") -> Client:
-    """Connect with unbounded reconnects: a restarting server must not kill the process."""
-    try:
-        return await nats.connect(
-            servers=[url],
-            name=name,
-            connect_timeout=2,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-        )
-    except (OSError, nats.errors.Error) as exc:
-        raise UnavailableError(f"cannot reach NATS at {url}: {exc}") from exc
-
-
-class NatsEventLog:
+class NatsEventLog(JetStreamBackend):
     """One JetStream stream per topic (``<PREFIX>_<TOPIC>``) on file storage."""
 
     def __init__(
@@ -69,8 +55,7 @@ class NatsEventLog:
         max_ack_pending: int = 2000,
         retention: float = 7 * _DAY,
     ) -> None:
-        self._nc = nc
-        self._js: JetStreamContext = nc.jetstream(timeout=10)
+        super().__init__(nc)
         self._prefix = prefix
         self._duplicate_window = duplicate_window
         self._ack_wait = ack_wait
@@ -181,16 +166,6 @@ class NatsEventLog:
             return int((await self._js.get_last_msg(stream, subject)).seq or 0)
         except JsNotFound:
             return 0
-
-    async def ping(self) -> None:
-        try:
-            await self._js.account_info()
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"JetStream unavailable: {exc!r}") from exc
-
-    async def close(self) -> None:
-        if not self._nc.is_closed:
-            await self._nc.close()
 
     async def delete_streams(self) -> None:
         """Remove every stream of this prefix (test isolation)."""

@@ -15,7 +15,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from conveyor.errors import UnavailableError
-from conveyor.log.nats import connect
+from conveyor.jetstream import JetStreamBackend, connect
 from conveyor.store.base import Entry, Namespace
 
 _DAY = 86_400.0
@@ -28,10 +28,9 @@ _TTL = {
 }
 
 
-class NatsStateStore:
+class NatsStateStore(JetStreamBackend):
     def __init__(self, nc: Client, *, prefix: str = "conveyor") -> None:
-        self._nc = nc
-        self._js = nc.jetstream(timeout=10)
+        super().__init__(nc)
         self._prefix = prefix
         self._buckets: dict[Namespace, KeyValue] = {}
         self._lock = asyncio.Lock()
@@ -126,16 +125,6 @@ class NatsStateStore:
                 yield await queue.get()
         finally:
             await sub.unsubscribe()
-
-    async def ping(self) -> None:
-        try:
-            await self._js.account_info()
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"JetStream unavailable: {exc!r}") from exc
-
-    async def close(self) -> None:
-        if not self._nc.is_closed:
-            await self._nc.close()
 
     async def delete_buckets(self) -> None:
         """Remove every bucket of this prefix (test isolation)."""
