@@ -132,3 +132,12 @@ async def test_tail_without_a_key_reads_every_key_and_an_empty_topic_ends(log: E
     events = [event("a", key="x"), event("b", key="y")]
     await log.publish("control", events)
     assert [t.envelope.id async for t in log.tail("control", None, follow=False)] == [e.id for e in events]
+
+
+async def test_find_returns_the_latest_event_of_a_request(log: EventLog) -> None:
+    first = event("a", key="conversation-1")
+    later = first.derive(type="request.prepared", source="t", payload=RequestAccepted(prompt="b"), label="x")
+    await log.publish("requests", [first, event("other", key="conversation-1"), later])
+    found = await log.find("requests", first.request_id)
+    assert found == later
+    assert await log.find("requests", "no-such-request") is None

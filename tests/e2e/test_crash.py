@@ -1,4 +1,5 @@
-"""kill -9 in the middle of work: every accepted request completes exactly once after a restart."""
+"""Stopped in the middle of work (kill -9 or SIGTERM): every accepted request completes exactly once
+after a restart on the same data dir."""
 
 from __future__ import annotations
 
@@ -23,10 +24,8 @@ SLOW_MODEL = ("--model-token-delay", "0.01", "--ack-wait", "2")
 REQUESTS = 40
 
 
-@pytest.mark.parametrize("nats_dies_too", [True, False], ids=["nats-killed", "nats-orphaned"])
-async def test_kill_9_with_requests_in_flight_then_restart(
-    conveyor: ConveyorFactory, nats_dies_too: bool
-) -> None:
+@pytest.mark.parametrize("stop", ["kill-9+nats-killed", "kill-9+nats-orphaned", "sigterm"])
+async def test_stopped_with_requests_in_flight_then_restarted(conveyor: ConveyorFactory, stop: str) -> None:
     first = conveyor(*SLOW_MODEL).start()
     prompts = [f"crash test {i}" for i in range(REQUESTS)]
     async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
@@ -34,12 +33,16 @@ async def test_kill_9_with_requests_in_flight_then_restart(
         await read_sse(client, rids[-1], stop_after=4)  # generation is under way
     nats_pid = first.nats_pid
     assert nats_pid is not None
-    first.kill9()
-    if nats_dies_too:
-        os.kill(nats_pid, signal.SIGKILL)
+    if stop == "sigterm":
+        assert first.stop() == 0  # drains what it holds, stops the bundled server, exits cleanly
+        assert first.nats_pid is None
+    else:
+        first.kill9()  # the stage worker processes die with it
+        if stop == "kill-9+nats-killed":
+            os.kill(nats_pid, signal.SIGKILL)
 
     second = conveyor(*SLOW_MODEL).start()
-    if not nats_dies_too:
+    if stop == "kill-9+nats-orphaned":
         assert (second.log_url, second.nats_pid) == (first.log_url, nats_pid)  # the orphan was adopted
     model = SimulatedModel()
     async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:

@@ -133,9 +133,13 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
 
     async def view_or_404(rid: str) -> RequestView:
         view = await read_view(store, rid) or recent.get(rid)
-        if view is None:
+        if view is not None:
+            return view
+        # Accepted (maybe by another gateway, maybe before a restart) but not projected yet?
+        accepted = await log.find(Topic.REQUESTS, rid)
+        if accepted is None:
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
-        return view
+        return RequestView(id=rid, tenant=accepted.tenant, stages={"gateway": {"accepted_at": accepted.time}})
 
     @app.post("/v1/requests", status_code=202, response_model=Submitted, tags=["requests"])
     async def submit(

@@ -79,6 +79,7 @@ class EventLog(Protocol):
     * ``tail`` reads the events of one key (or of all keys, for None), in order, from
       just after position ``after``, without joining any group; with ``follow`` it
       waits for new events, without it it stops at the current end.
+    * ``find`` returns a request's latest event on a topic (or None) by direct lookup.
     """
 
     async def publish(self, topic: str, events: Sequence[Envelope]) -> None: ...
@@ -88,6 +89,10 @@ class EventLog(Protocol):
     def tail(
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
     ) -> AsyncGenerator[Tailed, None]: ...
+
+    async def find(self, topic: str, request_id: str) -> Envelope | None:
+        """The latest event of ``request_id`` on ``topic``, without scanning the topic."""
+        ...
 
     async def ping(self) -> None:
         """Raise UnavailableError if the log cannot be reached."""

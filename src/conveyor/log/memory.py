@@ -99,6 +99,13 @@ class MemoryEventLog:
                 while index >= len(t.records):
                     await t.changed.wait()
 
+    async def find(self, topic: str, request_id: str) -> Envelope | None:
+        found = None
+        for event in self.events(topic):
+            if event.request_id == request_id:
+                found = event
+        return found
+
     async def ping(self) -> None:
         return None
 

@@ -1,7 +1,8 @@
 """EventLog on NATS JetStream: a stream per topic, durable pull consumers per group.
 
-Subjects are ``<prefix>.<topic>.<key token>``, so one key's events can be read alone
-(``tail``) and a future partitioned deployment can map subjects to partitions.
+Subjects are ``<prefix>.<topic>.<key>.<request id>`` (unsafe characters hashed), so
+one key's events can be read alone (``tail``), one request's events found without a
+scan (``find``), and a partitioned deployment can map subjects to partitions.
 Publishing sets ``Nats-Msg-Id`` to the event id: JetStream drops a second copy
 published within the stream's duplicate window, which is what makes a redelivered
 stage input produce its (deterministic) outputs only once.
@@ -71,8 +72,11 @@ class NatsEventLog(JetStreamBackend):
     def stream_name(self, topic: str) -> str:
         return f"{self._prefix}_{topic}".upper().replace("-", "_").replace(".", "_")
 
-    def subject(self, topic: str, key: str) -> str:
-        return f"{self._prefix}.{topic}.{key_token(key)}"
+    def subject(self, topic: str, key: str, request_id: str) -> str:
+        return f"{self._prefix}.{topic}.{key_token(key)}.{key_token(request_id)}"
+
+    def _filter(self, topic: str, key: str | None) -> str:
+        return f"{self._prefix}.{topic}.>" if key is None else f"{self._prefix}.{topic}.{key_token(key)}.*"
 
     async def _ensure(self, topic: str) -> str:
         name = self.stream_name(topic)
@@ -87,6 +91,7 @@ class NatsEventLog(JetStreamBackend):
                     retention=api.RetentionPolicy.LIMITS,
                     max_age=self._retention,
                     duplicate_window=self._duplicate_window,
+                    allow_direct=True,
                 )
                 try:
                     await self._js.add_stream(config)
@@ -106,7 +111,10 @@ class NatsEventLog(JetStreamBackend):
                 headers["Nats-Msg-Id"] = event.id
                 acks.append(
                     await self._js.publish_async(
-                        self.subject(topic, event.key), event.data, headers=headers, stream=stream
+                        self.subject(topic, event.key, event.request_id),
+                        event.data,
+                        headers=headers,
+                        stream=stream,
                     )
                 )
             await asyncio.gather(*acks)
@@ -116,7 +124,7 @@ class NatsEventLog(JetStreamBackend):
     async def publish_raw(self, topic: str, key: str, headers: dict[str, str] | None, body: bytes) -> None:
         """Publish bytes as any producer could (used to prove garbage cannot stall a stage)."""
         stream = await self._ensure(topic)
-        await self._js.publish(self.subject(topic, key), body, headers=headers, stream=stream)
+        await self._js.publish(self.subject(topic, key, key), body, headers=headers, stream=stream)
 
     async def subscribe(self, topic: str, group: str) -> _PullConsumer:
         stream = await self._ensure(topic)
@@ -140,7 +148,7 @@ class NatsEventLog(JetStreamBackend):
         self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
     ) -> AsyncGenerator[Tailed, None]:
         stream = await self._ensure(topic)
-        subject = f"{self._prefix}.{topic}.>" if key is None else self.subject(topic, key)
+        subject = self._filter(topic, key)
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
@@ -166,6 +174,17 @@ class NatsEventLog(JetStreamBackend):
             return int((await self._js.get_last_msg(stream, subject)).seq or 0)
         except JsNotFound:
             return 0
+
+    async def find(self, topic: str, request_id: str) -> Envelope | None:
+        stream = await self._ensure(topic)
+        subject = f"{self._prefix}.{topic}.*.{key_token(request_id)}"
+        try:
+            msg = await self._js.get_last_msg(stream, subject, direct=True)
+        except JsNotFound:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"find in {topic} failed: {exc!r}") from exc
+        return Envelope.from_headers(dict(msg.headers or {}), msg.data or b"")
 
     async def delete_streams(self) -> None:
         """Remove every stream of this prefix (test isolation)."""
