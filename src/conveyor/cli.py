@@ -166,16 +166,43 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if final.get("status") == "completed" else 1
 
 
+def _running_log(settings: Settings) -> str | None:
+    """The log URL given, or the one of the ``conveyor up`` running on the data dir."""
+    from conveyor.embedded import running_url
+
+    url = settings.log_url or running_url(settings.data_dir / "nats")
+    if url is None:
+        print(f"error: no running conveyor up uses {settings.data_dir}; pass --log-url", file=sys.stderr)
+    return url
+
+
+def _lag(args: argparse.Namespace) -> int:
+    from conveyor.backends import open_log
+
+    settings = _settings(args)
+    if (url := _running_log(settings)) is None:
+        return 2
+
+    async def main() -> None:
+        log = await open_log(url, prefix=settings.prefix)
+        try:
+            print(f"{'topic':<12} {'group':<12} {'pending':>9} {'in flight':>9}")
+            for lag in await log.lag():
+                print(f"{lag.topic:<12} {lag.group:<12} {lag.pending:>9} {lag.in_flight:>9}")
+        finally:
+            await log.close()
+
+    _run(main())
+    return 0
+
+
 def _dlq(args: argparse.Namespace) -> int:
     from conveyor.backends import open_log
-    from conveyor.embedded import running_url
     from conveyor.events import Topic
     from conveyor.payloads import DeadLetter, decode
 
     settings = _settings(args)
-    url = settings.log_url or running_url(settings.data_dir / "nats")
-    if url is None:
-        print(f"error: no running conveyor up uses {settings.data_dir}; pass --log-url", file=sys.stderr)
+    if (url := _running_log(settings)) is None:
         return 2
 
     async def main() -> None:
@@ -248,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     _server_options(dlq)
     dlq.add_argument("--json", action="store_true", help="one JSON object per line, with the original event")
     dlq.set_defaults(func=_dlq)
+
+    lag = commands.add_parser("lag", help="how far each stage is behind on each topic")
+    _server_options(lag)
+    lag.set_defaults(func=_lag)
 
     schemas = commands.add_parser("schemas", help="print the JSON Schema of every event payload")
     schemas.set_defaults(func=_schemas)

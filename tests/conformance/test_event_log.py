@@ -141,3 +141,13 @@ async def test_find_returns_the_latest_event_of_a_request(log: EventLog) -> None
     found = await log.find("requests", first.request_id)
     assert found == later
     assert await log.find("requests", "no-such-request") is None
+
+
+async def test_lag_counts_undelivered_and_unacknowledged_events_per_group(log: EventLog) -> None:
+    sub = await log.subscribe("requests", "workers")
+    await log.publish("requests", [event(f"p{i}", key=f"k{i}") for i in range(5)])
+    got = await drain(sub, 2)
+    await got[0].ack()
+    lags = {(lag.topic, lag.group): lag for lag in await log.lag()}
+    lag = lags[("requests", "workers")]
+    assert (lag.pending + lag.in_flight, lag.in_flight >= 1) == (4, True)

@@ -83,6 +83,14 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         rows = [json.loads(line) for line in stdout.splitlines()]
         assert {(r["stage"], r["topic"]) for r in rows} == expected
         assert {r["original_body"] for r in rows} == {"\\xff\\xfe not json", "{}"}
+        lag = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "conveyor", "lag", "--data-dir", str(up.data_dir)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            table, _ = await lag.communicate()
+        groups = {tuple(line.split()[:2]) for line in table.decode().splitlines()[1:]}
+        assert {("requests", "prepare"), ("prepared", "generate"), ("dlq", "projector")} <= groups
         async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
             bad = [
                 (b'{"prompt": ', 400),

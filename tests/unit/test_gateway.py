@@ -198,5 +198,6 @@ async def test_health_readiness_metrics_and_docs(node: NodeFactory) -> None:
         assert (ready.status_code, ready.json()["checks"]) == (200, {"log": "ok", "store": "ok"})
         metrics = (await client.get("/metrics")).text
         assert 'conveyor_events_total{outcome="ok",stage="finalize"}' in metrics
+        assert 'conveyor_consumer_pending{topic="requests",group="prepare"} 0' in metrics
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/v1/requests", "/v1/requests/{rid}", "/v1/requests/{rid}/events"} <= set(paths)

@@ -265,7 +265,20 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
 
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        """Prometheus metrics of this process."""
-        return PlainTextResponse(REGISTRY.render(), media_type="text/plain; version=0.0.4")
+        """Prometheus metrics of this process, and every consumer group's lag (from the log)."""
+        lines = [
+            "# HELP conveyor_consumer_pending Events in a topic not yet delivered to a consumer group.",
+            "# TYPE conveyor_consumer_pending gauge",
+            "# HELP conveyor_consumer_in_flight Events delivered to a consumer group, not yet acknowledged.",
+            "# TYPE conveyor_consumer_in_flight gauge",
+        ]
+        with contextlib.suppress(Exception):  # the log is down: /readyz says so; keep the rest
+            async with asyncio.timeout(2.0):
+                for lag in await log.lag():
+                    labels = f'{{topic="{lag.topic}",group="{lag.group}"}}'
+                    lines.append(f"conveyor_consumer_pending{labels} {lag.pending}")
+                    lines.append(f"conveyor_consumer_in_flight{labels} {lag.in_flight}")
+        body = REGISTRY.render() + "\n".join(lines) + "\n"
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
     return app

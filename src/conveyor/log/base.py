@@ -57,6 +57,16 @@ class Tailed:
     envelope: Envelope
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lag:
+    """How far a consumer group is behind on a topic: what autoscaling watches."""
+
+    topic: str
+    group: str
+    pending: int  # in the topic, not yet delivered to the group
+    in_flight: int  # delivered, not yet acknowledged
+
+
 class Subscription(Protocol):
     """A member of a durable consumer group on one topic."""
 
@@ -92,6 +102,10 @@ class EventLog(Protocol):
 
     async def find(self, topic: str, request_id: str) -> Envelope | None:
         """The latest event of ``request_id`` on ``topic``, without scanning the topic."""
+        ...
+
+    async def lag(self) -> list[Lag]:
+        """Every consumer group's backlog on every topic of this log."""
         ...
 
     async def ping(self) -> None:

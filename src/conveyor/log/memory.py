@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
-from conveyor.log.base import Delivery, Tailed
+from conveyor.log.base import Delivery, Lag, Tailed
 
 
 @dataclasses.dataclass(slots=True)
@@ -105,6 +105,13 @@ class MemoryEventLog:
             if event.request_id == request_id:
                 found = event
         return found
+
+    async def lag(self) -> list[Lag]:
+        return [
+            Lag(name, group, len(t.records) - g.next_index, len(g.in_flight))
+            for name, t in sorted(self._topics.items())
+            for group, g in sorted(t.groups.items())
+        ]
 
     async def ping(self) -> None:
         return None

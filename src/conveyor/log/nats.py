@@ -30,7 +30,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
 from conveyor.jetstream import JetStreamBackend, connect
-from conveyor.log.base import Delivery, Tailed
+from conveyor.log.base import Delivery, Lag, Tailed
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DAY = 86_400.0
@@ -185,6 +185,22 @@ class NatsEventLog(JetStreamBackend):
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"find in {topic} failed: {exc!r}") from exc
         return Envelope.from_headers(dict(msg.headers or {}), msg.data or b"")
+
+    async def lag(self) -> list[Lag]:
+        out = []
+        try:
+            for stream in await self._js.streams_info():
+                name = stream.config.name or ""
+                if not name.startswith(self.stream_name("")):
+                    continue
+                topic = name[len(self.stream_name("")) :].lower()
+                for consumer in await self._js.consumers_info(name):
+                    if consumer.config.durable_name:  # ordered (tail) consumers have no group
+                        pending, in_flight = consumer.num_pending or 0, consumer.num_ack_pending or 0
+                        out.append(Lag(topic, consumer.name, pending, in_flight))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"reading consumer lag failed: {exc!r}") from exc
+        return sorted(out, key=lambda lag: (lag.topic, lag.group))
 
     async def delete_streams(self) -> None:
         """Remove every stream of this prefix (test isolation)."""
