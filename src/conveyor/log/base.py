@@ -27,9 +27,18 @@ class Delivery:
     _nak: Callable[[float], Awaitable[None]]
     _progress: Callable[[], Awaitable[None]]
 
+    _decoded: Envelope | InvalidEventError | None = None
+
     def envelope(self) -> Envelope:
-        """Decode the envelope; raises InvalidEventError for a foreign or malformed message."""
-        return Envelope.from_headers(self.headers, self.body)
+        """Decode the envelope (once); raises InvalidEventError for a foreign or malformed message."""
+        if self._decoded is None:
+            try:
+                self._decoded = Envelope.from_headers(self.headers, self.body)
+            except InvalidEventError as exc:
+                self._decoded = exc
+        if isinstance(self._decoded, InvalidEventError):
+            raise self._decoded
+        return self._decoded
 
     def try_envelope(self) -> Envelope | None:
         try:

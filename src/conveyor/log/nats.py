@@ -254,8 +254,8 @@ class _PullConsumer:
             # a moment without a pull outstanding (overlap is bounded by ``wanted``).
             self._outstanding = 0
         missing = wanted - len(self._buffer) - self._outstanding
-        if missing <= 0:
-            return
+        if missing <= 0 or (self._outstanding and missing < wanted // 2):
+            return  # top up in large steps, not one pull request per delivered message
         request = {"batch": missing, "expires": int(self._EXPIRES * 1e9)}
         await self._nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
         self._outstanding += missing
