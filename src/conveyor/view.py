@@ -35,6 +35,8 @@ class ErrorInfo(BaseModel):
 
 
 class RequestView(BaseModel):
+    """One request as the status API shows it, folded from its events by the projector."""
+
     model_config = ConfigDict(extra="ignore")
 
     id: str

@@ -22,7 +22,6 @@ class StatusWatch:
     def __init__(self, store: StateStore) -> None:
         self._store = store
         self._waiters: dict[str, set[asyncio.Queue[Any]]] = {}
-        self.ready = asyncio.Event()
 
     @contextlib.contextmanager
     def subscribe(self, request_id: str, queue: asyncio.Queue[Any]) -> Iterator[None]:
@@ -40,9 +39,7 @@ class StatusWatch:
     async def run(self) -> None:
         while True:
             try:
-                updates = self._store.watch(Namespace.STATUS)
-                self.ready.set()
-                async for key, value in updates:
+                async for key, value in self._store.watch(Namespace.STATUS):
                     waiters = self._waiters.get(key)
                     if not waiters:
                         continue  # nobody waits: skip the parse

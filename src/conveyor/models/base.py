@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+from conveyor.payloads import FinishReason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,6 +39,13 @@ class Token:
 
 
 class ModelBackend(Protocol):
+    """A text generator called by the generate stage with a batch of requests.
+
+    Contract: every request of the batch ends with exactly one token carrying a
+    ``finish_reason``; a request whose ``cancelled`` event is set ends at its next
+    token with ``"cancelled"``; tokens of different requests may interleave.
+    """
+
     @property
     def info(self) -> ModelInfo: ...
 

@@ -10,7 +10,8 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 
-from conveyor.models.base import FinishReason, GenerationRequest, ModelInfo, Token
+from conveyor.models.base import GenerationRequest, ModelInfo, Token
+from conveyor.payloads import FinishReason
 
 _WORDS = [
     "queue",
@@ -43,6 +44,8 @@ _WORDS = [
 
 
 class SimulatedModel:
+    """Answers every prompt with the same words every time, at a configurable pace."""
+
     def __init__(self, *, ttft: float = 0.0, token_delay: float = 0.0, max_length: int = 24) -> None:
         self._ttft, self._token_delay, self._max_length = ttft, token_delay, max_length
         self._info = ModelInfo(name="simulated", version="1", license="Apache-2.0")

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 from conveyor.events import Envelope, Topic
 from conveyor.log.base import EventLog
-from conveyor.models.base import FinishReason, GenerationRequest, ModelBackend
+from conveyor.models.base import GenerationRequest, ModelBackend
 from conveyor.payloads import (
     EventType,
+    FinishReason,
     GenerationCompleted,
     GenerationStarted,
     RequestPrepared,

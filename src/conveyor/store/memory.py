@@ -9,6 +9,8 @@ from conveyor.store.base import Entry, Namespace
 
 
 class MemoryStateStore:
+    """Every namespace a dict; revisions from one counter; watchers get every write."""
+
     def __init__(self) -> None:
         self._data: dict[tuple[Namespace, str], Entry] = {}
         self._revision = 0
