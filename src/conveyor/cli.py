@@ -64,7 +64,7 @@ def _serve(
     *,
     gateway: bool,
     worker_processes: int = 0,
-    on_ready: Callable[[str, str], None] = lambda gateway_url, log_url: None,
+    on_ready: Callable[[str, str, list[str]], None] = lambda gateway_url, log_url, metrics_urls: None,
 ) -> int:
     """Run a node until SIGINT/SIGTERM, then drain; a clear message if it cannot start."""
     from conveyor.node import run_node
@@ -88,7 +88,7 @@ def _up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     in_process = args.workers == 0 or (settings.log_url or "").startswith("memory:")
 
-    def ready(gateway_url: str, log_url: str) -> None:
+    def ready(gateway_url: str, log_url: str, metrics_urls: list[str]) -> None:
         origin = (
             "bundled, data in " + str(settings.data_dir / "nats") if settings.log_url is None else "external"
         )
@@ -96,6 +96,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
         print(f"  log and store: {log_url} ({origin})", flush=True)
         print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.name}", flush=True)
+        if metrics_urls:
+            print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
         print("  Ctrl-C drains in-flight work and stops.", flush=True)
 
     code = _serve(settings, gateway=True, worker_processes=0 if in_process else args.workers, on_ready=ready)
@@ -107,7 +109,12 @@ def _worker(args: argparse.Namespace) -> int:
     from conveyor.supervisor import die_with_parent
 
     die_with_parent()
-    settings = dataclasses.replace(_settings(args), stages=tuple(args.stages))
+    settings = _settings(args)
+    settings = dataclasses.replace(
+        settings,
+        stages=tuple(args.stages),
+        metrics_port=settings.metrics_port if args.metrics_port is None else args.metrics_port,
+    )
     if settings.log_url is None:
         print("error: a worker needs --log-url (or CONVEYOR_LOG_URL) naming the event log", file=sys.stderr)
         return 2
@@ -122,7 +129,7 @@ def _gateway(args: argparse.Namespace) -> int:
         )
         return 2
 
-    def ready(gateway_url: str, log_url: str) -> None:
+    def ready(gateway_url: str, log_url: str, _: list[str]) -> None:
         print(f"Conveyor gateway on {gateway_url}; log {log_url}", flush=True)
 
     return _serve(settings, gateway=True, on_ready=ready)
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker = commands.add_parser("worker", help="run pipeline stages against an existing log")
     worker.add_argument("stages", nargs="+", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
+    worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port")
     _server_options(worker)
     worker.set_defaults(func=_worker)
 

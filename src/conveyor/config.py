@@ -30,6 +30,7 @@ class Settings:
     # Seconds before the broker redelivers an event whose worker went silent. Live workers
     # send heartbeats for long handlers, so this bounds recovery time after a crash.
     ack_wait: float = 10.0
+    metrics_port: int | None = None  # worker processes: serve /metrics here (0 picks a free port)
     model: ModelSettings = ModelSettings()
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
@@ -54,6 +55,7 @@ class Settings:
             store_url=get("STORE_URL"),
             prefix=get("PREFIX") or base.prefix,
             ack_wait=float(get("ACK_WAIT") or base.ack_wait),
+            metrics_port=int(port) if (port := get("METRICS_PORT")) is not None else None,
             model=model,
             blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
         )

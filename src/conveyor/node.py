@@ -9,6 +9,11 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from conveyor.backends import open_log, open_store
 from conveyor.config import Settings
@@ -18,6 +23,7 @@ from conveyor.gateway.app import create_app
 from conveyor.log.base import EventLog
 from conveyor.models.base import ModelBackend
 from conveyor.models.simulated import SimulatedModel
+from conveyor.observability.metrics import REGISTRY
 from conveyor.pipeline import Pipeline
 from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
@@ -54,6 +60,39 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
+async def serving(app: ASGIApp, sock: socket.socket) -> AsyncIterator[str]:
+    """Serve ``app`` on the bound ``sock`` while inside; yields its URL."""
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    host, port = sock.getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+def ops_app() -> Starlette:
+    """What a worker process serves on ``--metrics-port``: its own metrics and liveness."""
+
+    async def metrics(_: Request) -> PlainTextResponse:
+        return PlainTextResponse(REGISTRY.render(), media_type="text/plain; version=0.0.4")
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz)])
+
+
+@contextlib.asynccontextmanager
 async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateStore, str]]:
     """The log and the store of ``settings``, starting the bundled NATS server if none is named."""
     server: EmbeddedNats | None = None
@@ -72,15 +111,15 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
             await server.stop()
 
 
-def bind_gateway(settings: Settings) -> socket.socket:
-    """Bind the gateway's port first, so a taken port fails before anything else starts."""
+def bind(host: str, port: int) -> socket.socket:
+    """Bind a listening port first, so a taken port fails before anything else starts."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((settings.host, settings.port))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UnavailableError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from exc
+        raise UnavailableError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return sock
 
 
@@ -90,14 +129,15 @@ async def run_node(
     *,
     gateway: bool = True,
     worker_processes: int = 0,
-    on_ready: Callable[[str, str], None] = lambda gateway_url, log_url: None,
+    on_ready: Callable[[str, str, list[str]], None] = lambda gateway_url, log_url, metrics_urls: None,
 ) -> None:
     """Run until ``stop`` is set; then stop accepting, drain in-flight work and shut down.
 
     With ``worker_processes`` the stages run in that many child processes (each with
     every stage of ``settings.stages``); otherwise they run here, in this event loop.
     """
-    sock = bind_gateway(settings) if gateway else None
+    sock = bind(settings.host, settings.port) if gateway else None
+    metrics_sock = bind(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
     async with backends(settings) as (log, store, log_url):
         model = build_model(settings)
         cancels = CancelWatch(log)
@@ -116,34 +156,22 @@ async def run_node(
             env = settings.to_env() | {"CONVEYOR_LOG_URL": log_url}
             children = WorkerProcesses(worker_processes, settings.stages, env)
             helpers.append(asyncio.create_task(children.run(), name="worker-processes"))
-        server: _Server | None = None
-        serve_task: asyncio.Task[None] | None = None
         gateway_url = ""
         try:
             await asyncio.gather(*(w.ready.wait() for w in workers))
-            if sock is not None:
-                host, port = sock.getsockname()[:2]
-                config = uvicorn.Config(
-                    create_app(log, store),
-                    log_level="warning",
-                    access_log=False,
-                    lifespan="on",
-                    timeout_graceful_shutdown=5,
+            async with contextlib.AsyncExitStack() as http:
+                if metrics_sock is not None:
+                    await http.enter_async_context(serving(ops_app(), metrics_sock))
+                if sock is not None:
+                    gateway_url = await http.enter_async_context(serving(create_app(log, store), sock))
+                metrics_urls = (
+                    [f"http://{settings.host}:{p}/metrics" for p in children.metrics_ports]
+                    if children
+                    else []
                 )
-                server = _Server(config)
-                serve_task = asyncio.create_task(server.serve(sockets=[sock]))
-                while not server.started:
-                    if serve_task.done():
-                        await serve_task
-                        raise RuntimeError("the gateway stopped while starting")
-                    await asyncio.sleep(0.01)
-                gateway_url = f"http://{host}:{port}"
-            on_ready(gateway_url, log_url)
-            await stop.wait()
+                on_ready(gateway_url, log_url, metrics_urls)
+                await stop.wait()
         finally:
-            if server is not None and serve_task is not None:
-                server.should_exit = True
-                await serve_task
             if children is not None:
                 await children.stop()
             worker_stop.set()

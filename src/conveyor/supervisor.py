@@ -20,6 +20,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from conveyor.embedded import free_port
+
 logger = logging.getLogger("conveyor.supervisor")
 
 _PR_SET_PDEATHSIG = 1
@@ -39,13 +41,20 @@ def die_with_parent() -> None:
 class WorkerProcesses:
     def __init__(self, count: int, stages: Sequence[str], env: dict[str, str]) -> None:
         self._count, self._stages, self._env = count, tuple(stages), env
+        # Each worker serves its own /metrics (a Prometheus target per process).
+        self.metrics_ports = [free_port() for _ in range(count)]
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
         self._stopping = False
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [sys.executable, "-m", "conveyor", "worker", *self._stages],
-            env={**os.environ, **self._env, "CONVEYOR_PARENT_PID": str(os.getpid())},
+            env={
+                **os.environ,
+                **self._env,
+                "CONVEYOR_PARENT_PID": str(os.getpid()),
+                "CONVEYOR_METRICS_PORT": str(self.metrics_ports[index]),
+            },
             stdin=subprocess.DEVNULL,
         )
         self._processes[index] = process

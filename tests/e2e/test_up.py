@@ -45,6 +45,17 @@ async def test_fifty_concurrent_requests_complete_and_stream_their_output(
         assert set(rids) <= set(await store.keys(Namespace.USAGE))
     finally:
         await store.close()
+    # The stage worker process serves its own metrics.
+    (metrics_url,) = up.metrics_urls
+    async with httpx.AsyncClient(timeout=10) as client:
+        metrics = (await client.get(metrics_url)).text
+    handled = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('conveyor_events_total{outcome="ok",stage="generate"}')
+    ]
+    assert handled
+    assert float(handled[0].split()[-1]) >= 50
     assert up.stop() == 0
     assert up.nats_pid is None  # SIGTERM stopped the bundled server and cleared its state
 

@@ -29,7 +29,7 @@ def node(tmp_path: Path) -> NodeFactory:
         )
         stop = asyncio.Event()
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, _: ready.set_result(url)))
+        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, *_: ready.set_result(url)))
         try:
             async with asyncio.timeout(10):
                 url = await asyncio.wait_for(ready, 10)

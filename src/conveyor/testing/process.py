@@ -23,6 +23,7 @@ class UpProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_url = ""
+        self.metrics_urls: list[str] = []
         self.output: list[str] = []
 
     def start(self, timeout: float = 30) -> UpProcess:
@@ -57,8 +58,11 @@ class UpProcess:
             self.output.append(line)
             if found := re.search(r"gateway (http://\S+) ", line):
                 self.url = found.group(1)
+            if found := re.search(r"worker metrics: (.+)$", line):
+                self.metrics_urls = found.group(1).split()
             if found := re.search(r"log and store: (nats://\S+)", line):
                 self.log_url = found.group(1)
+            if "Ctrl-C drains" in line:  # the last line of the banner
                 ready.set()
         ready.set()  # exited: let start() report the output
 
