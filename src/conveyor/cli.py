@@ -9,13 +9,14 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
 from conveyor.config import STAGES, ModelSettings, Settings
 from conveyor.errors import ConveyorError
+from conveyor.log.base import EventLog
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
@@ -173,63 +174,55 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if final.get("status") == "completed" else 1
 
 
-def _running_log(settings: Settings) -> str | None:
-    """The log URL given, or the one of the ``conveyor up`` running on the data dir."""
+def _on_running_log(args: argparse.Namespace, action: Callable[[EventLog], Awaitable[None]]) -> int:
+    """Run ``action`` on the log given by --log-url, or the one of the ``conveyor up`` on the data dir."""
+    from conveyor.backends import open_log
     from conveyor.embedded import running_url
 
+    settings = _settings(args)
     url = settings.log_url or running_url(settings.data_dir / "nats")
     if url is None:
         print(f"error: no running conveyor up uses {settings.data_dir}; pass --log-url", file=sys.stderr)
-    return url
+        return 2
+
+    async def main() -> None:
+        log = await open_log(url, prefix=settings.prefix)
+        try:
+            await action(log)
+        finally:
+            await log.close()
+
+    _run(main())
+    return 0
 
 
 def _lag(args: argparse.Namespace) -> int:
-    from conveyor.backends import open_log
+    async def show(log: EventLog) -> None:
+        print(f"{'topic':<12} {'group':<12} {'pending':>9} {'in flight':>9}")
+        for lag in await log.lag():
+            print(f"{lag.topic:<12} {lag.group:<12} {lag.pending:>9} {lag.in_flight:>9}")
 
-    settings = _settings(args)
-    if (url := _running_log(settings)) is None:
-        return 2
-
-    async def main() -> None:
-        log = await open_log(url, prefix=settings.prefix)
-        try:
-            print(f"{'topic':<12} {'group':<12} {'pending':>9} {'in flight':>9}")
-            for lag in await log.lag():
-                print(f"{lag.topic:<12} {lag.group:<12} {lag.pending:>9} {lag.in_flight:>9}")
-        finally:
-            await log.close()
-
-    _run(main())
-    return 0
+    return _on_running_log(args, show)
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from conveyor.backends import open_log
     from conveyor.events import Topic
     from conveyor.payloads import DeadLetter, decode
 
-    settings = _settings(args)
-    if (url := _running_log(settings)) is None:
-        return 2
+    async def show(log: EventLog) -> None:
+        async for tailed in log.tail(Topic.DLQ, None, follow=False):
+            letter = decode(DeadLetter, tailed.envelope.data)
+            if args.json:
+                print(
+                    json.dumps({"request_id": tailed.envelope.request_id, **letter.model_dump(mode="json")})
+                )
+            else:
+                print(
+                    f"{tailed.envelope.time}  {letter.stage:<10} {letter.topic:<10} "
+                    f"{tailed.envelope.request_id}  {letter.error}"
+                )
 
-    async def main() -> None:
-        log = await open_log(url, prefix=settings.prefix)
-        try:
-            async for tailed in log.tail(Topic.DLQ, None, follow=False):
-                letter = decode(DeadLetter, tailed.envelope.data)
-                if args.json:
-                    record = {"request_id": tailed.envelope.request_id, **letter.model_dump(mode="json")}
-                    print(json.dumps(record))
-                else:
-                    print(
-                        f"{tailed.envelope.time}  {letter.stage:<10} {letter.topic:<10} "
-                        f"{tailed.envelope.request_id}  {letter.error}"
-                    )
-        finally:
-            await log.close()
-
-    _run(main())
-    return 0
+    return _on_running_log(args, show)
 
 
 def _schemas(_: argparse.Namespace) -> int:
