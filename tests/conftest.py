@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from conveyor.embedded import EmbeddedNats
 from conveyor.log.base import EventLog
 from conveyor.log.memory import MemoryEventLog
 from conveyor.log.nats import NatsEventLog
 from conveyor.store.base import StateStore
 from conveyor.store.memory import MemoryStateStore
 from conveyor.store.nats_kv import NatsStateStore
-from tests.servers import NatsServer
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +27,11 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if existing:
         yield existing
         return
-    server = NatsServer.start(tmp_path_factory.mktemp("nats"))
+    server = EmbeddedNats.launch(tmp_path_factory.mktemp("nats"))
     try:
         yield server.url
     finally:
-        server.stop()
+        server.terminate()
 
 
 def unique_prefix() -> str:

@@ -99,10 +99,11 @@ class EmbeddedNats:
 
     @classmethod
     async def start(cls, data_dir: Path, *, port: int = 0) -> EmbeddedNats:
-        return await asyncio.to_thread(cls._start, data_dir, port)
+        return await asyncio.to_thread(cls.launch, data_dir, port=port)
 
     @classmethod
-    def _start(cls, data_dir: Path, port: int) -> EmbeddedNats:
+    def launch(cls, data_dir: Path, *, port: int = 0) -> EmbeddedNats:
+        """``start`` for synchronous callers (test fixtures): returns once the server accepts."""
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         store_dir = data_dir / "jetstream"
@@ -131,15 +132,16 @@ class EmbeddedNats:
         while not port_accepts(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = (data_dir / "nats-server.log").read_text(errors="replace")[-2000:]
-                server._stop()
+                server.terminate()
                 raise UnavailableError(f"the bundled nats-server did not start on port {port}:\n{tail}")
             time.sleep(0.01)
         return server
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self._stop)
+        await asyncio.to_thread(self.terminate)
 
-    def _stop(self) -> None:
+    def terminate(self) -> None:
+        """``stop`` for synchronous callers."""
         terminate(self.pid)
         if self.process is not None:
             self.process.wait()
