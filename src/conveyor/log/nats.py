@@ -117,7 +117,15 @@ class NatsEventLog(JetStreamBackend):
                         stream=stream,
                     )
                 )
-            await asyncio.gather(*acks)
+            try:
+                for ack in acks:  # all in flight already: waiting in order adds no round trip
+                    await ack
+            finally:
+                for ack in acks:  # on failure, settle the rest so none is left unobserved
+                    if not ack.done():
+                        ack.cancel()
+                    elif not ack.cancelled():
+                        ack.exception()  # marks a failure as seen
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
 

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
@@ -259,9 +259,7 @@ class StageWorker:
                 continue
             await self._publish(outputs)
             if stage.dedupe:
-                await asyncio.gather(
-                    *(self._store.put(Namespace.DEDUPE, self._dedupe_key(e), b"1") for _, e in items)
-                )
+                await _all(self._store.put(Namespace.DEDUPE, self._dedupe_key(e), b"1") for _, e in items)
             for delivery, _ in items:
                 await delivery.ack()
             HANDLE_SECONDS.observe(time.perf_counter() - started, stage=stage.name)
@@ -274,7 +272,7 @@ class StageWorker:
         by_topic: dict[str, list[Envelope]] = {}
         for output in outputs:
             by_topic.setdefault(output.topic, []).append(output.event)
-        await asyncio.gather(*(self._log.publish(topic, events) for topic, events in by_topic.items()))
+        await _all(self._log.publish(topic, events) for topic, events in by_topic.items())
 
     async def _dead_letter(
         self, delivery: Delivery, event: Envelope | None, error: str, attempts: list[Attempt]
@@ -309,6 +307,15 @@ class StageWorker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _all(calls: Iterable[Awaitable[object]]) -> None:
+    """Await every call concurrently; a lone call directly (gather costs a task per call)."""
+    pending = list(calls)
+    if len(pending) == 1:
+        await pending[0]
+    elif pending:
+        await asyncio.gather(*pending)
 
 
 def _describe(exc: BaseException) -> str:

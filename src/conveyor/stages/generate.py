@@ -74,9 +74,13 @@ class CancelWatch:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ChunkPolicy:
-    """Coalesce tokens into chunks of about ``max_chars`` or ``max_delay`` seconds, whichever first."""
+    """Coalesce tokens into chunks of about ``max_chars`` or ``max_delay`` seconds, whichever first.
 
-    max_chars: int = 48
+    A model slower than ``max_delay`` per token streams token by token; a fast one is sent in
+    chunks of up to ``max_chars`` (each chunk is a durable event: fewer is cheaper).
+    """
+
+    max_chars: int = 256
     max_delay: float = 0.05
 
 
