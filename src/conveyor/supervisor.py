@@ -16,7 +16,6 @@ import ctypes
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -43,19 +42,24 @@ class WorkerProcesses:
         self._count, self._stages, self._env = count, tuple(stages), env
         # Each worker serves its own /metrics (a Prometheus target per process).
         self.metrics_ports = [free_port() for _ in range(count)]
-        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._processes: list[asyncio.subprocess.Process | None] = [None] * count
         self._stopping = False
 
-    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "worker", *self._stages],
-            env={
-                **os.environ,
-                **self._env,
-                "CONVEYOR_PARENT_PID": str(os.getpid()),
-                "CONVEYOR_METRICS_PORT": str(self.metrics_ports[index]),
-            },
-            stdin=subprocess.DEVNULL,
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        env = {
+            **os.environ,
+            **self._env,
+            "CONVEYOR_PARENT_PID": str(os.getpid()),
+            "CONVEYOR_METRICS_PORT": str(self.metrics_ports[index]),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "conveyor",
+            "worker",
+            *self._stages,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
         )
         self._processes[index] = process
         return process
@@ -67,8 +71,7 @@ class WorkerProcesses:
     async def _keep(self, index: int) -> None:
         backoff = 0.5
         while not self._stopping:
-            process = self._spawn(index)
-            code = await asyncio.to_thread(process.wait)
+            code = await (await self._spawn(index)).wait()
             if self._stopping:
                 return
             logger.error(
@@ -80,12 +83,15 @@ class WorkerProcesses:
     async def stop(self, grace: float = 30.0) -> None:
         """SIGTERM (the workers drain), then SIGKILL whatever is left after ``grace``."""
         self._stopping = True
-        live = [p for p in self._processes if p is not None and p.poll() is None]
+        live = [p for p in self._processes if p is not None and p.returncode is None]
         for process in live:
-            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
         for process in live:
             try:
-                await asyncio.to_thread(process.wait, grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+                async with asyncio.timeout(grace):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()

@@ -58,6 +58,9 @@ class RequestView(BaseModel):
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"cancel_requested"})
 
+    def public_json(self) -> bytes:
+        return self.model_dump_json(exclude={"cancel_requested"}).encode()
+
 
 def _advance(view: RequestView, status: Status) -> None:
     if view.terminal:

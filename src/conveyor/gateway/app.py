@@ -190,25 +190,23 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
             recent.popitem(last=False)
         return JSONResponse({"id": rid, "status": "accepted", **urls(rid)}, status_code=202)
 
-    @app.get("/v1/requests/{rid}", tags=["requests"])
+    @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(
         rid: str,
         wait: Annotated[float, Query(ge=0, description="Seconds to wait for a final status.")] = 0,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """The request's status view. With ``wait``, returns as soon as the request ends."""
-        view = await view_or_404(rid)
         deadline = time.monotonic() + min(wait, limits.max_wait_seconds)
-        if view.terminal or wait <= 0:
-            return view.public()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        with watch.subscribe(rid, queue):
-            view = await view_or_404(rid)  # re-read now that no change can be missed
+        with watch.subscribe(rid, queue):  # before the read, so no change can slip between
+            view = await view_or_404(rid)
             while not view.terminal and (left := deadline - time.monotonic()) > 0:
                 try:
-                    _, view = await asyncio.wait_for(queue.get(), timeout=min(left, 1.0))
+                    async with asyncio.timeout(min(left, 1.0)):
+                        _, view = await queue.get()
                 except TimeoutError:
                     view = await view_or_404(rid)  # a safety net for a missed notification
-        return view.public()
+        return Response(view.public_json(), media_type="application/json")
 
     @app.get("/v1/requests/{rid}/events", tags=["requests"], response_class=StreamingResponse)
     async def events(
