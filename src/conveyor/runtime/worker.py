@@ -125,13 +125,14 @@ class StageWorker:
             self._idle.set()
 
     async def idle(self) -> None:
-        """Wait until every subscription came back empty with nothing in flight (tests, drain)."""
+        """Wait until every subscription came back empty with nothing in flight (for tests)."""
         self._idle.clear()
         self._empty_since_busy.clear()
         await self._idle.wait()
 
     def _dispatch(self, delivery: Delivery) -> None:
         self._in_flight += 1
+        self._active[id(delivery)] = (delivery, time.monotonic())
         if self._in_flight >= self.stage.concurrency:
             self._room.clear()
         event = delivery.try_envelope()
@@ -151,9 +152,6 @@ class StageWorker:
             while queue:
                 # A stage with ``handle_many`` takes everything its lane has queued at once.
                 batch = list(queue) if self.stage.handle_many is not None else [queue[0]]
-                now = time.monotonic()
-                for delivery in batch:
-                    self._active[id(delivery)] = (delivery, now)
                 try:
                     await self._process(batch)
                 except asyncio.CancelledError:
@@ -162,22 +160,19 @@ class StageWorker:
                     logger.exception("stage %s: events not finished, to be redelivered", self.stage.name)
                     for delivery in batch:
                         await _quietly_nak(delivery, 1.0)
-                finally:
-                    for delivery in batch:
-                        self._active.pop(id(delivery), None)
                 for _ in batch:
-                    queue.popleft()
-                    self._released()
+                    self._released(queue.popleft())
         finally:
             if self._lanes.get(lane) is queue:
                 del self._lanes[lane]
             for delivery in queue:  # cancelled during drain: hand the rest back
-                self._released()
+                self._released(delivery)
                 await _quietly_nak(delivery, 0.0)
 
     async def _send_heartbeats(self) -> None:
-        """Tell the broker about events handled for longer than a heartbeat, so only a dead
-        worker's events are redelivered: the ack deadline can stay short and recovery fast."""
+        """Tell the broker about events held (handled or queued in a lane) for longer than a
+        heartbeat, so only a dead worker's events are redelivered: the ack deadline can stay
+        short and recovery fast."""
         while True:
             await asyncio.sleep(self._heartbeat)
             due = time.monotonic() - self._heartbeat
@@ -186,7 +181,8 @@ class StageWorker:
                     with contextlib.suppress(Exception):
                         await delivery.in_progress()
 
-    def _released(self) -> None:
+    def _released(self, delivery: Delivery) -> None:
+        self._active.pop(id(delivery), None)
         self._in_flight -= 1
         if self._in_flight < self.stage.concurrency:
             self._room.set()
