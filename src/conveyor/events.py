@@ -62,16 +62,6 @@ class Envelope:
         """The CloudEvents subject is the request the event belongs to."""
         return self.request_id
 
-    def payload(self) -> dict[str, Any]:
-        """The decoded JSON body (a permanent error if it is not a JSON object)."""
-        try:
-            value = orjson.loads(self.data)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidEventError(f"event {self.id}: body is not JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise InvalidEventError(f"event {self.id}: body is not a JSON object")
-        return value
-
     def derive(self, *, type: str, source: str, payload: BaseModel, label: str) -> Envelope:
         """An output caused by this event: same request, key, tenant and trace; deterministic id."""
         return dataclasses.replace(

@@ -104,7 +104,3 @@ class Pipeline:
 
     def __iter__(self) -> Iterator[Stage]:
         return iter(self._stages.values())
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._stages)
