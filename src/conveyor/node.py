@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -30,8 +29,6 @@ from conveyor.runtime.worker import StageWorker
 from conveyor.stages import CancelWatch, SafetyPolicy, finalize_stage, generate_stage, prepare_stage
 from conveyor.store.base import StateStore
 from conveyor.supervisor import WorkerProcesses
-
-logger = logging.getLogger("conveyor")
 
 
 def build_model(settings: Settings) -> ModelBackend:
