@@ -146,7 +146,7 @@ async def main(rates: list[float | None], seconds: float, worker_counts: list[in
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     for workers in worker_counts:
         with tempfile.TemporaryDirectory() as tmp:
-            up = UpProcess(Path(tmp) / "data", "--workers", str(workers)).start()
+            up = UpProcess(Path(tmp) / "data", "--model", "simulated", "--workers", str(workers)).start()
             system = f"conveyor up --workers {workers}"
             try:
                 connector = aiohttp.TCPConnector(limit=512)

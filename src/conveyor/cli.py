@@ -27,7 +27,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
-    parser.add_argument("--model", help="model backend (default: simulated)")
+    parser.add_argument("--model", help="model backend: local (default, SmolLM2 on the CPU) or simulated")
     parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
     parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
     parser.add_argument(

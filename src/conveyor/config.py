@@ -14,7 +14,7 @@ STAGES = ("prepare", "generate", "finalize", "projector")
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSettings:
-    name: str = "simulated"
+    name: str = "local"  # SmolLM2 on the CPU; "simulated" answers instantly (tests, load tests)
     ttft: float = 0.0
     token_delay: float = 0.0
 

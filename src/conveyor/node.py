@@ -34,7 +34,11 @@ from conveyor.supervisor import WorkerProcesses
 def build_model(settings: Settings) -> ModelBackend:
     if settings.model.name == "simulated":
         return SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay)
-    raise ValueError(f"unknown model {settings.model.name!r}; available: simulated")
+    if settings.model.name == "local":
+        from conveyor.models.local import LocalModel  # needs the "local" extra
+
+        return LocalModel(cache_dir=settings.data_dir / "models")
+    raise ValueError(f"unknown model {settings.model.name!r}; available: local, simulated")
 
 
 def build_pipeline(settings: Settings, model: ModelBackend, cancels: CancelWatch) -> Pipeline:

@@ -17,8 +17,8 @@ def conveyor(tmp_path: Path) -> Iterator[ConveyorFactory]:
     """Makes UpProcess objects (data dir under tmp_path) and kills whatever they left running."""
     made: list[UpProcess] = []
 
-    def make(*args: str, data_dir: Path = tmp_path / "data") -> UpProcess:
-        made.append(UpProcess(data_dir, *args))
+    def make(*args: str, data_dir: Path = tmp_path / "data", model: str = "simulated") -> UpProcess:
+        made.append(UpProcess(data_dir, "--model", model, *args))
         return made[-1]
 
     yield make

@@ -23,7 +23,7 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 def node(tmp_path: Path) -> NodeFactory:
     @contextlib.asynccontextmanager
     async def start(*, token_delay: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
-        model = ModelSettings(token_delay=token_delay)
+        model = ModelSettings(name="simulated", token_delay=token_delay)
         settings = Settings(
             port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
         )

@@ -21,11 +21,18 @@ class ModelInfo:
 
 @dataclasses.dataclass(slots=True, kw_only=True)
 class GenerationRequest:
-    """One sequence to generate. Setting ``cancelled`` stops it at the next token."""
+    """One sequence to generate. Setting ``cancelled`` stops it at the next token.
+
+    ``temperature`` 0 is greedy; above 0, sampling is seeded from ``id`` so a request that
+    is generated again (after a crash) produces the same text.
+    """
 
     id: str
     prompt: str
     max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 

@@ -1,0 +1,32 @@
+"""`conveyor up` with its default model generates real text and streams it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import ConveyorFactory
+from tests.helpers import read_sse, streamed_text, submit, wait_final
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+
+async def test_the_default_model_answers_in_english_and_streams_what_it_answers(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor(model="local").start(timeout=120)
+    prompts = ["What is the capital of France?", "Write one sentence about the sea."]
+    async with httpx.AsyncClient(base_url=up.url, timeout=120) as client:
+        rids = await asyncio.gather(*(submit(client, p, max_tokens=48) for p in prompts))
+        streams = await asyncio.gather(*(read_sse(client, rid) for rid in rids))
+        views = await asyncio.gather(*(wait_final(client, rid, wait=60) for rid in rids))
+    for view, events in zip(views, streams, strict=True):
+        assert view["status"] == "completed"
+        assert view["model"] == "smollm2-135m-instruct"
+        assert re.search(r"[A-Za-z]{3,}( [A-Za-z]+)+", view["output"]), view["output"]
+        assert streamed_text(events).strip() == view["output"]
+        assert view["usage"]["completion_tokens"] > 0
+    assert "Paris" in views[0]["output"]

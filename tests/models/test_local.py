@@ -1,0 +1,91 @@
+"""The local model (SmolLM2 on llama.cpp) with continuous batching: real generation, run in CI."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from conveyor.models.base import GenerationRequest, Token
+from conveyor.models.local import LocalModel
+
+pytestmark = pytest.mark.model
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about queues.",
+    "Name three colors.",
+    "What is 2 + 2?",
+    "Say hello in Spanish.",
+    "What do bees make?",
+    "Give one tip for sleeping well.",
+    "What is the opposite of hot?",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalModel]:
+    # One model for the module (loading is the slow part); its engine serves any event loop.
+    backend = LocalModel(cache_dir=tmp_path_factory.mktemp("models"), slots=8, context_per_slot=512)
+    yield backend
+    asyncio.run(backend.close())
+
+
+async def run(model: LocalModel, requests: list[GenerationRequest]) -> dict[str, tuple[str, str | None]]:
+    """Text and finish reason per request id."""
+    texts: dict[str, list[str]] = {r.id: [] for r in requests}
+    finish: dict[str, str | None] = {}
+    async for token in model.generate(requests):
+        texts[token.request_id].append(token.text)
+        if token.finish_reason:
+            finish[token.request_id] = token.finish_reason
+    return {rid: ("".join(parts), finish.get(rid)) for rid, parts in texts.items()}
+
+
+def request(i: int, prompt: str, *, max_tokens: int = 48, stop: tuple[str, ...] = ()) -> GenerationRequest:
+    return GenerationRequest(id=f"r{i}", prompt=prompt, max_tokens=max_tokens, stop=stop)
+
+
+async def test_greedy_output_alone_equals_output_inside_a_batch_of_8(model: LocalModel) -> None:
+    alone = [(await run(model, [request(i, p)]))[f"r{i}"] for i, p in enumerate(PROMPTS)]
+    together = await run(model, [request(i, p) for i, p in enumerate(PROMPTS)])
+    assert [together[f"r{i}"] for i in range(len(PROMPTS))] == alone
+    assert "Paris" in alone[0][0]
+    assert all(text.strip() for text, _ in alone)
+
+
+async def test_max_tokens_is_honoured(model: LocalModel) -> None:
+    text, finish = (await run(model, [request(0, "Write a long story about a river.", max_tokens=5)]))["r0"]
+    assert finish == "length"
+    assert 1 <= model.count_tokens(text) <= 7  # re-tokenizing text may merge or split a token
+
+
+async def test_a_stop_sequence_ends_the_text_before_it(model: LocalModel) -> None:
+    full, _ = (await run(model, [request(0, PROMPTS[0])]))["r0"]
+    assert "Paris" in full
+    text, finish = (await run(model, [request(0, PROMPTS[0], stop=("Paris",))]))["r0"]
+    assert finish == "stop"
+    assert text == full[: full.index("Paris")]
+
+
+async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_unchanged(
+    model: LocalModel,
+) -> None:
+    prompts = PROMPTS[:3]
+    solo = [(await run(model, [request(i, p, max_tokens=40)]))[f"r{i}"] for i, p in enumerate(prompts)]
+    batch = [request(i, p, max_tokens=40) for i, p in enumerate(prompts)]
+    victim = batch[1]
+    seen: dict[str, list[Token]] = {r.id: [] for r in batch}
+    async for token in model.generate(batch):
+        seen[token.request_id].append(token)
+        if token.request_id == victim.id and len(seen[victim.id]) == 2:
+            victim.cancelled.set()  # takes effect within one decode step
+    assert seen[victim.id][-1].finish_reason == "cancelled"
+    assert len(seen[victim.id]) <= 4
+    for i in (0, 2):
+        tokens = seen[f"r{i}"]
+        assert ("".join(t.text for t in tokens), tokens[-1].finish_reason) == solo[i]
+    # The freed slot serves the next request at once.
+    again = await asyncio.wait_for(run(model, [request(9, prompts[1], max_tokens=40)]), 30)
+    assert again["r9"] == solo[1]
