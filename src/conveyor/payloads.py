@@ -34,12 +34,31 @@ class Usage(Payload):
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
 
+class ChatMessage(Payload):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(Payload):
+    """How to pick tokens: temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = Field(default_factory=list)
+
+
 class RequestAccepted(Payload):
-    """``request.accepted`` on [requests]: what the client asked for."""
+    """``request.accepted`` on [requests]: what the client asked for.
+
+    ``prompt`` is the text to answer; a chat request also carries its ``messages`` (the
+    prompt is then the last user message) and the model sees the whole conversation.
+    """
 
     prompt: str
     max_tokens: int = 256
     metadata: dict[str, Any] = Field(default_factory=dict)
+    messages: list[ChatMessage] = Field(default_factory=list)
+    sampling: Sampling = Field(default_factory=Sampling)
 
 
 class RequestPrepared(Payload):
@@ -49,6 +68,8 @@ class RequestPrepared(Payload):
     max_tokens: int = 256
     redactions: dict[str, int] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    messages: list[ChatMessage] = Field(default_factory=list)
+    sampling: Sampling = Field(default_factory=Sampling)
 
 
 class GenerationStarted(Payload):

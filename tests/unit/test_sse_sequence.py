@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from conveyor.gateway.sse import Sequencer
+from conveyor.gateway.sse import Sequencer, format_event
 from conveyor.payloads import TokenChunk
 from conveyor.view import RequestView
 
@@ -29,7 +29,8 @@ def play(items: list[TokenChunk | RequestView], last_id: int = 0) -> list[str]:
     seq = Sequencer("r", last_id)
     frames: list[str] = []
     for item in items:
-        frames += seq.on_view(item) if isinstance(item, RequestView) else seq.on_chunk(item)
+        events = seq.on_view(item) if isinstance(item, RequestView) else seq.on_chunk(item)
+        frames += [format_event(*event) for event in events]
     assert seq.done
     return frames
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -30,6 +30,7 @@ from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
 _ACCEPTED, _PREPARED, _GENERATING, _FIRST_TOKEN = 1, 2, 3, 4
+Event = tuple[int, str, dict[str, Any]]  # (SSE id, event name, data)
 KEEPALIVE_SECONDS = 15.0
 
 
@@ -48,15 +49,15 @@ class Sequencer:
         self.final: RequestView | None = None
         self.done = False
 
-    def _emit(self, event_id: int, event: str, data: Any) -> list[str]:
+    def _emit(self, event_id: int, event: str, data: Any) -> list[Event]:
         if event_id in self.sent:
             return []
         self.sent.add(event_id)
-        return [] if event_id <= self.last_id else [format_event(event_id, event, data)]
+        return [] if event_id <= self.last_id else [(event_id, event, data)]
 
-    def _progress(self, upto: int) -> list[str]:
+    def _progress(self, upto: int) -> list[Event]:
         """Progress events up to ``upto`` (accepted, prepared, generating), always in that order."""
-        out: list[str] = []
+        out: list[Event] = []
         for event_id, status in (
             (_ACCEPTED, "accepted"),
             (_PREPARED, "prepared"),
@@ -66,7 +67,7 @@ class Sequencer:
                 out += self._emit(event_id, status, {"id": self.request_id, "status": status})
         return out
 
-    def on_view(self, view: RequestView) -> list[str]:
+    def on_view(self, view: RequestView) -> list[Event]:
         reached = _ACCEPTED
         if "finished_at" in view.stages.get("prepare", {}):
             reached = _PREPARED
@@ -77,13 +78,13 @@ class Sequencer:
             self.final = view
         return out + self._finish()
 
-    def on_chunk(self, chunk: TokenChunk) -> list[str]:
+    def on_chunk(self, chunk: TokenChunk) -> list[Event]:
         if chunk.offset + len(chunk.text) <= self.position:
             return []  # already sent (a repeat, or an overlapping chunk of a redone generation)
         kept = self.held.get(chunk.offset)
         if kept is None or len(chunk.text) > len(kept.text):
             self.held[chunk.offset] = chunk
-        out: list[str] = []
+        out: list[Event] = []
         while held := [c for o, c in self.held.items() if o <= self.position]:
             for c in held:
                 del self.held[c.offset]
@@ -97,7 +98,7 @@ class Sequencer:
             self.position = end
         return out + self._finish()
 
-    def _finish(self) -> list[str]:
+    def _finish(self) -> list[Event]:
         if self.final is None or self.done:
             return []
         total = self.final.streamed_chars or 0
@@ -120,34 +121,43 @@ async def _pump_chunks(log: EventLog, request_id: str, queue: asyncio.Queue[Any]
         queue.put_nowait(("error", exc))
 
 
-async def stream_request(
+async def request_events(
     request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[Event | None, None]:
+    """The request's events after ``last_id``, as they happen; None when a keepalive is due."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     seq = Sequencer(request_id, last_id)
     with watch.subscribe(request_id, queue):
         pump = asyncio.create_task(_pump_chunks(log, request_id, queue))
         try:
             view = await read_view(store, request_id)
-            if view is not None:
-                for frame in seq.on_view(view):
-                    yield frame
+            for event in seq.on_view(view) if view is not None else []:
+                yield event
             while not seq.done:
                 try:
-                    kind, item = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_SECONDS)
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        kind, item = await queue.get()
                 except TimeoutError:
                     # Also a safety net for a missed watch notification: re-read the view.
                     view = await read_view(store, request_id)
-                    frames = seq.on_view(view) if view else []
-                    for frame in frames or [": keepalive\n\n"]:
-                        yield frame
+                    refreshed: list[Event | None] = [*seq.on_view(view)] if view else []
+                    for tick in refreshed or [None]:
+                        yield tick
                     continue
                 if kind == "error":
                     raise item
-                frames = seq.on_view(item) if kind == "view" else seq.on_chunk(item)
-                for frame in frames:
-                    yield frame
+                for event in seq.on_view(item) if kind == "view" else seq.on_chunk(item):
+                    yield event
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+
+
+async def stream_request(
+    request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
+) -> AsyncIterator[str]:
+    """The job API's SSE body."""
+    async with contextlib.aclosing(request_events(request_id, last_id, log, store, watch)) as events:
+        async for event in events:
+            yield ": keepalive\n\n" if event is None else format_event(*event)

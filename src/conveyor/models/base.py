@@ -30,6 +30,7 @@ class GenerationRequest:
     id: str
     prompt: str
     max_tokens: int
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty: the prompt is one user turn
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()

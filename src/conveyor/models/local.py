@@ -161,16 +161,19 @@ class LocalModel:
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text.encode(), special=False))
 
-    def chat_prompt(self, prompt: str) -> bytes:
-        """The prompt as one user turn in the model's own chat template, ready for the assistant."""
+    def chat_prompt(self, request: GenerationRequest) -> bytes:
+        """The conversation (or the prompt as one user turn) in the model's own chat template."""
         llama = self._llama
-        messages = (llama.llama_chat_message * 1)()
-        role, content = b"user", prompt.encode()
-        messages[0].role, messages[0].content = role, content
-        size = len(content) + 512
+        turns = [(r.encode(), c.encode()) for r, c in request.messages] or [
+            (b"user", request.prompt.encode())
+        ]
+        messages = (llama.llama_chat_message * len(turns))()
+        for i, (role, content) in enumerate(turns):  # `turns` keeps the bytes alive during the call
+            messages[i].role, messages[i].content = role, content
+        size = sum(len(c) for _, c in turns) + 512
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = llama.llama_chat_apply_template(self._template, messages, 1, True, buf, size)
+            n = llama.llama_chat_apply_template(self._template, messages, len(turns), True, buf, size)
             if n < 0:
                 raise PermanentError("the model's chat template could not be applied")
             if n <= size:
@@ -196,7 +199,7 @@ class LocalModel:
             loop.call_soon_threadsafe(out.put_nowait, token)
 
         for request in requests:
-            prompt = self._tokenize(self.chat_prompt(request.prompt), special=True)
+            prompt = self._tokenize(self.chat_prompt(request), special=True)
             if len(prompt) + request.max_tokens > self._context_per_slot:
                 limit = self._context_per_slot - request.max_tokens
                 raise PermanentError(

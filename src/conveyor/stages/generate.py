@@ -109,7 +109,13 @@ def generate_stage(
         started = ctx.derive(source, type=EventType.STARTED, payload=GenerationStarted(worker=ctx.stage))
 
         request = GenerationRequest(
-            id=event.request_id, prompt=prepared.prompt, max_tokens=prepared.max_tokens
+            id=event.request_id,
+            prompt=prepared.prompt,
+            messages=tuple((m.role, m.content) for m in prepared.messages),
+            max_tokens=prepared.max_tokens,
+            temperature=prepared.sampling.temperature,
+            top_p=prepared.sampling.top_p,
+            stop=tuple(prepared.sampling.stop),
         )
         cancels.attach(request)
         deadline_timer = _arm_deadline(event.deadline, request)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 
 from conveyor.events import Envelope, Topic
-from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
+from conveyor.payloads import ChatMessage, EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.redact import redact
 
@@ -32,7 +32,8 @@ class SafetyPolicy:
 def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
     async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
         request = decode(RequestAccepted, event.data)
-        blocked = policy.violation(request.prompt)
+        texts = [request.prompt, *(m.content for m in request.messages)]
+        blocked = next((b for t in texts if (b := policy.violation(t)) is not None), None)
         if blocked is not None:
             failed = RequestFailed(
                 code="safety_blocked",
@@ -41,8 +42,19 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
             )
             return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.FAILED, payload=failed))]
         prompt, redactions = redact(request.prompt)
+        messages = []
+        for message in request.messages:
+            content, found = redact(message.content)
+            messages.append(ChatMessage(role=message.role, content=content))
+            for kind, n in found.items():
+                redactions[kind] = redactions.get(kind, 0) + n
         prepared = RequestPrepared(
-            prompt=prompt, max_tokens=request.max_tokens, redactions=redactions, metadata=request.metadata
+            prompt=prompt,
+            max_tokens=request.max_tokens,
+            redactions=redactions,
+            metadata=request.metadata,
+            messages=messages,
+            sampling=request.sampling,
         )
         return [Output(Topic.PREPARED, ctx.derive(event, type=EventType.PREPARED, payload=prepared))]
 
