@@ -20,7 +20,7 @@ from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
 from conveyor.gateway.app import create_app
 from conveyor.log.base import EventLog
-from conveyor.models.base import ModelBackend
+from conveyor.models.base import MODEL_IDS, ModelBackend
 from conveyor.models.simulated import SimulatedModel
 from conveyor.observability.metrics import REGISTRY
 from conveyor.pipeline import Pipeline
@@ -164,7 +164,10 @@ async def run_node(
                 if metrics_sock is not None:
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
                 if sock is not None:
-                    gateway_url = await http.enter_async_context(serving(create_app(log, store), sock))
+                    app = create_app(
+                        log, store, models=[MODEL_IDS.get(settings.model.name, settings.model.name)]
+                    )
+                    gateway_url = await http.enter_async_context(serving(app, sock))
                 metrics_urls = (
                     [f"http://{settings.host}:{p}/metrics" for p in children.metrics_ports]
                     if children

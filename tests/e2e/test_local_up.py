@@ -6,7 +6,9 @@ import asyncio
 import re
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
@@ -30,3 +32,21 @@ async def test_the_default_model_answers_in_english_and_streams_what_it_answers(
         assert streamed_text(events).strip() == view["output"]
         assert view["usage"]["completion_tokens"] > 0
     assert "Paris" in views[0]["output"]
+    # The official OpenAI SDK, pointed at the gateway, on the same model; streaming and not.
+    async with openai.AsyncOpenAI(
+        base_url=f"{up.url}/v1", api_key="unused", max_retries=0, timeout=120
+    ) as client:
+        (model,) = [m.id async for m in client.models.list()]
+        messages: list[ChatCompletionMessageParam] = [
+            {"role": "user", "content": "What is the capital of France?"}
+        ]
+        completion = await client.chat.completions.create(model=model, messages=messages, max_tokens=32)
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=32, stream=True
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    answer = completion.choices[0].message.content or ""
+    assert "Paris" in answer
+    assert streamed.strip() == answer  # greedy: the same text either way
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens > 0

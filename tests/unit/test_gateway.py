@@ -3,43 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from pathlib import Path
+from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
-from conveyor.config import ModelSettings, Settings
 from conveyor.models.simulated import SimulatedModel
-from conveyor.node import run_node
 from tests.helpers import read_sse, streamed_text, submit, wait_final
-
-NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> NodeFactory:
-    @contextlib.asynccontextmanager
-    async def start(*, token_delay: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
-        model = ModelSettings(name="simulated", token_delay=token_delay)
-        settings = Settings(
-            port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
-        )
-        stop = asyncio.Event()
-        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, *_: ready.set_result(url)))
-        try:
-            async with asyncio.timeout(10):
-                url = await asyncio.wait_for(ready, 10)
-            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-                yield client
-        finally:
-            stop.set()
-            await task
-
-    return start
+from tests.unit.conftest import NodeFactory
 
 
 async def test_a_request_completes_with_the_models_answer(node: NodeFactory) -> None:

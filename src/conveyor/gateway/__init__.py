@@ -1,5 +1,6 @@
 """The HTTP gateway: job API, SSE delivery, health."""
 
-from conveyor.gateway.app import GatewayLimits, create_app
+from conveyor.gateway.app import create_app
+from conveyor.gateway.core import GatewayLimits
 
 __all__ = ["GatewayLimits", "create_app"]

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
-import hashlib
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
-import orjson
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -19,28 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.errors import UnavailableError
-from conveyor.events import Topic, new_event
+from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict
 from conveyor.gateway.limits import BodySizeLimit, error_body
+from conveyor.gateway.openai_api import add_openai_routes
 from conveyor.gateway.sse import stream_request
-from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
-from conveyor.observability.metrics import REGISTRY, REQUESTS_ACCEPTED
-from conveyor.payloads import CancelRequested, EventType, RequestAccepted
-from conveyor.projector import read_view
-from conveyor.store.base import Namespace, StateStore
+from conveyor.observability.metrics import REGISTRY
+from conveyor.payloads import RequestAccepted, Sampling
+from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
-SOURCE = "conveyor/gateway"
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class GatewayLimits:
-    max_body_bytes: int = 256 * 1024
-    max_prompt_chars: int = 100_000
-    max_tokens: int = 8192
-    default_max_tokens: int = 256
-    max_wait_seconds: float = 60.0
 
 
 class SubmitRequest(BaseModel):
@@ -56,6 +40,9 @@ class SubmitRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
     timeout: float | None = Field(None, gt=0, description="Seconds from now after which generation stops.")
     metadata: dict[str, Any] = Field(default_factory=dict, description="Opaque data carried to the result.")
+    temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, max_length=4, description="Text that ends the answer.")
 
 
 _SUBMIT_BODY = {
@@ -77,19 +64,19 @@ class ApiError(Exception):
         self.http_status, self.code, self.message, self.extra = http_status, code, message, extra
 
 
-def _fingerprint(body: SubmitRequest) -> str:
-    return hashlib.sha256(orjson.dumps(body.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = GatewayLimits()) -> FastAPI:
-    watch = StatusWatch(store)
-    # Read-your-writes: a request accepted here is "accepted" even before the projector
-    # has written its view (a few milliseconds later).
-    recent: collections.OrderedDict[str, RequestView] = collections.OrderedDict()
+def create_app(
+    log: EventLog,
+    store: StateStore,
+    *,
+    limits: GatewayLimits = GatewayLimits(),
+    models: Sequence[str] = ("simulated",),
+) -> FastAPI:
+    """The gateway: the job API, the OpenAI-compatible API for ``models``, health and metrics."""
+    core = GatewayCore(log, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(watch.run())
+        task = asyncio.create_task(core.watch.run())
         try:
             yield
         finally:
@@ -138,14 +125,10 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
         return {"status_url": f"/v1/requests/{rid}", "stream_url": f"/v1/requests/{rid}/events"}
 
     async def view_or_404(rid: str) -> RequestView:
-        view = await read_view(store, rid) or recent.get(rid)
-        if view is not None:
-            return view
-        # Accepted (maybe by another gateway, maybe before a restart) but not projected yet?
-        accepted = await log.find(Topic.REQUESTS, rid)
-        if accepted is None:
+        view = await core.view(rid)
+        if view is None:
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
-        return RequestView(id=rid, tenant=accepted.tenant, stages={"gateway": {"accepted_at": accepted.time}})
+        return view
 
     @app.post(
         "/v1/requests",
@@ -170,43 +153,26 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
         max_tokens = body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise ApiError(422, "max_tokens_too_large", f"max_tokens exceeds {limits.max_tokens}")
-        event = new_event(
-            type=EventType.ACCEPTED,
-            source=SOURCE,
-            payload=RequestAccepted(prompt=body.prompt, max_tokens=max_tokens, metadata=body.metadata),
-            deadline=time.time() + body.timeout if body.timeout else None,
+        payload = RequestAccepted(
+            prompt=body.prompt,
+            max_tokens=max_tokens,
+            metadata=body.metadata,
+            sampling=Sampling(temperature=body.temperature, top_p=body.top_p, stop=body.stop),
         )
-        rid = event.id
-        if body.key:
-            event = dataclasses.replace(event, key=body.key)
-        if idempotency_key:
-            idem = hashlib.sha256(f"default\x00{idempotency_key}".encode()).hexdigest()
-            record = orjson.dumps({"id": rid, "fingerprint": _fingerprint(body)})
-            if await store.create(Namespace.IDEMPOTENCY, idem, record) is None:
-                existing = await store.get(Namespace.IDEMPOTENCY, idem)
-                if existing is not None:
-                    previous = orjson.loads(existing.value)
-                    if previous["fingerprint"] != _fingerprint(body):
-                        raise ApiError(
-                            422,
-                            "idempotency_key_reused",
-                            "this Idempotency-Key was used with a different body",
-                        )
-                    view = await read_view(store, previous["id"])
-                    status = view.status if view else "accepted"
-                    content = {"id": previous["id"], "status": status, **urls(previous["id"])}
-                    return JSONResponse(content, status_code=200)
         try:
-            await log.publish(Topic.REQUESTS, [event])
-        except Exception:
-            if idempotency_key:  # not accepted: a retry with the same key must try again
-                await store.delete(Namespace.IDEMPOTENCY, idem)
-            raise
-        REQUESTS_ACCEPTED.inc()
-        recent[rid] = RequestView(id=rid, stages={"gateway": {"accepted_at": event.time}})
-        if len(recent) > 10_000:
-            recent.popitem(last=False)
-        return JSONResponse({"id": rid, "status": "accepted", **urls(rid)}, status_code=202)
+            accepted = await core.accept(
+                payload,
+                key=body.key,
+                timeout=body.timeout,
+                idempotency_key=idempotency_key,
+                fingerprint=body.model_dump(),
+            )
+        except IdempotencyConflict:
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
+            ) from None
+        content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
+        return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 
     @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(
@@ -214,16 +180,9 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
         wait: Annotated[float, Query(ge=0, description="Seconds to wait for a final status.")] = 0,
     ) -> Response:
         """The request's status view. With ``wait``, returns as soon as the request ends."""
-        deadline = time.monotonic() + min(wait, limits.max_wait_seconds)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        with watch.subscribe(rid, queue):  # before the read, so no change can slip between
-            view = await view_or_404(rid)
-            while not view.terminal and (left := deadline - time.monotonic()) > 0:
-                try:
-                    async with asyncio.timeout(min(left, 1.0)):
-                        _, view = await queue.get()
-                except TimeoutError:
-                    view = await view_or_404(rid)  # a safety net for a missed notification
+        view = await core.wait(rid, min(wait, limits.max_wait_seconds))
+        if view is None:
+            raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return Response(view.public_json(), media_type="application/json")
 
     @app.get("/v1/requests/{rid}/events", tags=["requests"], response_class=StreamingResponse)
@@ -238,7 +197,7 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
         if not raw.isdigit():
             raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be an event id from this stream")
         return StreamingResponse(
-            stream_request(rid, int(raw), log, store, watch),
+            stream_request(rid, int(raw), log, store, core.watch),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -253,11 +212,10 @@ def create_app(log: EventLog, store: StateStore, *, limits: GatewayLimits = Gate
             raise ApiError(
                 409, "already_finished", f"request {rid} is already {view.status}", status=view.status
             )
-        cancel_event = new_event(
-            type=EventType.CANCEL, source=SOURCE, payload=CancelRequested(reason="client"), request_id=rid
-        )
-        await log.publish(Topic.CONTROL, [dataclasses.replace(cancel_event, tenant=view.tenant)])
+        await core.cancel(view)
         return JSONResponse({"id": rid, "status": "cancelling"}, status_code=202)
+
+    add_openai_routes(app, core, models=models, limits=limits)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

@@ -9,6 +9,9 @@ from typing import Protocol
 
 from conveyor.payloads import FinishReason
 
+# The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
+MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModelInfo:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
-from conveyor.models.base import GenerationRequest, ModelInfo, Token
+from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason
 
 try:
@@ -39,7 +39,7 @@ except ImportError as exc:  # numpy comes with llama-cpp-python, the "local" ext
 
 logger = logging.getLogger("conveyor.models.local")
 
-MODEL_NAME = "smollm2-135m-instruct"
+MODEL_NAME = MODEL_IDS["local"]
 LICENSE = "Apache-2.0"
 
 

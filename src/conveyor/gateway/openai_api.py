@@ -1,0 +1,245 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions`` (streaming and not) and ``GET /v1/models``.
+
+Every completion goes through the same durable pipeline as ``/v1/requests``: accepted onto
+the log, prepared (safety, redaction), generated, finalized with usage recorded once. Errors
+use OpenAI's shape, so the official SDKs raise their usual exceptions. A client that drops a
+streaming completion cancels it: generation stops within a step and only what was made is billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from conveyor.gateway.core import GatewayCore, GatewayLimits
+from conveyor.gateway.sse import request_events
+from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
+from conveyor.view import RequestView
+
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "deadline": "length"}
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers do: SDKs send many optional ones.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+_REQUEST_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+}
+
+
+def _usage(view: RequestView) -> dict[str, int]:
+    usage = view.usage
+    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def add_openai_routes(
+    app: FastAPI, core: GatewayCore, *, models: Sequence[str], limits: GatewayLimits
+) -> None:
+    @app.exception_handler(OpenAIError)
+    async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.get("/v1/models", tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        """The models this deployment serves."""
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "conveyor"} for m in models],
+        }
+
+    async def parse(request: Request) -> ChatCompletionRequest:
+        try:
+            body = ChatCompletionRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise OpenAIError(
+                400, f"{param or 'body'}: {first['msg']}", code="invalid_request", param=param
+            ) from exc
+        if body.model not in models:
+            raise OpenAIError(
+                404, f"the model {body.model!r} does not exist; try {list(models)}", code="model_not_found"
+            )
+        if body.n != 1:
+            raise OpenAIError(400, "only n=1 is supported", code="invalid_request", param="n")
+        if not any(m.role == "user" for m in body.messages):
+            raise OpenAIError(
+                400, "messages need at least one user message", code="invalid_request", param="messages"
+            )
+        max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens:
+            raise OpenAIError(
+                400, f"max_tokens exceeds {limits.max_tokens}", code="invalid_request", param="max_tokens"
+            )
+        return body
+
+    def accepted_payload(body: ChatCompletionRequest) -> RequestAccepted:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return RequestAccepted(
+            prompt=next(m.content for m in reversed(body.messages) if m.role == "user"),
+            max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
+            messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
+            sampling=Sampling(temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=stop),
+            metadata={"api": "openai.chat.completions"},
+        )
+
+    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra={"requestBody": _REQUEST_BODY})
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI's chat completion, through the durable pipeline; ``stream`` for SSE chunks."""
+        body = await parse(request)
+        accepted = await core.accept(accepted_payload(body))
+        rid, created = accepted.id, int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(core, rid, body.model, created, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        view = await core.wait(rid, limits.max_completion_seconds)
+        if view is None or not view.terminal:
+            raise OpenAIError(
+                504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
+            )
+        _raise_if_failed(view)
+        completion = {
+            "id": f"chatcmpl-{rid}",
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": view.output or ""},
+                    "finish_reason": _FINISH.get(view.finish_reason or "stop", "stop"),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(view),
+        }
+        return JSONResponse(completion)
+
+
+def _raise_if_failed(view: RequestView) -> None:
+    if view.status != "failed":
+        return
+    error = view.error
+    code = error.code if error else "failed"
+    message = error.message if error else "the request failed"
+    status = 400 if code == "safety_blocked" else 500
+    raise OpenAIError(status, message, code="content_policy_violation" if status == 400 else code)
+
+
+async def _stream(
+    core: GatewayCore, rid: str, model: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        data = {
+            "id": f"chatcmpl-{rid}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
+        return f"data: {orjson.dumps(data).decode()}\n\n"
+
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        events = request_events(rid, 0, core.log, core.store, core.watch)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event is None:
+                    yield ": keepalive\n\n"
+                    continue
+                _, kind, data = event
+                if kind == "token" and data["text"]:
+                    yield chunk({"content": data["text"]})
+                elif kind in ("completed", "cancelled", "failed"):
+                    finished = True
+                    view = RequestView.model_validate(data)
+                    if kind == "failed":
+                        error = {
+                            "message": data["error"]["message"],
+                            "type": "server_error",
+                            "code": data["error"]["code"],
+                        }
+                        yield f"data: {orjson.dumps({'error': error}).decode()}\n\n"
+                    else:
+                        yield chunk({}, _FINISH.get(view.finish_reason or "stop", "stop"))
+                        if include_usage:
+                            data_usage = {
+                                "id": f"chatcmpl-{rid}",
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": _usage(view),
+                            }
+                            yield f"data: {orjson.dumps(data_usage).decode()}\n\n"
+                    break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away mid-stream: stop paying for tokens nobody reads
+            view = await _quietly(core.view(rid))
+            if view is not None and not view.terminal:
+                _background(core.cancel(view, reason="client disconnected"))
+
+
+_TASKS: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _quietly(coro: Any) -> Any:
+    with contextlib.suppress(Exception):
+        return await coro
+    return None

@@ -1,0 +1,108 @@
+"""The OpenAI-compatible API, driven by the official `openai` SDK, through the whole pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from conveyor.models.simulated import SimulatedModel
+from tests.helpers import wait_final
+from tests.unit.conftest import NodeFactory
+
+PROMPT = "Write a haiku about queues"
+
+
+def sdk(base_url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+async def test_a_chat_completion_answers_with_the_models_text_and_usage(node: NodeFactory) -> None:
+    async with node() as http, sdk(str(http.base_url)) as client:
+        completion = await client.chat.completions.create(
+            model="simulated",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}],
+            max_tokens=40,
+        )
+    tokens, reason = SimulatedModel().answer(PROMPT, 40)
+    assert completion.choices[0].message.content == "".join(tokens).strip()
+    assert completion.choices[0].finish_reason == reason
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == len(tokens)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + len(tokens)
+    assert completion.model == "simulated"
+
+
+async def test_a_streamed_chat_completion_streams_the_same_text(node: NodeFactory) -> None:
+    async with node(token_delay=0.002) as http, sdk(str(http.base_url)) as client:
+        stream = await client.chat.completions.create(
+            model="simulated",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts, finish, usage = [], None, None
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+    tokens, reason = SimulatedModel().answer(PROMPT, 40)
+    assert "".join(parts) == "".join(tokens)
+    assert finish == reason
+    assert usage is not None
+    assert usage.completion_tokens == len(tokens)
+
+
+async def test_models_are_listed_and_unknown_ones_refused(node: NodeFactory) -> None:
+    async with node() as http, sdk(str(http.base_url)) as client:
+        assert [m.id async for m in client.models.list()] == ["simulated"]
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            await client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            await client.chat.completions.create(model="simulated", messages=[])
+
+
+async def test_a_refused_prompt_is_a_content_policy_error(node: NodeFactory) -> None:
+    async with node() as http, sdk(str(http.base_url)) as client:
+        with pytest.raises(openai.BadRequestError, match="safety policy") as raised:
+            await client.chat.completions.create(
+                model="simulated", messages=[{"role": "user", "content": "how to build a bomb"}]
+            )
+    assert raised.value.code == "content_policy_violation"
+
+
+async def test_a_client_that_disconnects_from_a_stream_cancels_the_generation(node: NodeFactory) -> None:
+    async with node(token_delay=0.02) as http, sdk(str(http.base_url)) as client:
+        stream = await client.chat.completions.create(
+            model="simulated",
+            messages=[{"role": "user", "content": "a long answer"}],
+            max_tokens=2000,
+            stream=True,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                request_id = chunk.id.removeprefix("chatcmpl-")
+                break
+        await stream.close()  # the client goes away
+        view = await wait_final(http, request_id)
+    assert view["status"] == "cancelled"
+    full = len(SimulatedModel().answer("a long answer", 2000)[0])
+    assert 1 <= view["usage"]["completion_tokens"] < full
+
+
+async def test_completions_run_concurrently(node: NodeFactory) -> None:
+    async with node() as http, sdk(str(http.base_url)) as client:
+        prompts = [f"question {i}" for i in range(20)]
+        answers = await asyncio.gather(
+            *(
+                client.chat.completions.create(model="simulated", messages=[{"role": "user", "content": p}])
+                for p in prompts
+            )
+        )
+    model = SimulatedModel()
+    assert [a.choices[0].message.content for a in answers] == [
+        "".join(model.answer(p, 256)[0]).strip() for p in prompts
+    ]
