@@ -103,7 +103,6 @@ class _Sequence:
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
-    logits_at: int | None = None
     held: str = ""  # text kept back while it could still become a stop sequence
     decoder: codecs.IncrementalDecoder = dataclasses.field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -262,10 +261,7 @@ class LocalModel:
                 self._finish(seq, "cancelled", running, free_slots)
             if not running:
                 continue
-            self._step(running)
-            for seq in list(running):
-                if seq.logits_at is not None:
-                    self._advance(seq, running, free_slots)
+            self._step(running, free_slots)
         self._drain_pending()
 
     def _drain_pending(self) -> None:
@@ -273,41 +269,46 @@ class LocalModel:
             while (item := self._pending.get_nowait()) is not None:
                 item.emit(Token(item.request.id, "", "cancelled"))
 
-    def _step(self, running: list[_Sequence]) -> None:
-        """One llama_decode: a token for every generating sequence, then prompt chunks."""
-        batch, budget = self._batch, self._batch_tokens
-        batch.n_tokens = 0
-
-        def add(seq: _Sequence, token: int, logits: bool) -> None:
-            i = batch.n_tokens
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, seq.pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq.slot, logits
-            batch.n_tokens = i + 1
-            seq.pos += 1
-            seq.logits_at = i if logits else seq.logits_at
-
-        for seq in running:
-            seq.logits_at = None
-            if seq.next_token is not None:
-                add(seq, seq.next_token, True)
+    def _step(self, running: list[_Sequence], free_slots: list[int]) -> None:
+        """One step: a decode carrying one token of every generating sequence, then prompt chunks
+        of new sequences, each in a decode of its own. (With per-sequence KV streams llama.cpp
+        splits a batch into micro-batches with equal tokens per sequence: one long prompt mixed
+        with decode tokens would cost as many micro-batches as its length.)"""
+        generating = [seq for seq in running if seq.next_token is not None]
+        if generating:
+            self._decode([(seq, [seq.next_token]) for seq in generating if seq.next_token is not None])
+            for i, seq in enumerate(generating):
                 seq.next_token = None
-        for seq in running:
-            left = len(seq.prompt) - seq.fed
-            room = budget - batch.n_tokens
-            if left <= 0 or room <= 0:
-                continue
-            take = min(left, self._prefill_chunk, room)
-            for _ in range(take):
-                seq.fed += 1
-                add(seq, seq.prompt[seq.fed - 1], seq.fed == len(seq.prompt))
-        if batch.n_tokens and self._llama.llama_decode(self._ctx, batch) != 0:
+                self._advance(seq, i, running, free_slots)
+        budget = self._batch_tokens
+        for seq in [s for s in running if s.fed < len(s.prompt)]:
+            take = min(len(seq.prompt) - seq.fed, self._prefill_chunk, budget)
+            if take <= 0:
+                break
+            chunk = seq.prompt[seq.fed : seq.fed + take]
+            seq.fed += take
+            budget -= take
+            self._decode([(seq, chunk)])
+            if seq.fed == len(seq.prompt):
+                self._advance(seq, take - 1, running, free_slots)
+
+    def _decode(self, parts: list[tuple[_Sequence, list[int]]]) -> None:
+        """Decode ``parts`` (sequence, tokens) in one batch; logits for each part's last token."""
+        batch = self._batch
+        batch.n_tokens = 0
+        for seq, tokens in parts:
+            for j, token in enumerate(tokens):
+                i = batch.n_tokens
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, seq.pos, 1
+                batch.seq_id[i][0], batch.logits[i] = seq.slot, j == len(tokens) - 1
+                batch.n_tokens = i + 1
+                seq.pos += 1
+        if self._llama.llama_decode(self._ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    def _advance(self, seq: _Sequence, running: list[_Sequence], free_slots: list[int]) -> None:
-        assert seq.logits_at is not None
-        logits = np.ctypeslib.as_array(
-            self._llama.llama_get_logits_ith(self._ctx, seq.logits_at), (self._n_vocab,)
-        )
+    def _advance(self, seq: _Sequence, index: int, running: list[_Sequence], free_slots: list[int]) -> None:
+        """Sample ``seq``'s next token from the logits at ``index`` of the batch just decoded."""
+        logits = np.ctypeslib.as_array(self._llama.llama_get_logits_ith(self._ctx, index), (self._n_vocab,))
         token = self._sample(seq, logits)
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq, "stop", running, free_slots)

@@ -1,0 +1,125 @@
+"""The local model (SmolLM2 on llama.cpp, continuous batching) at 1, 4, 8 and 16 concurrent requests:
+called directly, and through ``conveyor up`` over HTTP + SSE, in one run.
+
+Per level: 4 * ``concurrency`` requests (at least 8; 64 new tokens at most, greedy), ``concurrency``
+in flight, so the engine runs near steady state rather than draining one wave. Reported:
+aggregate completion tokens/s, time to first token and end-to-end latency (p50). Through Conveyor,
+the first token is the first SSE ``token`` event and the count comes from the recorded usage.
+Run: ``.venv/bin/python benchmarks/local_model.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from conveyor.models.base import GenerationRequest
+from conveyor.models.local import LocalModel
+from conveyor.testing import UpProcess
+
+LEVELS = (1, 4, 8, 16)
+MAX_TOKENS = 64
+PROMPTS = [
+    "Explain what a message queue is.",
+    "Write a short poem about the sea.",
+    "Give three tips for learning Python.",
+    "Describe a sunrise in two sentences.",
+]
+
+# One request: returns (time to first token, latency, completion tokens).
+Call = Callable[[int], Awaitable[tuple[float, float, int]]]
+
+
+async def direct_call(model: LocalModel, i: int) -> tuple[float, float, int]:
+    request = GenerationRequest(id=f"bench-{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS)
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async for token in model.generate([request]):
+        if token.text:
+            tokens += 1
+            first = first or time.perf_counter() - start
+    return first, time.perf_counter() - start, tokens
+
+
+async def conveyor_call(client: aiohttp.ClientSession, i: int) -> tuple[float, float, int]:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS}
+    start = time.perf_counter()
+    async with client.post("/v1/requests", json=body) as response:
+        rid = (await response.json())["id"]
+    first = 0.0
+    async with client.get(f"/v1/requests/{rid}/events") as events:
+        event = ""
+        async for raw in events.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "token":
+                first = first or time.perf_counter() - start
+            elif line.startswith("data: ") and event in ("completed", "failed", "cancelled"):
+                usage = orjson.loads(line[6:])["usage"] or {}
+                return first, time.perf_counter() - start, int(usage.get("completion_tokens", 0))
+    raise RuntimeError(f"stream of {rid} ended without a final event")
+
+
+async def level(call: Call, concurrency: int) -> dict[str, float]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> tuple[float, float, int]:
+        async with gate:
+            return await call(i)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(max(8, 4 * concurrency))))
+    wall = time.perf_counter() - start
+    return {
+        "tok_s": sum(r[2] for r in results) / wall,
+        "ttft": statistics.median(r[0] for r in results) * 1000,
+        "latency": statistics.median(r[1] for r in results) * 1000,
+    }
+
+
+def row(system: str, concurrency: int, r: dict[str, float], base: float) -> str:
+    return (
+        f"| {system} | {concurrency} | {r['tok_s']:.0f} | {r['tok_s'] / base:.2f}x "
+        f"| {r['ttft']:.0f} | {r['latency']:.0f} |"
+    )
+
+
+async def main() -> None:
+    print("| system | concurrent | tokens/s | vs 1 at a time | TTFT p50 ms | latency p50 ms |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = LocalModel(cache_dir=Path(tmp) / "models")
+        await direct_call(model, 0)  # warm up
+        base = 0.0
+        for c in LEVELS:
+            result = await level(lambda i: direct_call(model, i), c)
+            base = base or result["tok_s"]
+            print(row("direct (same engine, no Conveyor)", c, result, base), flush=True)
+        await model.close()
+        up = UpProcess(Path(tmp) / "data", "--model", "local").start(timeout=120)
+        try:
+            async with aiohttp.ClientSession(up.url) as client:
+                await conveyor_call(client, 0)  # warm up (loads the model in the worker)
+                base = 0.0
+                for c in LEVELS:
+                    result = await level(lambda i: conveyor_call(client, i), c)
+                    base = base or result["tok_s"]
+                    print(row("conveyor up (HTTP + NATS + SSE)", c, result, base), flush=True)
+        finally:
+            up.stop()
+            up.cleanup()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
