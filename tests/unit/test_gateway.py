@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
+import websockets
 
 from conveyor.models.simulated import SimulatedModel
 from tests.helpers import read_sse, streamed_text, submit, wait_final
@@ -171,3 +173,24 @@ async def test_health_readiness_metrics_and_docs(node: NodeFactory) -> None:
         assert 'conveyor_consumer_pending{topic="requests",group="prepare"} 0' in metrics
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/v1/requests", "/v1/requests/{rid}", "/v1/requests/{rid}/events"} <= set(paths)
+
+
+async def test_a_websocket_streams_the_same_events_and_can_cancel(node: NodeFactory) -> None:
+    async with node(token_delay=0.02) as client:
+        rid = await submit(client, "stream me", max_tokens=40)
+        ws_url = str(client.base_url).replace("http://", "ws://") + f"/v1/requests/{rid}/ws"
+        async with websockets.connect(ws_url) as ws:
+            messages = [orjson.loads(m) async for m in ws]
+        sse = await read_sse(client, rid)
+        assert [(m["id"], m["event"], m["data"]) for m in messages] == sse
+
+        slow = await submit(client, "a long answer", max_tokens=2000)
+        async with websockets.connect(
+            str(client.base_url).replace("http://", "ws://") + f"/v1/requests/{slow}/ws"
+        ) as ws:
+            async for raw in ws:
+                if orjson.loads(raw)["event"] == "token":
+                    await ws.send(orjson.dumps({"action": "cancel"}).decode())
+                    break
+            events = [orjson.loads(m)["event"] async for m in ws]
+        assert events[-1] == "cancelled"

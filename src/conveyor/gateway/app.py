@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,7 +17,7 @@ from conveyor.errors import UnavailableError
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
-from conveyor.gateway.sse import stream_request
+from conveyor.gateway.sse import request_events, stream_request
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
 from conveyor.payloads import RequestAccepted, Sampling
@@ -201,6 +201,39 @@ def create_app(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @app.websocket("/v1/requests/{rid}/ws")
+    async def events_ws(websocket: WebSocket, rid: str, last_event_id: int = 0) -> None:
+        """The SSE stream as WebSocket JSON messages ``{"id", "event", "data"}``; send
+        ``{"action": "cancel"}`` to cancel the request."""
+        await websocket.accept()
+        view = await core.view(rid)
+        if view is None:
+            await websocket.close(code=4404, reason=f"no request with id {rid!r}")
+            return
+
+        async def listen() -> None:
+            with contextlib.suppress(WebSocketDisconnect):
+                while True:
+                    message = await websocket.receive_json()
+                    current = await core.view(rid)
+                    if message.get("action") == "cancel" and current is not None and not current.terminal:
+                        await core.cancel(current)
+
+        listener = asyncio.create_task(listen())
+        try:
+            async with contextlib.aclosing(
+                request_events(rid, last_event_id, log, store, core.watch)
+            ) as events:
+                async for event in events:
+                    if event is not None:
+                        event_id, name, data = event
+                        await websocket.send_json({"id": event_id, "event": name, "data": data})
+            await websocket.close()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            listener.cancel()
 
     @app.delete("/v1/requests/{rid}", tags=["requests"])
     async def cancel(rid: str) -> JSONResponse:
