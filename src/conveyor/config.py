@@ -14,9 +14,11 @@ STAGES = ("prepare", "generate", "finalize", "projector")
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSettings:
-    name: str = "local"  # SmolLM2 on the CPU; "simulated" answers instantly (tests, load tests)
+    name: str = "local"  # SmolLM2 on the CPU; "simulated" answers instantly; "openai" an upstream
     ttft: float = 0.0
     token_delay: float = 0.0
+    upstream_url: str = ""  # --model openai: the server's /v1 base URL
+    upstream_model: str = ""  # --model openai: the model name the server knows
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +47,8 @@ class Settings:
             name=get("MODEL") or base.model.name,
             ttft=float(get("MODEL_TTFT") or base.model.ttft),
             token_delay=float(get("MODEL_TOKEN_DELAY") or base.model.token_delay),
+            upstream_url=get("UPSTREAM_URL") or "",
+            upstream_model=get("UPSTREAM_MODEL") or "",
         )
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         return cls(
@@ -71,6 +75,8 @@ class Settings:
             "CONVEYOR_MODEL": self.model.name,
             "CONVEYOR_MODEL_TTFT": repr(self.model.ttft),
             "CONVEYOR_MODEL_TOKEN_DELAY": repr(self.model.token_delay),
+            "CONVEYOR_UPSTREAM_URL": self.model.upstream_url,
+            "CONVEYOR_UPSTREAM_MODEL": self.model.upstream_model,
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
         }
         if self.log_url:

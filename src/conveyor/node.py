@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -31,6 +32,13 @@ from conveyor.store.base import StateStore
 from conveyor.supervisor import WorkerProcesses
 
 
+def model_id(settings: Settings) -> str:
+    """The id clients use for the configured model in the OpenAI-compatible API."""
+    if settings.model.name == "openai":
+        return settings.model.upstream_model
+    return MODEL_IDS.get(settings.model.name, settings.model.name)
+
+
 def build_model(settings: Settings) -> ModelBackend:
     if settings.model.name == "simulated":
         return SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay)
@@ -38,7 +46,16 @@ def build_model(settings: Settings) -> ModelBackend:
         from conveyor.models.local import LocalModel  # needs the "local" extra
 
         return LocalModel(cache_dir=settings.data_dir / "models")
-    raise ValueError(f"unknown model {settings.model.name!r}; available: local, simulated")
+    if settings.model.name == "openai":
+        from conveyor.models.openai_compat import OpenAICompatModel
+
+        if not settings.model.upstream_url or not settings.model.upstream_model:
+            raise ValueError("--model openai needs --upstream-url and --upstream-model")
+        api_key = os.environ.get("CONVEYOR_UPSTREAM_API_KEY")  # a secret: environment only
+        return OpenAICompatModel(
+            base_url=settings.model.upstream_url, model=settings.model.upstream_model, api_key=api_key
+        )
+    raise ValueError(f"unknown model {settings.model.name!r}; available: local, openai, simulated")
 
 
 def build_pipeline(settings: Settings, model: ModelBackend, cancels: CancelWatch) -> Pipeline:
@@ -164,9 +181,7 @@ async def run_node(
                 if metrics_sock is not None:
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
                 if sock is not None:
-                    app = create_app(
-                        log, store, models=[MODEL_IDS.get(settings.model.name, settings.model.name)]
-                    )
+                    app = create_app(log, store, models=[model_id(settings)])
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 metrics_urls = (
                     [f"http://{settings.host}:{p}/metrics" for p in children.metrics_ports]

@@ -10,8 +10,8 @@ import pytest
 import websockets
 
 from conveyor.models.simulated import SimulatedModel
+from tests.conftest import NodeFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
-from tests.unit.conftest import NodeFactory
 
 
 async def test_a_request_completes_with_the_models_answer(node: NodeFactory) -> None:

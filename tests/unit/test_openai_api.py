@@ -8,8 +8,8 @@ import openai
 import pytest
 
 from conveyor.models.simulated import SimulatedModel
+from tests.conftest import NodeFactory
 from tests.helpers import wait_final
-from tests.unit.conftest import NodeFactory
 
 PROMPT = "Write a haiku about queues"
 

@@ -10,7 +10,7 @@ from typing import Protocol
 from conveyor.payloads import FinishReason
 
 # The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
-MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}
+MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}  # openai: the upstream's name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,0 +1,108 @@
+"""Any OpenAI-compatible server as the model: vLLM, TGI, Ollama, llama.cpp's server, hosted APIs.
+
+Streams ``/chat/completions``. Failures are sorted the way the runtime needs them: a connection
+error, a timeout, a 429 or a 5xx is retryable (the runtime backs off and tries again); any other
+4xx — a bad request, a refused prompt — is permanent, and the event goes to the dead-letter topic
+with the upstream's own message. A cancelled request closes its stream, so the server stops too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from conveyor.errors import PermanentError, RetryableError, UnavailableError
+from conveyor.models.base import GenerationRequest, ModelInfo, Token
+from conveyor.payloads import FinishReason
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+class OpenAICompatModel:
+    """The ModelBackend of ``--model openai``: one HTTP stream per request."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        version: str = "",
+        license: str = "see the upstream provider",
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout, connect=5.0)
+        )
+        self._model = model
+        self._info = ModelInfo(name=model, version=version, license=license)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)  # the upstream's tokenizer is not ours; ~4 characters a token
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
+        for request in requests:  # one stream each; the upstream server does its own batching
+            async for token in self._one(request):
+                yield token
+
+    async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
+        messages = [{"role": r, "content": c} for r, c in request.messages] or [
+            {"role": "user", "content": request.prompt}
+        ]
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+        }
+        if request.stop:
+            body["stop"] = list(request.stop)
+        try:
+            async with self._client.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _classify(response)
+                finish: FinishReason = "stop"
+                async for line in response.aiter_lines():
+                    if request.cancelled.is_set():
+                        yield Token(request.id, "", "cancelled")
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    for choice in orjson.loads(data).get("choices", []):
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            yield Token(request.id, text)
+                        if choice.get("finish_reason"):
+                            finish = _FINISH.get(choice["finish_reason"], "stop")
+                yield Token(request.id, "", finish)
+        except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
+            raise UnavailableError(f"model server unreachable: {exc!r}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _classify(response: httpx.Response) -> Exception:
+    try:
+        error = response.json().get("error", {})
+        detail = error.get("message") if isinstance(error, dict) else str(error)
+    except ValueError:
+        detail = response.text[:500]
+    message = f"model server answered {response.status_code}: {detail or response.reason_phrase}"
+    if response.status_code == 429 or response.status_code >= 500:
+        return RetryableError(message)
+    return PermanentError(message)

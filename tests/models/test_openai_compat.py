@@ -1,0 +1,122 @@
+"""The OpenAI-compatible upstream backend against a real server: llama-cpp-python's, on the same GGUF."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.embedded import free_port, port_accepts, terminate
+from conveyor.errors import PermanentError, UnavailableError
+from conveyor.models.base import GenerationRequest
+from conveyor.models.local import shipped_gguf
+from conveyor.models.openai_compat import OpenAICompatModel
+from conveyor.testing import UpProcess
+from tests.conftest import NodeFactory
+from tests.helpers import submit, wait_final
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(shipped_gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "1024",
+            "--verbose",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not port_accepts(port):  # the server opens its port once the model is loaded
+            assert process.poll() is None, "llama_cpp.server exited"
+            assert time.monotonic() < deadline, "llama_cpp.server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        terminate(process.pid, grace=5)
+        process.wait()
+
+
+async def collect(model: OpenAICompatModel, request: GenerationRequest) -> tuple[str, str | None]:
+    text, finish = [], None
+    async for token in model.generate([request]):
+        text.append(token.text)
+        finish = token.finish_reason or finish
+    return "".join(text), finish
+
+
+async def test_it_streams_a_real_answer_and_honours_max_tokens(server: str) -> None:
+    model = OpenAICompatModel(base_url=server, model="smollm2")
+    try:
+        text, finish = await collect(
+            model, GenerationRequest(id="a", prompt="What is the capital of France?", max_tokens=32)
+        )
+        assert "Paris" in text
+        assert finish == "stop"
+        _, finish = await collect(
+            model, GenerationRequest(id="b", prompt="Tell me a long story.", max_tokens=4)
+        )
+        assert finish == "length"
+    finally:
+        await model.close()
+
+
+async def test_a_refusal_is_permanent_and_carries_the_servers_reason(node: NodeFactory) -> None:
+    # Conveyor's own gateway is an OpenAI-compatible server too, and refuses unknown models (404).
+    async with node() as http:
+        model = OpenAICompatModel(base_url=f"{str(http.base_url).rstrip('/')}/v1", model="no-such-model")
+        try:
+            with pytest.raises(
+                PermanentError, match="answered 404: the model 'no-such-model' does not exist"
+            ):
+                await collect(model, GenerationRequest(id="c", prompt="hi", max_tokens=4))
+        finally:
+            await model.close()
+
+
+async def test_an_unreachable_server_is_retryable() -> None:
+    model = OpenAICompatModel(base_url=f"http://127.0.0.1:{free_port()}/v1", model="x")
+    try:
+        with pytest.raises(UnavailableError, match="unreachable"):
+            await collect(model, GenerationRequest(id="d", prompt="hi", max_tokens=4))
+    finally:
+        await model.close()
+
+
+async def test_conveyor_up_serves_an_upstream_model_through_the_pipeline(server: str, tmp_path: Path) -> None:
+    up = UpProcess(
+        tmp_path / "data", "--model", "openai", "--upstream-url", server, "--upstream-model", "smollm2"
+    )
+    try:
+        up.start(timeout=60)
+        async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
+            view = await wait_final(
+                client, await submit(client, "What is the capital of France?", max_tokens=32)
+            )
+        assert view["status"] == "completed"
+        assert "Paris" in view["output"]
+        assert view["model"] == "smollm2"
+    finally:
+        if up.process is not None:
+            up.stop()
+        up.cleanup()
