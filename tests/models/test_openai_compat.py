@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conveyor.embedded import free_port, port_accepts, terminate
+from conveyor.embedded import free_port, terminate
 from conveyor.errors import PermanentError, UnavailableError
 from conveyor.models.base import GenerationRequest
 from conveyor.models.local import shipped_gguf
@@ -42,19 +42,28 @@ def server() -> Iterator[str]:
             "--verbose",
             "false",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
+    started = threading.Event()
+
+    def watch_output() -> None:  # uvicorn says when it listens; keep draining so the pipe never fills
+        assert process.stdout is not None
+        for line in process.stdout:
+            if b"Uvicorn running on" in line:
+                started.set()
+        started.set()  # exited: let the fixture fail with a clear message
+
+    threading.Thread(target=watch_output, daemon=True).start()
     try:
-        deadline = time.monotonic() + 60
-        while not port_accepts(port):  # the server opens its port once the model is loaded
-            assert process.poll() is None, "llama_cpp.server exited"
-            assert time.monotonic() < deadline, "llama_cpp.server did not start"
-            time.sleep(0.05)
+        assert started.wait(60), "llama_cpp.server did not start within 60 s"
+        assert process.poll() is None, "llama_cpp.server exited"
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         terminate(process.pid, grace=5)
         process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 async def collect(model: OpenAICompatModel, request: GenerationRequest) -> tuple[str, str | None]:

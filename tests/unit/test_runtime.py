@@ -46,7 +46,7 @@ async def test_events_of_one_key_run_in_order_while_keys_run_concurrently() -> N
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
-        await asyncio.sleep(random.uniform(0, 0.003))
+        await asyncio.sleep(random.uniform(0, 0.003))  # simulated work of uneven length, not a wait
         running -= 1
 
     stage, seen = echo_stage(slow)
