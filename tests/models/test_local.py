@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from conveyor.errors import PermanentError
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.local import LocalModel
 
@@ -89,3 +90,9 @@ async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_uncha
     # The freed slot serves the next request at once.
     again = await asyncio.wait_for(run(model, [request(9, prompts[1], max_tokens=40)]), 30)
     assert again["r9"] == solo[1]
+
+
+async def test_a_prompt_longer_than_the_context_is_refused_for_good(model: LocalModel) -> None:
+    with pytest.raises(PermanentError, match="exceed the context"):
+        await run(model, [request(0, "queue " * 2000)])
+    assert (await run(model, [request(1, PROMPTS[0])]))["r1"][1] == "stop"  # the engine serves on

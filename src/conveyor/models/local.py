@@ -197,7 +197,8 @@ class LocalModel:
         def emit(token: Token) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(out.put_nowait, token)
 
-        for request in requests:
+        sequences = []
+        for request in requests:  # check them all before any starts
             prompt = self._tokenize(self.chat_prompt(request), special=True)
             if len(prompt) + request.max_tokens > self._context_per_slot:
                 limit = self._context_per_slot - request.max_tokens
@@ -207,7 +208,9 @@ class LocalModel:
                 )
             seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
             rng = np.random.default_rng(seed)
-            self._pending.put(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
+            sequences.append(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
+        for sequence in sequences:
+            self._pending.put(sequence)
         remaining = len(requests)
         try:
             while remaining:
