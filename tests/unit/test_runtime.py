@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events import Envelope, Topic, new_event
+from conveyor.log.base import Delivery, Subscription
 from conveyor.log.memory import MemoryEventLog
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, decode
 from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
@@ -41,12 +41,17 @@ def echo_stage(handler_body: object = None, **options: object) -> tuple[Stage, l
 
 async def test_events_of_one_key_run_in_order_while_keys_run_concurrently() -> None:
     running, peak = 0, 0
+    all_keys_in = asyncio.Event()
 
     async def slow(prompt: str) -> None:
+        # Each handler holds its lane until one event of every key is in flight at once:
+        # that can only happen if lanes run concurrently (and a lane never runs two at once).
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
-        await asyncio.sleep(random.uniform(0, 0.003))  # simulated work of uneven length, not a wait
+        if running == 4:
+            all_keys_in.set()
+        await all_keys_in.wait()
         running -= 1
 
     stage, seen = echo_stage(slow)
@@ -57,7 +62,7 @@ async def test_events_of_one_key_run_in_order_while_keys_run_concurrently() -> N
         await worker.idle()
     for key in "abcd":
         assert [p for p in seen if p.startswith(key)] == [f"{key}-{i}" for i in range(10)]
-    assert peak > 1
+    assert peak == 4  # one per key, never two of the same key
     assert len(harness.published(Topic.PREPARED)) == 40
 
 
@@ -193,12 +198,45 @@ async def test_events_of_other_types_are_skipped() -> None:
     assert out.get(Topic.PREPARED, []) == []
 
 
+class HeartbeatCountingLog(MemoryEventLog):
+    """Counts the heartbeats sent for the deliveries it hands out; ``beats`` is set at ``enough``."""
+
+    def __init__(self, *, ack_wait: float, enough: int) -> None:
+        super().__init__(ack_wait=ack_wait)
+        self.count, self.enough, self.beats = 0, enough, asyncio.Event()
+
+    async def subscribe(self, topic: str, group: str) -> Subscription:
+        sub = await super().subscribe(topic, group)
+        fetch = sub.fetch
+
+        async def counting_fetch(max_messages: int, timeout: float) -> list[Delivery]:
+            deliveries = await fetch(max_messages, timeout)
+            for delivery in deliveries:
+                beat = delivery._progress
+
+                async def counted(beat: Callable[[], Awaitable[None]] = beat) -> None:
+                    await beat()
+                    self.count += 1
+                    if self.count >= self.enough:
+                        self.beats.set()
+
+                delivery._progress = counted
+            return deliveries
+
+        sub.fetch = counting_fetch  # type: ignore[method-assign]
+        return sub
+
+
 async def test_heartbeats_keep_a_long_handler_from_being_redelivered() -> None:
+    # The handler holds its event across several ack deadlines: it finishes only after the
+    # worker has sent enough heartbeats to span three deadlines (0.3 s each, a beat per 0.1 s).
+    log = HeartbeatCountingLog(ack_wait=0.3, enough=9)
+
     async def long_work(prompt: str) -> None:
-        await asyncio.sleep(1.0)  # the work itself: longer than three ack deadlines
+        await log.beats.wait()
 
     stage, seen = echo_stage(long_work)
-    harness = StageHarness(stage, log=MemoryEventLog(ack_wait=0.3))
+    harness = StageHarness(stage, log=log)
     worker = StageWorker(stage, harness.log, harness.store, heartbeat=0.1)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
@@ -206,5 +244,6 @@ async def test_heartbeats_keep_a_long_handler_from_being_redelivered() -> None:
     await worker.idle()
     stop.set()
     await task
-    assert seen == ["x"]
+    assert log.count >= 9
+    assert seen == ["x"]  # never redelivered while it was held
     assert len(harness.published(Topic.PREPARED)) == 1

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
-from conveyor.log.base import Delivery, Lag, Tailed
+from conveyor.log.base import Delivery, Lag, Subscription, Tailed
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,7 +78,7 @@ class MemoryEventLog:
                 out.append(Envelope.from_headers(record.headers, record.body))
         return out
 
-    async def subscribe(self, topic: str, group: str) -> _MemorySubscription:
+    async def subscribe(self, topic: str, group: str) -> Subscription:
         t = self._topic(topic)
         return _MemorySubscription(topic, t, t.groups.setdefault(group, _Group()), self._ack_wait)
 
