@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -79,8 +80,8 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 @pytest.fixture
 def node(tmp_path: Path) -> NodeFactory:
     @contextlib.asynccontextmanager
-    async def start(*, token_delay: float = 0.0) -> AsyncIterator[httpx.AsyncClient]:
-        model = ModelSettings(name="simulated", token_delay=token_delay)
+    async def start(**model_options: Any) -> AsyncIterator[httpx.AsyncClient]:
+        model = ModelSettings(backend="simulated", **model_options)
         settings = Settings(
             port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from conveyor.config import STAGES, ModelSettings, Settings
+from conveyor.config import STAGES, Settings
 from conveyor.errors import ConveyorError
 from conveyor.log.base import EventLog
 
@@ -30,12 +30,24 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="local (default, SmolLM2 on the CPU), openai (an upstream server), simulated"
     )
+    parser.add_argument("--model-name", help="the model's id in the API and on its events (default: its own)")
+    parser.add_argument("--model-version", help="the version recorded on every event the model produced")
+    parser.add_argument("--model-license", help="the license recorded on every event the model produced")
     parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
     parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
     parser.add_argument(
         "--upstream-url", help="--model openai: the server's base URL, e.g. http://host:8080/v1"
     )
     parser.add_argument("--upstream-model", help="--model openai: the model name on that server")
+    parser.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
+    parser.add_argument(
+        "--batch-max-wait", type=float, help="generate: seconds a batch waits to fill (default 0: never)"
+    )
+    parser.add_argument(
+        "--batch-target-latency",
+        type=float,
+        help="generate: adapt the batch size to keep a batch's time under this many seconds",
+    )
     parser.add_argument(
         "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
     )
@@ -44,12 +56,19 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     base = Settings.from_env()
-    model = ModelSettings(
-        name=args.model or base.model.name,
+    model = dataclasses.replace(
+        base.model,
+        backend=args.model or base.model.backend,
+        name=args.model_name or base.model.name,
+        version=args.model_version or base.model.version,
+        license=args.model_license or base.model.license,
         ttft=base.model.ttft if args.model_ttft is None else args.model_ttft,
         token_delay=base.model.token_delay if args.model_token_delay is None else args.model_token_delay,
         upstream_url=args.upstream_url or base.model.upstream_url,
         upstream_model=args.upstream_model or base.model.upstream_model,
+        batch_max_size=args.batch_max_size or base.model.batch_max_size,
+        batch_max_wait=base.model.batch_max_wait if args.batch_max_wait is None else args.batch_max_wait,
+        batch_target_latency=args.batch_target_latency or base.model.batch_target_latency,
     )
     blocklist = base.blocklist
     if args.blocklist_file:
@@ -104,7 +123,7 @@ def _up(args: argparse.Namespace) -> int:
         where = "in this process" if in_process else f"in {args.workers} worker process(es)"
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
         print(f"  log and store: {log_url} ({origin})", flush=True)
-        print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.name}", flush=True)
+        print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.backend}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
         print("  Ctrl-C drains in-flight work and stops.", flush=True)

@@ -14,11 +14,20 @@ STAGES = ("prepare", "generate", "finalize", "projector")
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSettings:
-    name: str = "local"  # SmolLM2 on the CPU; "simulated" answers instantly; "openai" an upstream
+    backend: str = "local"  # SmolLM2 on the CPU; "simulated" answers instantly; "openai" an upstream
+    # How the model is known: the id clients ask for and what every event it produced carries
+    # (empty: the backend's own name, version and license).
+    name: str = ""
+    version: str = ""
+    license: str = ""
     ttft: float = 0.0
     token_delay: float = 0.0
     upstream_url: str = ""  # --model openai: the server's /v1 base URL
     upstream_model: str = ""  # --model openai: the model name the server knows
+    # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
+    batch_max_size: int = 16
+    batch_max_wait: float = 0.0
+    batch_target_latency: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,12 +52,19 @@ class Settings:
             return env.get(f"CONVEYOR_{name}") or None
 
         base = cls()
+        target = get("BATCH_TARGET_LATENCY")
         model = ModelSettings(
-            name=get("MODEL") or base.model.name,
+            backend=get("MODEL") or base.model.backend,
+            name=get("MODEL_NAME") or "",
+            version=get("MODEL_VERSION") or "",
+            license=get("MODEL_LICENSE") or "",
             ttft=float(get("MODEL_TTFT") or base.model.ttft),
             token_delay=float(get("MODEL_TOKEN_DELAY") or base.model.token_delay),
             upstream_url=get("UPSTREAM_URL") or "",
             upstream_model=get("UPSTREAM_MODEL") or "",
+            batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
+            batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
+            batch_target_latency=float(target) if target is not None else None,
         )
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         return cls(
@@ -72,13 +88,20 @@ class Settings:
             "CONVEYOR_DATA_DIR": str(self.data_dir),
             "CONVEYOR_PREFIX": self.prefix,
             "CONVEYOR_ACK_WAIT": repr(self.ack_wait),
-            "CONVEYOR_MODEL": self.model.name,
+            "CONVEYOR_MODEL": self.model.backend,
+            "CONVEYOR_MODEL_NAME": self.model.name,
+            "CONVEYOR_MODEL_VERSION": self.model.version,
+            "CONVEYOR_MODEL_LICENSE": self.model.license,
             "CONVEYOR_MODEL_TTFT": repr(self.model.ttft),
             "CONVEYOR_MODEL_TOKEN_DELAY": repr(self.model.token_delay),
             "CONVEYOR_UPSTREAM_URL": self.model.upstream_url,
             "CONVEYOR_UPSTREAM_MODEL": self.model.upstream_model,
+            "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
+            "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
         }
+        if self.model.batch_target_latency is not None:
+            env["CONVEYOR_BATCH_TARGET_LATENCY"] = repr(self.model.batch_target_latency)
         if self.log_url:
             env["CONVEYOR_LOG_URL"] = self.log_url
         if self.store_url:

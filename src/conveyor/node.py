@@ -21,10 +21,10 @@ from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
 from conveyor.gateway.app import create_app
 from conveyor.log.base import EventLog
-from conveyor.models.base import MODEL_IDS, ModelBackend
+from conveyor.models.base import MODEL_IDS, ModelBackend, ModelInfo
 from conveyor.models.simulated import SimulatedModel
 from conveyor.observability.metrics import REGISTRY
-from conveyor.pipeline import Pipeline
+from conveyor.pipeline import BatchPolicy, Pipeline
 from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
 from conveyor.stages import CancelWatch, SafetyPolicy, finalize_stage, generate_stage, prepare_stage
@@ -34,19 +34,31 @@ from conveyor.supervisor import WorkerProcesses
 
 def model_id(settings: Settings) -> str:
     """The id clients use for the configured model in the OpenAI-compatible API."""
-    if settings.model.name == "openai":
+    if settings.model.name:
+        return settings.model.name
+    if settings.model.backend == "openai":
         return settings.model.upstream_model
-    return MODEL_IDS.get(settings.model.name, settings.model.name)
+    return MODEL_IDS.get(settings.model.backend, settings.model.backend)
+
+
+def model_info(settings: Settings, model: ModelBackend) -> ModelInfo:
+    """What every event the model produced carries: the backend's own, overridden by settings."""
+    own = model.info
+    return ModelInfo(
+        name=model_id(settings),
+        version=settings.model.version or own.version,
+        license=settings.model.license or own.license,
+    )
 
 
 def build_model(settings: Settings) -> ModelBackend:
-    if settings.model.name == "simulated":
+    if settings.model.backend == "simulated":
         return SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay)
-    if settings.model.name == "local":
+    if settings.model.backend == "local":
         from conveyor.models.local import LocalModel  # needs the "local" extra
 
         return LocalModel(cache_dir=settings.data_dir / "models")
-    if settings.model.name == "openai":
+    if settings.model.backend == "openai":
         from conveyor.models.openai_compat import OpenAICompatModel
 
         if not settings.model.upstream_url or not settings.model.upstream_model:
@@ -55,14 +67,23 @@ def build_model(settings: Settings) -> ModelBackend:
         return OpenAICompatModel(
             base_url=settings.model.upstream_url, model=settings.model.upstream_model, api_key=api_key
         )
-    raise ValueError(f"unknown model {settings.model.name!r}; available: local, openai, simulated")
+    raise ValueError(f"unknown model {settings.model.backend!r}; available: local, openai, simulated")
 
 
 def build_pipeline(settings: Settings, model: ModelBackend, cancels: CancelWatch) -> Pipeline:
     return Pipeline(
         [
             prepare_stage(SafetyPolicy(settings.blocklist)),
-            generate_stage(model, cancels),
+            generate_stage(
+                model,
+                cancels,
+                info=model_info(settings, model),
+                batching=BatchPolicy(
+                    max_size=settings.model.batch_max_size,
+                    max_wait=settings.model.batch_max_wait,
+                    target_latency=settings.model.batch_target_latency,
+                ),
+            ),
             finalize_stage(),
             Projector().stage(),
         ]

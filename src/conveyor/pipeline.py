@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -41,6 +41,10 @@ class StageContext(Protocol):
 
 Handler = Callable[[StageContext, Envelope], Awaitable[Sequence[Output]]]
 ManyHandler = Callable[[StageContext, Sequence[Envelope]], Awaitable[Sequence[Output]]]
+# Yields (index into the batch, that event's outputs or its own error) as each event finishes.
+BatchHandler = Callable[
+    [StageContext, Sequence[Envelope]], AsyncGenerator[tuple[int, Sequence[Output] | Exception], None]
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +60,26 @@ class RetryPolicy:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BatchPolicy:
+    """How the runtime groups events of different lanes into one ``Stage.handle_batch`` call.
+
+    A batch leaves when it holds ``max_size`` events or when its first event has waited
+    ``max_wait`` seconds (0: whatever arrived in the same fetch, no added latency). With
+    ``target_latency`` set, the size limit adapts: it starts at 1, grows by one after each
+    full batch handled within the target and halves after a batch that took longer, so
+    batches are as large as the latency target allows (at most ``max_size``).
+    """
+
+    max_size: int = 16
+    max_wait: float = 0.0
+    target_latency: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1 or self.max_wait < 0 or (self.target_latency or 0) < 0:
+            raise ValueError(f"invalid batch policy {self}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Stage:
     """A handler and the contract the runtime keeps around it.
 
@@ -68,6 +92,9 @@ class Stage:
     ``handle_many``, when given, receives every event queued in one lane at once (a
     read model can fold them into one write); ``handler`` still handles lone events and
     isolates a poison event when a batch fails.
+    ``handle_batch`` with ``batching``, when given, receives the head events of several lanes
+    at once (a model backend that generates a batch faster than its events one by one); an
+    event the batch call fails for as a whole is retried alone through ``handler``.
     """
 
     name: str
@@ -80,6 +107,8 @@ class Stage:
     max_deliveries: int = 10
     dedupe: bool = True
     handle_many: ManyHandler | None = None
+    handle_batch: BatchHandler | None = None
+    batching: BatchPolicy = BatchPolicy()
     lane: Callable[[Envelope], str] = lambda event: event.key
 
 

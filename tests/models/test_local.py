@@ -92,7 +92,10 @@ async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_uncha
     assert again["r9"] == solo[1]
 
 
-async def test_a_prompt_longer_than_the_context_is_refused_for_good(model: LocalModel) -> None:
-    with pytest.raises(PermanentError, match="exceed the context"):
-        await run(model, [request(0, "queue " * 2000)])
-    assert (await run(model, [request(1, PROMPTS[0])]))["r1"][1] == "stop"  # the engine serves on
+async def test_a_prompt_longer_than_the_context_fails_alone_and_for_good(model: LocalModel) -> None:
+    tokens = [t async for t in model.generate([request(0, "queue " * 2000), request(1, PROMPTS[0])])]
+    (refused,) = [t for t in tokens if t.error is not None]
+    assert refused.request_id == "r0"
+    assert isinstance(refused.error, PermanentError)
+    assert "exceed the context" in str(refused.error)
+    assert [t.finish_reason for t in tokens if t.request_id == "r1" and t.last] == ["stop"]  # batch-mate

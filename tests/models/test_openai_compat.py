@@ -69,6 +69,8 @@ def server() -> Iterator[str]:
 async def collect(model: OpenAICompatModel, request: GenerationRequest) -> tuple[str, str | None]:
     text, finish = [], None
     async for token in model.generate([request]):
+        if token.error is not None:
+            raise token.error
         text.append(token.text)
         finish = token.finish_reason or finish
     return "".join(text), finish

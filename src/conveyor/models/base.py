@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
+from conveyor.errors import ConveyorError
 from conveyor.payloads import FinishReason
 
 # The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
@@ -42,19 +43,27 @@ class GenerationRequest:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Token:
-    """A piece of text for request ``request_id``; the last one has ``finish_reason``."""
+    """A piece of text for request ``request_id``; the last one has ``finish_reason``, or
+    ``error`` when that request failed on its own (its batch-mates go on)."""
 
     request_id: str
     text: str
     finish_reason: FinishReason | None = None
+    error: ConveyorError | None = None
+
+    @property
+    def last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
 
 
 class ModelBackend(Protocol):
     """A text generator called by the generate stage with a batch of requests.
 
-    Contract: every request of the batch ends with exactly one token carrying a
-    ``finish_reason``; a request whose ``cancelled`` event is set ends at its next
-    token with ``"cancelled"``; tokens of different requests may interleave.
+    Contract: every request of the batch ends with exactly one ``last`` token (a
+    ``finish_reason``, or the ``error`` of a request that failed on its own, retryable or
+    permanent); a request whose ``cancelled`` event is set ends at its next token with
+    ``"cancelled"``; tokens of different requests may interleave. An exception raised by
+    ``generate`` fails the whole batch: each request is then retried alone.
     """
 
     @property
@@ -62,7 +71,7 @@ class ModelBackend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
+    def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         """Tokens of all ``requests``, interleaved; each request ends with one finishing token."""
         ...
 

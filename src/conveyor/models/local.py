@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ def _llama() -> Any:
         llama_cpp.llama_log_set(sink, None)
         _llama.log_sink = sink  # type: ignore[attr-defined]  # the C side holds no reference
     return llama_cpp
+
+
+def _digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:12]
 
 
 def shipped_gguf() -> Path:
@@ -127,7 +132,8 @@ class LocalModel:
         self._llama = llama = _llama()
         source = model_path or shipped_gguf()
         path = quantized(source, cache_dir) if requantize else source
-        self._info = ModelInfo(name=MODEL_NAME, version=path.name, license=LICENSE)
+        # The version names the exact weights (a replay can tell which file produced an output).
+        self._info = ModelInfo(name=MODEL_NAME, version=f"{path.name}@{_digest(path)}", license=LICENSE)
         self._slots, self._context_per_slot = slots, context_per_slot
         self._batch_tokens, self._prefill_chunk = batch_tokens, prefill_chunk
         llama.llama_backend_init()
@@ -190,7 +196,7 @@ class LocalModel:
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return bytes(buf.raw[:n])
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Token] = asyncio.Queue()
 
@@ -198,14 +204,16 @@ class LocalModel:
             loop.call_soon_threadsafe(out.put_nowait, token)
 
         sequences = []
-        for request in requests:  # check them all before any starts
+        for request in requests:
             prompt = self._tokenize(self.chat_prompt(request), special=True)
             if len(prompt) + request.max_tokens > self._context_per_slot:
                 limit = self._context_per_slot - request.max_tokens
-                raise PermanentError(
+                error = PermanentError(
                     f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceed the "
                     f"context of {self._context_per_slot} tokens per request (prompt limit {limit})"
                 )
+                out.put_nowait(Token(request.id, "", error=error))
+                continue
             seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
             rng = np.random.default_rng(seed)
             sequences.append(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
@@ -217,7 +225,7 @@ class LocalModel:
                 token = await out.get()
                 if self._failure is not None:
                     raise UnavailableError(f"the local model engine stopped: {self._failure!r}")
-                if token.finish_reason is not None:
+                if token.last:
                     remaining -= 1
                 yield token
         finally:

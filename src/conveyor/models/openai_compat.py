@@ -8,13 +8,14 @@ with the upstream's own message. A cancelled request closes its stream, so the s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import orjson
 
-from conveyor.errors import PermanentError, RetryableError, UnavailableError
+from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason
 
@@ -48,10 +49,30 @@ class OpenAICompatModel:
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)  # the upstream's tokenizer is not ours; ~4 characters a token
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
-        for request in requests:  # one stream each; the upstream server does its own batching
-            async for token in self._one(request):
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
+        # One stream per request, all at once: the upstream server does its own batching.
+        merged: asyncio.Queue[Token] = asyncio.Queue()
+
+        async def pump(request: GenerationRequest) -> None:
+            try:
+                async for token in self._one(request):
+                    merged.put_nowait(token)
+            except ConveyorError as exc:  # this request's own failure; the others go on
+                merged.put_nowait(Token(request.id, "", error=exc))
+            except Exception as exc:  # e.g. a garbled stream: worth another try
+                merged.put_nowait(Token(request.id, "", error=RetryableError(f"upstream stream: {exc!r}")))
+
+        pumps = [asyncio.create_task(pump(request)) for request in requests]
+        remaining = len(requests)
+        try:
+            while remaining:
+                token = await merged.get()
+                remaining -= token.last
                 yield token
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
         messages = [{"role": r, "content": c} for r, c in request.messages] or [

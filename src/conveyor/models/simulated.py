@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason
@@ -66,7 +66,7 @@ class SimulatedModel:
         tokens = [words[0].capitalize()] + [" " + w for w in words[1:]] if words else []
         return tokens, "stop" if natural <= max_tokens else "length"
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[Token]:
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         plans = {r.id: self.answer(r.prompt, r.max_tokens) for r in requests}
         if self._ttft:
             await asyncio.sleep(self._ttft)

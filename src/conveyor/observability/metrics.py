@@ -38,11 +38,31 @@ class Counter:
         return lines
 
 
+class Gauge:
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self._values: dict[Labels, float] = {}
+
+    def set(self, value: float, **labels: str) -> None:
+        self._values[tuple(sorted(labels.items()))] = value
+
+    def value(self, **labels: str) -> float | None:
+        return self._values.get(tuple(sorted(labels.items())))
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        lines += [f"{self.name}{_fmt(k)} {v}" for k, v in sorted(self._values.items())]
+        return lines
+
+
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...] = _BUCKETS) -> None:
         self.name, self.help, self.buckets = name, help, buckets
         self._counts: dict[Labels, list[int]] = {}
         self._sums: dict[Labels, float] = defaultdict(float)
+
+    def count(self, **labels: str) -> int:
+        return sum(self._counts.get(tuple(sorted(labels.items())), ()))
 
     def observe(self, value: float, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
@@ -66,7 +86,7 @@ class Histogram:
 
 class Registry:
     def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Histogram] = {}
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
         self._lock = threading.Lock()
 
     def counter(self, name: str, help: str) -> Counter:
@@ -75,9 +95,15 @@ class Registry:
         assert isinstance(metric, Counter), f"{name} is not a counter"
         return metric
 
-    def histogram(self, name: str, help: str) -> Histogram:
+    def gauge(self, name: str, help: str) -> Gauge:
         with self._lock:
-            metric = self._metrics.setdefault(name, Histogram(name, help))
+            metric = self._metrics.setdefault(name, Gauge(name, help))
+        assert isinstance(metric, Gauge), f"{name} is not a gauge"
+        return metric
+
+    def histogram(self, name: str, help: str, buckets: tuple[float, ...] = _BUCKETS) -> Histogram:
+        with self._lock:
+            metric = self._metrics.setdefault(name, Histogram(name, help, buckets))
         assert isinstance(metric, Histogram), f"{name} is not a histogram"
         return metric
 
@@ -96,3 +122,12 @@ RETRIES = REGISTRY.counter("conveyor_retries_total", "Handler attempts that fail
 DEAD_LETTERS = REGISTRY.counter("conveyor_dead_letters_total", "Events sent to the dead-letter topic.")
 REQUESTS_ACCEPTED = REGISTRY.counter("conveyor_requests_accepted_total", "Requests accepted by the gateway.")
 USAGE_TOKENS = REGISTRY.counter("conveyor_usage_tokens_total", "Tokens recorded in the usage ledger.")
+BATCH_SIZE = REGISTRY.histogram(
+    "conveyor_batch_size", "Events per batch handed to a batching stage.", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+BATCH_WAIT = REGISTRY.histogram(
+    "conveyor_batch_queue_wait_seconds", "Time an event waited for its batch to leave."
+)
+BATCH_LIMIT = REGISTRY.gauge(
+    "conveyor_batch_limit", "The batch size limit in force (adapts with a latency target)."
+)

@@ -29,6 +29,7 @@ from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
 from conveyor.payloads import Attempt, DeadLetter, EventType
 from conveyor.pipeline import Output, Stage
+from conveyor.runtime.batching import Batcher
 from conveyor.store.base import Namespace, StateStore
 
 logger = logging.getLogger("conveyor.runtime")
@@ -81,6 +82,11 @@ class StageWorker:
         self._heartbeat = heartbeat
         self._active: dict[int, tuple[Delivery, float]] = {}
         self._ctx = HandlerContext(stage.name, log, store)
+        self._batcher = (
+            Batcher(stage.name, stage.handle_batch, self._ctx, stage.batching, timeout=stage.timeout)
+            if stage.handle_batch is not None
+            else None
+        )
         self._lanes: dict[str, collections.deque[Delivery]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
@@ -98,6 +104,8 @@ class StageWorker:
             await asyncio.gather(*(self._fetch_loop(sub, stop) for sub in subs))
         finally:
             await self._drain()
+            if self._batcher is not None:
+                await self._batcher.close()
             heartbeats.cancel()
             for sub in subs:
                 await sub.close()
@@ -196,8 +204,10 @@ class StageWorker:
                 return
             # The batch failed for good: one at a time, so only the poison event is dead-lettered.
         for delivery, event in admitted:
-            call = functools.partial(self.stage.handler, self._ctx, event)
-            await self._attempt(call, [(delivery, event)], dead_letter=True)
+            alone = functools.partial(self.stage.handler, self._ctx, event)
+            # A batching stage's first try goes through the batcher; retries go alone.
+            first = alone if self._batcher is None else functools.partial(self._batcher.submit, event)
+            await self._attempt(first, [(delivery, event)], dead_letter=True, retry=alone)
 
     async def _admit(self, delivery: Delivery) -> Envelope | None:
         """The event to handle, or None when it was settled here (skipped, duplicate, dead letter)."""
@@ -230,9 +240,11 @@ class StageWorker:
         items: list[tuple[Delivery, Envelope]],
         *,
         dead_letter: bool,
+        retry: Callable[[], Awaitable[Sequence[Output]]] | None = None,
     ) -> bool:
-        """Run ``call`` with retries; on success publish, mark and ack. False if it failed for good
-        and ``dead_letter`` is off (the caller decides what to do with the items)."""
+        """Run ``call`` (then ``retry``, if given, for later attempts) with retries; on success
+        publish, mark and ack. False if it failed for good and ``dead_letter`` is off (the caller
+        decides what to do with the items)."""
         stage = self.stage
         attempts: list[Attempt] = []
         while True:
@@ -252,6 +264,7 @@ class StageWorker:
                     return True
                 RETRIES.inc(stage=stage.name)
                 await asyncio.sleep(stage.retry.backoff(len(attempts)))
+                call = retry or call
                 continue
             await self._publish(outputs)
             if stage.dedupe:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 
+from conveyor.errors import ConveyorError, InvalidEventError, RetryableError
 from conveyor.events import Envelope, Topic
 from conveyor.log.base import EventLog
-from conveyor.models.base import GenerationRequest, ModelBackend
+from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import (
     EventType,
     FinishReason,
@@ -22,7 +24,7 @@ from conveyor.payloads import (
     Usage,
     decode,
 )
-from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.pipeline import BatchPolicy, Output, Stage, StageContext
 
 logger = logging.getLogger("conveyor.generate")
 
@@ -84,87 +86,143 @@ class ChunkPolicy:
     max_delay: float = 0.05
 
 
-def generate_stage(
-    model: ModelBackend, cancels: CancelWatch, *, chunking: ChunkPolicy = ChunkPolicy()
-) -> Stage:
-    info = model.info
+class _Stream:
+    """One request of a batch: cuts its tokens into chunks and builds its outputs when it ends."""
 
-    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
-        prepared = decode(RequestPrepared, event.data)
-        source = dataclasses.replace(
+    def __init__(
+        self, ctx: StageContext, event: Envelope, info: ModelInfo, model: ModelBackend, chunking: ChunkPolicy
+    ) -> None:
+        self._prepared = decode(RequestPrepared, event.data)
+        self._ctx, self._event, self._model, self._chunking = ctx, event, model, chunking
+        self._source = dataclasses.replace(
             event, model=info.name, model_version=info.version, model_license=info.license
         )
-
-        def chunk(index: int, offset: int, text: str, finish: FinishReason | None = None) -> Envelope:
-            payload = TokenChunk(
-                index=index, offset=offset, text=text, final=finish is not None, finish_reason=finish
-            )
-            # Identified by content, so a redone generation adds only chunks that differ.
-            label = f"chunk:{offset}:{len(text)}:{finish or ''}"
-            out = ctx.derive(source, type=EventType.TOKEN, payload=payload, label=label)
-            return dataclasses.replace(out, key=event.request_id)  # the stream is read per request
-
-        # "generating" is announced with the first streamed chunk, not before: a request
-        # answered in one chunk never needs the extra event (it goes straight to completed).
-        started = ctx.derive(source, type=EventType.STARTED, payload=GenerationStarted(worker=ctx.stage))
-
-        request = GenerationRequest(
+        self.request = GenerationRequest(
             id=event.request_id,
-            prompt=prepared.prompt,
-            messages=tuple((m.role, m.content) for m in prepared.messages),
-            max_tokens=prepared.max_tokens,
-            temperature=prepared.sampling.temperature,
-            top_p=prepared.sampling.top_p,
-            stop=tuple(prepared.sampling.stop),
+            prompt=self._prepared.prompt,
+            messages=tuple((m.role, m.content) for m in self._prepared.messages),
+            max_tokens=self._prepared.max_tokens,
+            temperature=self._prepared.sampling.temperature,
+            top_p=self._prepared.sampling.top_p,
+            stop=tuple(self._prepared.sampling.stop),
         )
-        cancels.attach(request)
-        deadline_timer = _arm_deadline(event.deadline, request)
-        text: list[str] = []
-        pending = ""
-        index, offset, produced = 0, 0, 0
-        finish: FinishReason = "stop"
-        last_flush = time.monotonic()
-        try:
-            async for token in model.generate([request]):
-                if token.text:
-                    text.append(token.text)
-                    pending += token.text
-                    produced += 1
-                if token.finish_reason is not None:
-                    finish = token.finish_reason
-                    break
-                if len(pending) >= chunking.max_chars or time.monotonic() - last_flush >= chunking.max_delay:
-                    flush = ctx.log.publish(Topic.STREAM, [chunk(index, offset, pending)])
-                    if index == 0:
-                        await asyncio.gather(flush, ctx.log.publish(Topic.PROGRESS, [started]))
-                    else:
-                        await flush
-                    index, offset, pending, last_flush = (
-                        index + 1,
-                        offset + len(pending),
-                        "",
-                        time.monotonic(),
-                    )
-        finally:
-            cancels.detach(request)
-            if deadline_timer is not None:
-                deadline_timer.cancel()
-        if finish == "cancelled" and _past(event.deadline):
+        self.deadline = _arm_deadline(event.deadline, self.request)
+        self._text: list[str] = []
+        self._pending = ""
+        self._index = self._offset = self._produced = 0
+        self._last_flush = time.monotonic()
+
+    def _chunk(self, text: str, finish: FinishReason | None = None) -> Envelope:
+        payload = TokenChunk(
+            index=self._index, offset=self._offset, text=text, final=finish is not None, finish_reason=finish
+        )
+        # Identified by content, so a redone generation adds only chunks that differ.
+        label = f"chunk:{self._offset}:{len(text)}:{finish or ''}"
+        out = self._ctx.derive(self._source, type=EventType.TOKEN, payload=payload, label=label)
+        return dataclasses.replace(out, key=self._event.request_id)  # the stream is read per request
+
+    async def take(self, token: Token) -> Sequence[Output] | None:
+        """Add ``token``; the request's outputs once it is the last one."""
+        if token.error is not None:
+            raise token.error
+        if token.text:
+            self._text.append(token.text)
+            self._pending += token.text
+            self._produced += 1
+        if token.finish_reason is not None:
+            return self._finish(token.finish_reason)
+        policy = self._chunking
+        if len(self._pending) >= policy.max_chars or time.monotonic() - self._last_flush >= policy.max_delay:
+            await self._flush()
+        return None
+
+    async def _flush(self) -> None:
+        publish = self._ctx.log.publish(Topic.STREAM, [self._chunk(self._pending)])
+        if self._index == 0:
+            # "generating" is announced with the first streamed chunk, not before: a request
+            # answered in one chunk never needs the extra event (it goes straight to completed).
+            started = self._ctx.derive(
+                self._source, type=EventType.STARTED, payload=GenerationStarted(worker=self._ctx.stage)
+            )
+            await asyncio.gather(publish, self._ctx.log.publish(Topic.PROGRESS, [started]))
+        else:
+            await publish
+        self._index += 1
+        self._offset += len(self._pending)
+        self._pending = ""
+        self._last_flush = time.monotonic()
+
+    def _finish(self, finish: FinishReason) -> Sequence[Output]:
+        if finish == "cancelled" and _past(self._event.deadline):
             finish = "deadline"
+        prompt_tokens = self._model.count_tokens(self._prepared.prompt)
         completed = GenerationCompleted(
-            text="".join(text),
+            text="".join(self._text),
             finish_reason=finish,
-            usage=Usage(prompt_tokens=model.count_tokens(prepared.prompt), completion_tokens=produced),
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=self._produced),
         )
-        return [
-            Output(Topic.STREAM, chunk(index, offset, pending, finish)),
-            Output(Topic.GENERATED, ctx.derive(source, type=EventType.GENERATED, payload=completed)),
-        ]
+        generated = self._ctx.derive(self._source, type=EventType.GENERATED, payload=completed)
+        return [Output(Topic.STREAM, self._chunk(self._pending, finish)), Output(Topic.GENERATED, generated)]
+
+
+def generate_stage(
+    model: ModelBackend,
+    cancels: CancelWatch,
+    *,
+    info: ModelInfo | None = None,
+    chunking: ChunkPolicy = ChunkPolicy(),
+    batching: BatchPolicy = BatchPolicy(),
+) -> Stage:
+    """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
+    every event it produces."""
+    stamp = info or model.info
+
+    async def handle_batch(
+        ctx: StageContext, events: Sequence[Envelope]
+    ) -> AsyncGenerator[tuple[int, Sequence[Output] | Exception], None]:
+        streams: dict[str, tuple[int, _Stream]] = {}
+        for index, event in enumerate(events):
+            if event.request_id in streams:  # never from one lane at a time; retried alone if so
+                yield index, RetryableError("the same request twice in one batch")
+                continue
+            try:
+                streams[event.request_id] = (index, _Stream(ctx, event, stamp, model, chunking))
+            except InvalidEventError as exc:
+                yield index, exc
+        for _, stream in streams.values():
+            cancels.attach(stream.request)
+        try:
+            requests = [stream.request for _, stream in streams.values()]
+            async with contextlib.aclosing(model.generate(requests)) as tokens:
+                async for token in tokens:
+                    index, stream = streams[token.request_id]
+                    try:
+                        outputs = await stream.take(token)
+                    except ConveyorError as exc:  # this request's own failure
+                        yield index, exc
+                        continue
+                    if outputs is not None:
+                        yield index, outputs
+        finally:
+            for _, stream in streams.values():
+                cancels.detach(stream.request)
+                if stream.deadline is not None:
+                    stream.deadline.cancel()
+
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        async with contextlib.aclosing(handle_batch(ctx, [event])) as results:
+            async for _, result in results:
+                if isinstance(result, Exception):
+                    raise result
+                return result
+        raise RuntimeError(f"the model ended without finishing request {event.request_id}")
 
     return Stage(
         name="generate",
         consumes=(Topic.PREPARED,),
         handler=handle,
+        handle_batch=handle_batch,
+        batching=batching,
         accepts=frozenset({EventType.PREPARED}),
         timeout=600.0,
     )

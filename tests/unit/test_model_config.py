@@ -1,0 +1,76 @@
+"""Models are named and versioned in configuration; every event a model produced says which."""
+
+from __future__ import annotations
+
+from conveyor.config import ModelSettings, Settings
+from conveyor.events import Topic, new_event
+from conveyor.models.simulated import SimulatedModel
+from conveyor.node import model_id, model_info
+from conveyor.payloads import EventType, RequestPrepared
+from conveyor.stages import CancelWatch, generate_stage
+from conveyor.testing import MemoryEventLog, StageHarness
+from tests.conftest import NodeFactory
+from tests.helpers import submit, wait_final
+
+
+def test_settings_name_version_and_license_override_the_backends_own() -> None:
+    model = SimulatedModel()
+    default = Settings(model=ModelSettings(backend="simulated"))
+    assert model_info(default, model) == model.info
+    named = Settings(
+        model=ModelSettings(backend="simulated", name="acme-chat", version="2026-11", license="MIT")
+    )
+    info = model_info(named, model)
+    assert (info.name, info.version, info.license) == ("acme-chat", "2026-11", "MIT")
+    assert model_id(named) == "acme-chat"
+    upstream = Settings(model=ModelSettings(backend="openai", upstream_model="llama-3"))
+    assert model_id(upstream) == "llama-3"
+
+
+def test_model_settings_survive_the_trip_to_a_worker_process() -> None:
+    settings = Settings(
+        model=ModelSettings(
+            backend="simulated",
+            name="acme-chat",
+            version="7",
+            license="MIT",
+            batch_max_size=4,
+            batch_max_wait=0.02,
+            batch_target_latency=0.5,
+        )
+    )
+    assert Settings.from_env(settings.to_env()).model == settings.model
+
+
+async def test_every_event_the_model_produced_carries_its_name_version_and_license() -> None:
+    log = MemoryEventLog()
+    info = model_info(
+        Settings(model=ModelSettings(name="acme-chat", version="7", license="MIT")), SimulatedModel()
+    )
+    stage = generate_stage(SimulatedModel(token_delay=0.06), CancelWatch(log), info=info)
+    prepared = new_event(
+        type=EventType.PREPARED, source="test", payload=RequestPrepared(prompt="tell me more", max_tokens=8)
+    )
+    out = await StageHarness(stage, log=log).handle(prepared)
+    produced = out[Topic.STREAM] + out[Topic.PROGRESS] + out[Topic.GENERATED]
+    assert len(out[Topic.STREAM]) > 1  # several chunks, and so a progress event too
+    assert {(e.model, e.model_version, e.model_license) for e in produced} == {("acme-chat", "7", "MIT")}
+
+
+async def test_the_configured_name_is_what_clients_see_and_ask_for(node: NodeFactory) -> None:
+    async with node(name="acme-chat", version="7") as http:
+        listed = (await http.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["acme-chat"]
+        view = await wait_final(http, await submit(http, "hello there"))
+        assert view["model"] == "acme-chat"
+        chat = await http.post(
+            "/v1/chat/completions",
+            json={"model": "acme-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+        )
+        assert chat.status_code == 200
+        assert chat.json()["model"] == "acme-chat"
+        refused = await http.post(
+            "/v1/chat/completions",
+            json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert refused.status_code == 404
