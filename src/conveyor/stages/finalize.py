@@ -25,6 +25,7 @@ def finalize_stage() -> Stage:
             "tenant": event.tenant,
             "model": event.model,
             "model_version": event.model_version,
+            "model_license": event.model_license,
             "prompt_tokens": generated.usage.prompt_tokens,
             "completion_tokens": generated.usage.completion_tokens,
             "finish_reason": generated.finish_reason,
