@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import orjson
+
+from conveyor.models.simulated import SimulatedModel
+from conveyor.store.base import Namespace, StateStore
 
 
 async def submit(client: httpx.AsyncClient, prompt: str, **fields: Any) -> str:
@@ -47,3 +52,29 @@ async def read_sse(
 
 def streamed_text(events: list[tuple[int, str, dict[str, Any]]]) -> str:
     return "".join(data["text"] for _, kind, data in events if kind == "token")
+
+
+async def assert_completed_exactly_once(
+    client: httpx.AsyncClient,
+    store: StateStore,
+    prompts: Sequence[str],
+    rids: Sequence[str],
+    *,
+    max_tokens: int,
+    wait: float = 60,
+) -> None:
+    """Every request completed with the simulated model's exact answer, streamed once, billed once."""
+    model = SimulatedModel()
+    views = await asyncio.gather(*(wait_final(client, rid, wait=wait) for rid in rids))
+    streams = await asyncio.gather(*(read_sse(client, rid) for rid in rids))
+    for prompt, view, events in zip(prompts, views, streams, strict=True):
+        tokens, _ = model.answer(prompt, max_tokens)
+        assert view["status"] == "completed", view
+        assert view["output"] == "".join(tokens).strip()  # no duplicated or missing text
+        assert streamed_text(events).strip() == view["output"]  # no second token sequence
+        assert view["usage"]["completion_tokens"] == len(tokens)  # the tokens of one generation
+    for rid in rids:
+        entry = await store.get(Namespace.USAGE, rid)
+        assert entry is not None, f"no usage recorded for {rid}"
+        record = orjson.loads(entry.value)
+        assert record["request_id"] == rid

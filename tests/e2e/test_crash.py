@@ -8,14 +8,11 @@ import os
 import signal
 
 import httpx
-import orjson
 import pytest
 
-from conveyor.models.simulated import SimulatedModel
-from conveyor.store.base import Namespace
 from conveyor.store.nats_kv import NatsStateStore
 from tests.e2e.conftest import ConveyorFactory
-from tests.helpers import read_sse, streamed_text, submit, wait_final
+from tests.helpers import assert_completed_exactly_once, read_sse, submit
 
 pytestmark = pytest.mark.slow
 
@@ -44,23 +41,10 @@ async def test_stopped_with_requests_in_flight_then_restarted(conveyor: Conveyor
     second = conveyor(*SLOW_MODEL).start()
     if stop == "kill-9+nats-orphaned":
         assert (second.log_url, second.nats_pid) == (first.log_url, nats_pid)  # the orphan was adopted
-    model = SimulatedModel()
-    async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
-        views = await asyncio.gather(*(wait_final(client, rid, wait=60) for rid in rids))
-        streams = await asyncio.gather(*(read_sse(client, rid) for rid in rids))
-    for prompt, view, events in zip(prompts, views, streams, strict=True):
-        tokens, _ = model.answer(prompt, 30)
-        assert view["status"] == "completed"
-        assert view["output"] == "".join(tokens).strip()  # no duplicated or missing text
-        assert streamed_text(events).strip() == view["output"]  # no second token sequence
-        assert view["usage"]["completion_tokens"] == len(tokens)
-
     store = await NatsStateStore.open(second.log_url)
     try:
-        records = {rid: await store.get(Namespace.USAGE, rid) for rid in rids}
+        async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
+            await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
     finally:
         await store.close()
-    for rid, entry in records.items():
-        assert entry is not None, f"no usage recorded for {rid}"
-        assert orjson.loads(entry.value)["request_id"] == rid
     assert second.stop() == 0
