@@ -20,6 +20,9 @@ from conveyor.log.base import EventLog
 
 
 def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, help="a TOML file of settings (names as the CONVEYOR_* variables, lower case)"
+    )
     parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gateway port (default 8000; 0 picks a free one)")
     parser.add_argument(
@@ -55,7 +58,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    base = Settings.from_env()
+    base = Settings.load(args.config)
     model = dataclasses.replace(
         base.model,
         backend=args.model or base.model.backend,
@@ -126,11 +129,14 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.backend}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
-        print("  Ctrl-C drains in-flight work and stops.", flush=True)
+        print(_READY, flush=True)
 
     code = _serve(settings, gateway=True, worker_processes=0 if in_process else args.workers, on_ready=ready)
     print("Conveyor stopped.", flush=True)
     return code
+
+
+_READY = "  Ctrl-C drains in-flight work and stops."  # the last line of every banner
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -146,7 +152,15 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.log_url is None:
         print("error: a worker needs --log-url (or CONVEYOR_LOG_URL) naming the event log", file=sys.stderr)
         return 2
-    return _serve(settings, gateway=False)
+
+    def ready(_: str, log_url: str, metrics_urls: list[str]) -> None:
+        model = f"; model: {settings.model.backend}" if "generate" in settings.stages else ""
+        print(f"Conveyor worker: stages {', '.join(settings.stages)}{model}; log {log_url}", flush=True)
+        if metrics_urls:
+            print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
+        print(_READY, flush=True)
+
+    return _serve(settings, gateway=False, on_ready=ready)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -158,7 +172,8 @@ def _gateway(args: argparse.Namespace) -> int:
         return 2
 
     def ready(gateway_url: str, log_url: str, _: list[str]) -> None:
-        print(f"Conveyor gateway on {gateway_url}; log {log_url}", flush=True)
+        print(f"Conveyor gateway {gateway_url} (API docs at {gateway_url}/docs); log {log_url}", flush=True)
+        print(_READY, flush=True)
 
     return _serve(settings, gateway=True, on_ready=ready)
 
@@ -287,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port")
     _server_options(worker)
     worker.set_defaults(func=_worker)
+
+    projector = commands.add_parser("projector", help="run the projector (the status view) on its own")
+    projector.add_argument("--metrics-port", type=int, help="serve this process's /metrics on this port")
+    _server_options(projector)
+    projector.set_defaults(func=_worker, stages=["projector"])
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway against an existing log")
     _server_options(gateway)

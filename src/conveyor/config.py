@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +46,17 @@ class Settings:
     model: ModelSettings = ModelSettings()
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
+
+    @classmethod
+    def load(cls, config: Path | None = None, env: Mapping[str, str] = os.environ) -> Settings:
+        """Settings from the environment over the TOML file ``config`` (or ``$CONVEYOR_CONFIG``).
+
+        The file uses the environment's names without the prefix, in lower case
+        (``log_url = "nats://…"``, ``batch_max_size = 8``, ``blocklist = ["…"]``), so one
+        deployment can keep its settings in a file and override a few per process.
+        """
+        path = config or (Path(env["CONVEYOR_CONFIG"]) if env.get("CONVEYOR_CONFIG") else None)
+        return cls.from_env({**_read_config(path), **env} if path else env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -107,6 +119,46 @@ class Settings:
         if self.store_url:
             env["CONVEYOR_STORE_URL"] = self.store_url
         return env
+
+
+# Every setting's name, in the environment (CONVEYOR_<NAME>) and in a config file (<name>).
+NAMES = frozenset(
+    {
+        "HOST",
+        "PORT",
+        "DATA_DIR",
+        "LOG_URL",
+        "STORE_URL",
+        "PREFIX",
+        "ACK_WAIT",
+        "METRICS_PORT",
+        "BLOCKLIST",
+        "MODEL",
+        "MODEL_NAME",
+        "MODEL_VERSION",
+        "MODEL_LICENSE",
+        "MODEL_TTFT",
+        "MODEL_TOKEN_DELAY",
+        "UPSTREAM_URL",
+        "UPSTREAM_MODEL",
+        "BATCH_MAX_SIZE",
+        "BATCH_MAX_WAIT",
+        "BATCH_TARGET_LATENCY",
+    }
+)
+
+
+def _read_config(path: Path) -> dict[str, str]:
+    try:
+        table = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"cannot read the config file {path}: {exc}") from exc
+    unknown = sorted(k for k in table if k.upper() not in NAMES)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(n.lower() for n in NAMES)}")
+    return {
+        f"CONVEYOR_{k.upper()}": "\n".join(v) if isinstance(v, list) else str(v) for k, v in table.items()
+    }
 
 
 def _phrases(value: str) -> tuple[str, ...]:

@@ -70,24 +70,29 @@ def build_model(settings: Settings) -> ModelBackend:
     raise ValueError(f"unknown model {settings.model.backend!r}; available: local, openai, simulated")
 
 
-def build_pipeline(settings: Settings, model: ModelBackend, cancels: CancelWatch) -> Pipeline:
-    return Pipeline(
-        [
-            prepare_stage(SafetyPolicy(settings.blocklist)),
-            generate_stage(
-                model,
-                cancels,
-                info=model_info(settings, model),
-                batching=BatchPolicy(
-                    max_size=settings.model.batch_max_size,
-                    max_wait=settings.model.batch_max_wait,
-                    target_latency=settings.model.batch_target_latency,
-                ),
+def build_pipeline(settings: Settings, model: ModelBackend | None, cancels: CancelWatch) -> Pipeline:
+    """Every stage; without a model (a process that does not run ``generate``), all but that one."""
+    generate = (
+        generate_stage(
+            model,
+            cancels,
+            info=model_info(settings, model),
+            batching=BatchPolicy(
+                max_size=settings.model.batch_max_size,
+                max_wait=settings.model.batch_max_wait,
+                target_latency=settings.model.batch_target_latency,
             ),
-            finalize_stage(),
-            Projector().stage(),
-        ]
+        )
+        if model is not None
+        else None
     )
+    stages = [
+        prepare_stage(SafetyPolicy(settings.blocklist)),
+        generate,
+        finalize_stage(),
+        Projector().stage(),
+    ]
+    return Pipeline([stage for stage in stages if stage is not None])
 
 
 class _Server(uvicorn.Server):
@@ -178,10 +183,11 @@ async def run_node(
     sock = bind(settings.host, settings.port) if gateway else None
     metrics_sock = bind(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
     async with backends(settings) as (log, store, log_url):
-        model = build_model(settings)
+        local_stages = () if worker_processes else settings.stages
+        # Only a process that generates loads the model (the gateway, for one, never does).
+        model = build_model(settings) if "generate" in local_stages else None
         cancels = CancelWatch(log)
         pipeline = build_pipeline(settings, model, cancels)
-        local_stages = () if worker_processes else settings.stages
         workers = [
             StageWorker(pipeline[name], log, store, heartbeat=settings.ack_wait / 3) for name in local_stages
         ]
@@ -204,11 +210,10 @@ async def run_node(
                 if sock is not None:
                     app = create_app(log, store, models=[model_id(settings)])
                     gateway_url = await http.enter_async_context(serving(app, sock))
-                metrics_urls = (
-                    [f"http://{settings.host}:{p}/metrics" for p in children.metrics_ports]
-                    if children
-                    else []
-                )
+                ports = children.metrics_ports if children else []
+                if metrics_sock is not None:
+                    ports = [metrics_sock.getsockname()[1], *ports]
+                metrics_urls = [f"http://{settings.host}:{p}/metrics" for p in ports]
                 on_ready(gateway_url, log_url, metrics_urls)
                 await stop.wait()
         finally:
@@ -219,4 +224,5 @@ async def run_node(
             for task in (*pending, *helpers):
                 task.cancel()
             await asyncio.gather(*tasks, *helpers, return_exceptions=True)
-            await model.close()
+            if model is not None:
+                await model.close()

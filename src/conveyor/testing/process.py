@@ -1,4 +1,5 @@
-"""``conveyor up`` as a subprocess, for end-to-end tests and benchmarks."""
+"""``conveyor up`` (or ``worker``, ``gateway``, ``projector``) as a subprocess, for end-to-end
+tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ from conveyor.embedded import STATE_FILE, terminate
 
 
 class UpProcess:
-    """Starts ``conveyor up --port 0`` and learns its URLs from what it prints."""
+    """Starts ``conveyor up --port 0`` (or another ``command``) and learns its URLs from its banner."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
-        self.data_dir, self.args = data_dir, args
+    def __init__(self, data_dir: Path, *args: str, command: str = "up") -> None:
+        self.data_dir, self.args, self.command = data_dir, args, command
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_url = ""
         self.metrics_urls: list[str] = []
         self.output: list[str] = []
+        self.started = False
 
     def start(self, timeout: float = 30) -> UpProcess:
         self.process = subprocess.Popen(
@@ -32,7 +34,7 @@ class UpProcess:
                 sys.executable,
                 "-m",
                 "conveyor",
-                "up",
+                self.command,
                 "--port",
                 "0",
                 "--data-dir",
@@ -44,11 +46,12 @@ class UpProcess:
             stdin=subprocess.DEVNULL,
         )
         self.output.clear()
+        self.started = False
         ready = threading.Event()
         threading.Thread(target=self._read_output, args=(self.process, ready), daemon=True).start()
-        if not ready.wait(timeout) or not self.url:
+        if not ready.wait(timeout) or not self.started:
             self.cleanup()
-            raise RuntimeError("conveyor up did not start:\n" + "".join(self.output))
+            raise RuntimeError(f"conveyor {self.command} did not start:\n" + "".join(self.output))
         return self
 
     def _read_output(self, process: subprocess.Popen[bytes], ready: threading.Event) -> None:
@@ -60,9 +63,10 @@ class UpProcess:
                 self.url = found.group(1)
             if found := re.search(r"worker metrics: (.+)$", line):
                 self.metrics_urls = found.group(1).split()
-            if found := re.search(r"log and store: (nats://\S+)", line):
+            if found := re.search(r"log(?: and store:)? (\w+://[^\s;]+)", line):
                 self.log_url = found.group(1)
             if "Ctrl-C drains" in line:  # the last line of the banner
+                self.started = True
                 ready.set()
         ready.set()  # exited: let start() report the output
 
