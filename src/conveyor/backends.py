@@ -27,8 +27,15 @@ async def open_store(url: str, *, prefix: str = "conveyor") -> StateStore:
         from conveyor.store.nats_kv import NatsStateStore
 
         return await NatsStateStore.open(url, prefix=prefix)
+    if scheme in ("redis", "rediss"):
+        from conveyor.store.redis import RedisStateStore
+
+        return await RedisStateStore.open(url, prefix=prefix)
     if scheme == "memory":
         from conveyor.store.memory import MemoryStateStore
 
         return MemoryStateStore()
-    raise ValueError(f"unsupported store URL {url!r}: use nats://HOST:PORT (or memory:// in one process)")
+    raise ValueError(
+        f"unsupported store URL {url!r}: use nats://HOST:PORT, redis://HOST:PORT/DB"
+        " (or memory:// in one process)"
+    )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Protocol
 
 
@@ -15,6 +16,18 @@ class Namespace(StrEnum):
     DEDUPE = "dedupe"  # (stage, event id) pairs whose outputs are durably published
     USAGE = "usage"  # the usage ledger: one record per request, written once
     IDEMPOTENCY = "idempotency"  # client Idempotency-Key -> request id
+
+
+_DAY = 86_400.0
+# Seconds each namespace keeps a key after its last write (0: forever); every backend honours it.
+TTL: Mapping[Namespace, float] = MappingProxyType(
+    {
+        Namespace.STATUS: 30 * _DAY,
+        Namespace.DEDUPE: 7 * _DAY,
+        Namespace.USAGE: 0.0,
+        Namespace.IDEMPOTENCY: 1 * _DAY,
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -16,16 +16,7 @@ from nats.js.kv import KeyValue
 
 from conveyor.errors import UnavailableError
 from conveyor.jetstream import JetStreamBackend, connect
-from conveyor.store.base import Entry, Namespace
-
-_DAY = 86_400.0
-# How long each namespace keeps a key after its last write (0: forever).
-_TTL = {
-    Namespace.STATUS: 30 * _DAY,
-    Namespace.DEDUPE: 7 * _DAY,
-    Namespace.USAGE: 0.0,
-    Namespace.IDEMPOTENCY: 1 * _DAY,
-}
+from conveyor.store.base import TTL, Entry, Namespace
 
 
 class NatsStateStore(JetStreamBackend):
@@ -54,7 +45,7 @@ class NatsStateStore(JetStreamBackend):
                     config = api.KeyValueConfig(
                         bucket=self.bucket_name(ns),
                         history=1,
-                        ttl=_TTL[ns] or None,
+                        ttl=TTL[ns] or None,
                         storage=api.StorageType.FILE,
                         direct=True,  # reads served by any replica, without the JSON API round trip
                     )
@@ -108,18 +99,25 @@ class NatsStateStore(JetStreamBackend):
             return []
 
     async def watch(self, ns: Namespace) -> AsyncIterator[tuple[str, bytes]]:
-        # A core subscription on the bucket's subjects sees every write as it is made,
-        # without a JetStream consumer and without replaying the existing keys.
+        # An ordered consumer of new messages only: it sees the writes the bucket stored,
+        # not the refused creates and updates a core subscription on its subjects also sees,
+        # and it exists on the server once subscribe returns.
         await self._kv(ns)
         prefix = f"$KV.{self.bucket_name(ns)}."
         queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
-            if msg.headers and msg.headers.get("KV-Operation"):
-                return  # a delete or purge marker
+            if msg.headers and (msg.headers.get("KV-Operation") or msg.headers.get("Nats-Marker-Reason")):
+                return  # a delete, purge or expiry marker
             queue.put_nowait((msg.subject[len(prefix) :], msg.data))
 
-        sub = await self._nc.subscribe(prefix + ">", cb=on_msg)
+        sub = await self._js.subscribe(
+            prefix + ">",
+            stream=f"KV_{self.bucket_name(ns)}",
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.NEW,
+        )
         try:
             while True:
                 yield await queue.get()
