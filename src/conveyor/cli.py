@@ -125,7 +125,8 @@ def _up(args: argparse.Namespace) -> int:
         )
         where = "in this process" if in_process else f"in {args.workers} worker process(es)"
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
-        print(f"  log and store: {log_url} ({origin})", flush=True)
+        store = settings.store_url or "the log's key-value buckets"
+        print(f"  log: {log_url} ({origin}); store: {store}", flush=True)
         print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.backend}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)

@@ -63,7 +63,7 @@ class UpProcess:
                 self.url = found.group(1)
             if found := re.search(r"worker metrics: (.+)$", line):
                 self.metrics_urls = found.group(1).split()
-            if found := re.search(r"log(?: and store:)? (\w+://[^\s;]+)", line):
+            if found := re.search(r"log:? (\w+://[^\s;]+)", line):
                 self.log_url = found.group(1)
             if "Ctrl-C drains" in line:  # the last line of the banner
                 self.started = True
