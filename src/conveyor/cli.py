@@ -241,9 +241,10 @@ def _on_running_log(args: argparse.Namespace, action: Callable[[EventLog], Await
 
 def _lag(args: argparse.Namespace) -> int:
     async def show(log: EventLog) -> None:
-        print(f"{'topic':<12} {'group':<12} {'pending':>9} {'in flight':>9}")
+        print(f"{'topic':<12} {'group':<12} {'partition':>9} {'pending':>9} {'in flight':>9}")
         for lag in await log.lag():
-            print(f"{lag.topic:<12} {lag.group:<12} {lag.pending:>9} {lag.in_flight:>9}")
+            partition = "all" if lag.partition is None else lag.partition
+            print(f"{lag.topic:<12} {lag.group:<12} {partition:>9} {lag.pending:>9} {lag.in_flight:>9}")
 
     return _on_running_log(args, show)
 

@@ -144,8 +144,11 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
     if log_url is None:
         server = await EmbeddedNats.start(settings.data_dir / "nats")
         log_url = server.url
+    store_url = settings.store_url or log_url
+    if store_url.startswith("kafka:"):  # NATS brings its key-value store along; Kafka has none
+        raise ValueError("a kafka:// log needs a state store: --store-url redis://HOST:PORT/0 (or nats://…)")
     log = await open_log(log_url, prefix=settings.prefix, ack_wait=settings.ack_wait)
-    store = await open_store(settings.store_url or log_url, prefix=settings.prefix)
+    store = await open_store(store_url, prefix=settings.prefix)
     try:
         yield log, store, log_url
     finally:

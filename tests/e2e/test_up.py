@@ -10,22 +10,28 @@ import sys
 import httpx
 import pytest
 
+from conveyor.backends import open_store
 from conveyor.events import Topic
 from conveyor.log.nats import NatsEventLog
 from conveyor.models.simulated import SimulatedModel
 from conveyor.payloads import DeadLetter, EventType, RequestPrepared, decode
 from conveyor.store.base import Namespace
-from conveyor.store.nats_kv import NatsStateStore
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("backends", ["bundled-nats", "kafka+redis"])
 async def test_fifty_concurrent_requests_complete_and_stream_their_output(
-    conveyor: ConveyorFactory,
+    conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest
 ) -> None:
-    up = conveyor().start()
+    if backends == "kafka+redis":
+        store_url = request.getfixturevalue("redis_url")
+        up = conveyor("--log-url", request.getfixturevalue("kafka_url"), "--store-url", store_url).start()
+    else:
+        up = conveyor().start()
+        store_url = up.log_url
     model = SimulatedModel()
     async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
         prompts = [f"request number {i} about queues" for i in range(50)]
@@ -40,7 +46,7 @@ async def test_fifty_concurrent_requests_complete_and_stream_their_output(
         # Resume in the middle of one stream: the rest, without gaps or repeats.
         events = streams[0]
         assert await read_sse(client, rids[0], last_event_id=str(events[2][0])) == events[3:]
-    store = await NatsStateStore.open(up.log_url)
+    store = await open_store(store_url)
     try:
         assert set(rids) <= set(await store.keys(Namespace.USAGE))
     finally:
@@ -57,7 +63,7 @@ async def test_fifty_concurrent_requests_complete_and_stream_their_output(
     assert handled
     assert float(handled[0].split()[-1]) >= 50
     assert up.stop() == 0
-    assert up.nats_pid is None  # SIGTERM stopped the bundled server and cleared its state
+    assert up.nats_pid is None  # SIGTERM stopped any bundled server and cleared its state
 
 
 async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_serving(
