@@ -1,6 +1,20 @@
-"""What the NATS event log and the NATS key-value store share: one connection and its health."""
+"""What the NATS event log and the NATS key-value store share: one connection and its health.
+
+A NATS URL names one server or several nodes of a cluster, and may say how many copies
+JetStream keeps of each stream and bucket::
+
+    nats://127.0.0.1:4222
+    nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224?replicas=3
+"""
 
 from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self
+from urllib.parse import parse_qs, urlsplit
 
 import nats
 from nats.aio.client import Client
@@ -8,28 +22,99 @@ from nats.js import JetStreamContext
 
 from conveyor.errors import UnavailableError
 
+logger = logging.getLogger(__name__)
 
-async def connect(url: str, *, name: str = "conveyor") -> Client:
-    """Connect with unbounded reconnects: a restarting server must not kill the process."""
+# JetStream keeps at most five copies of a stream.
+MAX_REPLICAS = 5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatsTarget:
+    servers: tuple[str, ...]
+    replicas: int = 1
+
+
+def parse_url(url: str) -> NatsTarget:
+    """The servers and the replica count a NATS URL names (``ValueError`` if it is malformed)."""
+    base, _, query = url.partition("?")
+    servers = tuple(s if "://" in s else f"nats://{s}" for s in (p.strip() for p in base.split(",")) if s)
+    if not servers or any(urlsplit(s).scheme != "nats" or not urlsplit(s).hostname for s in servers):
+        raise ValueError(f"malformed NATS URL {url!r}: use nats://HOST:PORT[,nats://HOST:PORT…][?replicas=N]")
+    options = parse_qs(query, keep_blank_values=True)
+    if unknown := set(options) - {"replicas"}:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} in NATS URL {url!r}")
     try:
-        return await nats.connect(
-            servers=[url],
-            name=name,
-            connect_timeout=2,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-        )
-    except (OSError, nats.errors.Error) as exc:
-        raise UnavailableError(f"cannot reach NATS at {url}: {exc}") from exc
+        replicas = int(options.get("replicas", ["1"])[-1])
+    except ValueError:
+        replicas = 0
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be 1 to {MAX_REPLICAS} in NATS URL {url!r}")
+    return NatsTarget(servers, replicas)
+
+
+async def connect(servers: Sequence[str], *, name: str = "conveyor", timeout: float = 10.0) -> Client:
+    """Connect to the first server of ``servers`` that answers within ``timeout``, then reconnect
+    forever: a restarting server, or a cluster node that dies, must not kill the process."""
+
+    nc = Client()
+
+    async def on_error(exc: Exception) -> None:  # one line per failed attempt, not a traceback
+        logger.warning("nats (%s): %r", name, exc)
+
+    async def on_reconnect() -> None:
+        logger.warning("nats (%s): reconnected to %s", name, nc.connected_url)
+
+    options: dict[str, Any] = {
+        "servers": list(servers),
+        "name": name,
+        "connect_timeout": 2,
+        "allow_reconnect": True,
+        # Unbounded, so nats-py would also retry the first connect forever: ``timeout`` bounds it.
+        "max_reconnect_attempts": -1,
+        # Per server: with a cluster, the next node is tried at once.
+        "reconnect_time_wait": 0.25,
+        "error_cb": on_error,
+        "reconnected_cb": on_reconnect,
+    }
+    try:
+        async with asyncio.timeout(timeout):
+            await nc.connect(**options)
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        await _abandon(nc)
+        raise UnavailableError(f"cannot reach NATS at {', '.join(servers)}: {exc!r}") from exc
+    return nc
+
+
+async def _abandon(nc: Client) -> None:
+    try:
+        await nc.close()
+    except Exception:  # a half-open client may fail to close; it holds nothing worth reporting
+        logger.debug("closing an unconnected NATS client failed", exc_info=True)
 
 
 class JetStreamBackend:
-    """Base of the NATS adapters: owns the connection, answers ``ping`` and ``close``."""
+    """Base of the NATS adapters: owns the connection, answers ``ping`` and ``close``.
 
-    def __init__(self, nc: Client) -> None:
+    ``replicas`` is how many cluster nodes keep a copy of each stream or bucket this
+    backend creates (1 on a single server; 3 survives the loss of any one node of three).
+    """
+
+    client_name: ClassVar[str] = "conveyor"
+    # How long a request (or a publish) waits for its reply. nats-py never fails one whose
+    # connection dropped: it waits this long, so keep it short (replies take milliseconds).
+    timeout: ClassVar[float] = 3.0
+
+    def __init__(self, nc: Client, *, replicas: int = 1) -> None:
         self._nc = nc
-        self._js: JetStreamContext = nc.jetstream(timeout=10)
+        self._js: JetStreamContext = nc.jetstream(timeout=self.timeout)
+        self.replicas = replicas
+
+    @classmethod
+    async def open(cls, url: str, **options: Any) -> Self:
+        """Connect to the server(s) of ``url``; its ``?replicas=N`` unless ``replicas`` is given."""
+        target = parse_url(url)
+        options.setdefault("replicas", target.replicas)
+        return cls(await connect(target.servers, name=cls.client_name), **options)
 
     async def ping(self) -> None:
         try:

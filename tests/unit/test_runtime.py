@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from conveyor.errors import PermanentError, RetryableError
+from conveyor.errors import PermanentError, RetryableError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.base import Delivery, Subscription
 from conveyor.log.memory import MemoryEventLog
@@ -110,6 +110,42 @@ async def test_exhausted_retries_dead_letter_with_the_attempt_history() -> None:
     assert len(seen) == FAST_RETRY.max_attempts
     assert [a.attempt for a in dead.attempts] == [1, 2, 3]
     assert all("a bug in the handler" in a.error for a in dead.attempts)
+
+
+async def test_an_unreachable_backend_hands_the_event_back_to_the_broker_instead_of_the_dlq() -> None:
+    calls = 0
+
+    async def broker_failing_over(prompt: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= FAST_RETRY.max_attempts:  # longer than one delivery's retries
+            raise UnavailableError("store create usage/x: NoStreamResponseError()")
+
+    stage, seen = echo_stage(broker_failing_over)
+    harness = StageHarness(stage)
+    prepared = await harness.log.subscribe(Topic.PREPARED, "test")
+    async with harness.running():
+        await harness.log.publish(Topic.REQUESTS, [accepted("x")])
+        (out,) = await prepared.fetch(1, timeout=10)  # after a redelivery
+    assert out.envelope().type == EventType.PREPARED
+    assert seen == ["x"] * (FAST_RETRY.max_attempts + 1)
+    assert harness.published(Topic.DLQ) == []
+
+
+async def test_a_stage_waits_for_a_log_it_cannot_subscribe_to_yet() -> None:
+    class ElectingLog(MemoryEventLog):
+        refusals = 2
+
+        async def subscribe(self, topic: str, group: str) -> Subscription:
+            if self.refusals:
+                self.refusals -= 1
+                raise UnavailableError("JetStream has no leader for the stream yet")
+            return await super().subscribe(topic, group)
+
+    stage, seen = echo_stage()
+    out = await StageHarness(stage, log=ElectingLog()).handle(accepted("x"))
+    assert seen == ["x"]
+    assert len(out[Topic.PREPARED]) == 1
 
 
 async def test_a_handler_that_hangs_times_out_and_is_dead_lettered() -> None:

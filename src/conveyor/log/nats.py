@@ -6,6 +6,9 @@ scan (``find``), and a partitioned deployment can map subjects to partitions.
 Publishing sets ``Nats-Msg-Id`` to the event id: JetStream drops a second copy
 published within the stream's duplicate window, which is what makes a redelivered
 stage input produce its (deterministic) outputs only once.
+
+On a cluster (``?replicas=3``) every stream and its consumers keep three copies, so
+the log keeps serving when one node dies; the client moves to another node by itself.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
 
 import nats
 import orjson
@@ -29,7 +31,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
-from conveyor.jetstream import JetStreamBackend, connect
+from conveyor.jetstream import JetStreamBackend
 from conveyor.log.base import Delivery, Lag, Tailed
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -46,6 +48,8 @@ def key_token(key: str) -> str:
 class NatsEventLog(JetStreamBackend):
     """One JetStream stream per topic (``<PREFIX>_<TOPIC>``) on file storage."""
 
+    client_name = "conveyor-log"
+
     def __init__(
         self,
         nc: Client,
@@ -55,8 +59,9 @@ class NatsEventLog(JetStreamBackend):
         ack_wait: float = 30.0,
         max_ack_pending: int = 2000,
         retention: float = 7 * _DAY,
+        replicas: int = 1,
     ) -> None:
-        super().__init__(nc)
+        super().__init__(nc, replicas=replicas)
         self._prefix = prefix
         self._duplicate_window = duplicate_window
         self._ack_wait = ack_wait
@@ -64,10 +69,6 @@ class NatsEventLog(JetStreamBackend):
         self._retention = retention
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, url: str, **options: Any) -> NatsEventLog:
-        return cls(await connect(url, name="conveyor-log"), **options)
 
     def stream_name(self, topic: str) -> str:
         return f"{self._prefix}_{topic}".upper().replace("-", "_").replace(".", "_")
@@ -92,6 +93,7 @@ class NatsEventLog(JetStreamBackend):
                     max_age=self._retention,
                     duplicate_window=self._duplicate_window,
                     allow_direct=True,
+                    num_replicas=self.replicas,
                 )
                 try:
                     await self._js.add_stream(config)
@@ -103,8 +105,12 @@ class NatsEventLog(JetStreamBackend):
     async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
         if not events:
             return
-        stream = await self._ensure(topic)
+        if not self._nc.is_connected:
+            # Buffered while reconnecting, it could still be stored after the caller was told
+            # it failed: refuse it now, so "unavailable" means "not on the log".
+            raise UnavailableError(f"publish to {topic} failed: not connected to NATS")
         try:
+            stream = await self._ensure(topic)
             acks = []
             for event in events:
                 headers = event.to_headers()
@@ -118,8 +124,11 @@ class NatsEventLog(JetStreamBackend):
                     )
                 )
             try:
-                for ack in acks:  # all in flight already: waiting in order adds no round trip
-                    await ack
+                # nats-py never times an ack out itself: one lost with a dying server would hang
+                # the gateway's submit, or a stage's event, for good.
+                async with asyncio.timeout(self.timeout):
+                    for ack in acks:  # all in flight already: waiting in order adds no round trip
+                        await ack
             finally:
                 for ack in acks:  # on failure, settle the rest so none is left unobserved
                     if not ack.done():
@@ -135,7 +144,6 @@ class NatsEventLog(JetStreamBackend):
         await self._js.publish(self.subject(topic, key, key), body, headers=headers, stream=stream)
 
     async def subscribe(self, topic: str, group: str) -> _PullConsumer:
-        stream = await self._ensure(topic)
         config = api.ConsumerConfig(
             durable_name=group,
             ack_policy=api.AckPolicy.EXPLICIT,
@@ -145,6 +153,7 @@ class NatsEventLog(JetStreamBackend):
             filter_subject=f"{self._prefix}.{topic}.>",
         )
         try:
+            stream = await self._ensure(topic)
             await self._js.add_consumer(stream, config)
             consumer = _PullConsumer(self._nc, topic, stream, group)
             await consumer.start()
@@ -238,6 +247,7 @@ class _PullConsumer:
         self._arrived = asyncio.Event()
         self._outstanding = 0
         self._requests_expire = 0.0
+        self._reconnects = nc.stats["reconnects"]
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -251,12 +261,18 @@ class _PullConsumer:
             self._arrived.set()
         elif status in ("404", "408", "409"):
             # A pull request ended (no messages / expired / limits): what it still had is not coming.
-            left = int(msg.headers.get("Nats-Pending-Messages", "0")) if msg.headers else 0
-            self._outstanding = max(0, self._outstanding - left)
+            if msg.headers and "Nats-Pending-Messages" in msg.headers:
+                self._outstanding = max(0, self._outstanding - int(msg.headers["Nats-Pending-Messages"]))
+            elif status == "409":  # e.g. the consumer's leader moved: every open request is void
+                self._requests_expire = 0.0
         # "100" idle heartbeats need nothing.
 
     async def _top_up(self, wanted: int) -> None:
         now = time.monotonic()
+        if self._nc.stats["reconnects"] != self._reconnects:
+            # Pull requests die with the server (or cluster node) that held them.
+            self._reconnects = self._nc.stats["reconnects"]
+            self._requests_expire = 0.0
         if now >= self._requests_expire:
             # Renew a little before the server expires the last request, so there is never
             # a moment without a pull outstanding (overlap is bounded by ``wanted``).

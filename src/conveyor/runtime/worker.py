@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
-from conveyor.errors import InvalidEventError, PermanentError
+from conveyor.errors import InvalidEventError, PermanentError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event, now_rfc3339
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
@@ -97,7 +97,7 @@ class StageWorker:
         self._empty_since_busy: set[int] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        subs = [await self._log.subscribe(topic, self._group) for topic in self.stage.consumes]
+        subs = [await self._subscribe(topic, stop) for topic in self.stage.consumes]
         self.ready.set()
         heartbeats = asyncio.create_task(self._send_heartbeats())
         try:
@@ -109,6 +109,18 @@ class StageWorker:
             heartbeats.cancel()
             for sub in subs:
                 await sub.close()
+
+    async def _subscribe(self, topic: str, stop: asyncio.Event) -> Subscription:
+        # A log that is down or failing over (a cluster electing a leader) must not end the
+        # stage while its process lives on: wait for the log, as the fetch loop does.
+        while True:
+            try:
+                return await self._log.subscribe(topic, self._group)
+            except UnavailableError:
+                if stop.is_set():
+                    raise
+                logger.exception("stage %s: subscribing to %s failed; retrying", self.stage.name, topic)
+                await asyncio.sleep(0.5)
 
     async def _fetch_loop(self, sub: Subscription, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -256,6 +268,10 @@ class StageWorker:
                 raise
             except Exception as exc:
                 attempts.append(Attempt(attempt=len(attempts) + 1, error=_describe(exc), at=now_rfc3339()))
+                if isinstance(exc, UnavailableError) and len(attempts) >= stage.retry.max_attempts:
+                    # A backend that cannot be reached (a broker failing over) is not the event's
+                    # fault: back to the broker for a later delivery, bounded by max_deliveries.
+                    raise
                 if isinstance(exc, PermanentError) or len(attempts) >= stage.retry.max_attempts:
                     if not dead_letter:
                         return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -15,20 +14,18 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from conveyor.errors import UnavailableError
-from conveyor.jetstream import JetStreamBackend, connect
+from conveyor.jetstream import JetStreamBackend
 from conveyor.store.base import TTL, Entry, Namespace
 
 
 class NatsStateStore(JetStreamBackend):
-    def __init__(self, nc: Client, *, prefix: str = "conveyor") -> None:
-        super().__init__(nc)
+    client_name = "conveyor-store"
+
+    def __init__(self, nc: Client, *, prefix: str = "conveyor", replicas: int = 1) -> None:
+        super().__init__(nc, replicas=replicas)
         self._prefix = prefix
         self._buckets: dict[Namespace, KeyValue] = {}
         self._lock = asyncio.Lock()
-
-    @classmethod
-    async def open(cls, url: str, **options: Any) -> NatsStateStore:
-        return cls(await connect(url, name="conveyor-store"), **options)
 
     def bucket_name(self, ns: Namespace) -> str:
         return f"{self._prefix}_{ns.value}"
@@ -48,6 +45,7 @@ class NatsStateStore(JetStreamBackend):
                         ttl=TTL[ns] or None,
                         storage=api.StorageType.FILE,
                         direct=True,  # reads served by any replica, without the JSON API round trip
+                        replicas=self.replicas,
                     )
                     self._buckets[ns] = await self._js.create_key_value(config)
         return self._buckets[ns]
