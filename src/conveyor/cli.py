@@ -269,6 +269,27 @@ def _dlq(args: argparse.Namespace) -> int:
     return _on_running_log(args, show)
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from conveyor.cluster import NatsCluster
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    try:
+        cluster = NatsCluster.launch(args.data_dir, size=args.nodes)
+        try:
+            print(f"NATS cluster of {args.nodes} nodes up (JetStream data in {cluster.data_dir})", flush=True)
+            print(f'  conveyor up --log-url "{cluster.log_url()}"', flush=True)
+            print("  Ctrl-C stops every node.", flush=True)
+            signal.pause()
+        finally:
+            cluster.terminate()
+    except KeyboardInterrupt:
+        pass
+    except (ConveyorError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _schemas(_: argparse.Namespace) -> int:
     from conveyor.payloads import json_schemas
 
@@ -329,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     lag = commands.add_parser("lag", help="how far each stage is behind on each topic")
     _server_options(lag)
     lag.set_defaults(func=_lag)
+
+    cluster = commands.add_parser("cluster", help="run a NATS JetStream cluster on loopback ports")
+    cluster.add_argument("--nodes", type=int, default=3, help="nats-server processes (default %(default)s)")
+    cluster.add_argument(
+        "--data-dir", type=Path, default=Path(".conveyor/cluster"), help="default %(default)s"
+    )
+    cluster.set_defaults(func=_cluster)
 
     schemas = commands.add_parser("schemas", help="print the JSON Schema of every event payload")
     schemas.set_defaults(func=_schemas)

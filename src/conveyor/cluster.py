@@ -23,6 +23,7 @@ from pathlib import Path
 
 from conveyor.embedded import find_binary, free_port, terminate
 from conveyor.errors import UnavailableError
+from conveyor.jetstream import MAX_REPLICAS
 
 
 @dataclasses.dataclass(slots=True)
@@ -33,6 +34,7 @@ class ClusterNode:
     monitor_port: int
     store_dir: Path
     process: subprocess.Popen[bytes] | None = None
+    wanted: bool = False  # started and not killed on purpose: it should be running
 
     @property
     def url(self) -> str:
@@ -64,7 +66,7 @@ class NatsCluster:
 
     def log_url(self, replicas: int | None = None) -> str:
         """The URL with ``?replicas=``: one copy of each stream and bucket per node by default."""
-        return f"{self.url}?replicas={replicas or len(self.nodes)}"
+        return f"{self.url}?replicas={replicas or min(len(self.nodes), MAX_REPLICAS)}"
 
     def node(self, name: str) -> ClusterNode:
         for node in self.nodes:
@@ -78,6 +80,8 @@ class NatsCluster:
     ) -> NatsCluster:
         """Start ``size`` nodes and return once the cluster is ready (``UnavailableError`` if not
         within ``timeout`` seconds, after stopping what it started)."""
+        if size < 2:
+            raise ValueError("a cluster needs at least 2 nodes (3 to survive the loss of one)")
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         ports: set[int] = set()
@@ -118,11 +122,15 @@ class NatsCluster:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops the nodes
             )
+        node.wanted = True
 
     def wait_ready(self, timeout: float = 30) -> None:
-        """Return once every running node is healthy (a meta leader elected, its streams current)."""
+        """Return once every wanted node is healthy (a meta leader elected, its streams current)."""
         deadline = time.monotonic() + timeout
-        while not all(node.healthy() for node in self.nodes if node.running):
+        wanted = [node for node in self.nodes if node.wanted]
+        while not all(node.healthy() for node in wanted):
+            if not all(node.running for node in wanted):
+                raise UnavailableError(f"a NATS cluster node exited:\n{self._log_tails()}")
             if time.monotonic() > deadline:
                 raise UnavailableError(f"NATS cluster not ready after {timeout} s:\n{self._log_tails()}")
             time.sleep(0.05)
@@ -130,6 +138,7 @@ class NatsCluster:
     def kill(self, name: str) -> None:
         """SIGKILL one node, as a crash would, and reap it."""
         node = self.node(name)
+        node.wanted = False
         if node.process is not None and node.running:
             os.kill(node.process.pid, signal.SIGKILL)
             node.process.wait()

@@ -8,19 +8,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import nats
 import pytest
 
 from conveyor.cluster import NatsCluster
-from conveyor.embedded import EmbeddedNats
+from conveyor.embedded import EmbeddedNats, port_accepts
 from conveyor.errors import UnavailableError
+from conveyor.jetstream import parse_url
 from conveyor.log.nats import NatsEventLog
 from conveyor.store.base import Namespace
 from conveyor.store.nats_kv import NatsStateStore
@@ -215,6 +219,35 @@ async def test_cluster_streams_and_buckets_keep_three_copies_and_survive_a_node(
         await nc.close()
         await log.close()
         await store.close()
+
+
+async def test_conveyor_cluster_serves_until_sigterm_then_stops_every_node(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "conveyor", "cluster", "--data-dir", str(tmp_path)]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(30):
+            assert process.stdout is not None
+            banner = [(await process.stdout.readline()).decode() for _ in range(3)]
+        found = re.search(r'--log-url "(\S+)"', banner[1])
+        assert found, banner
+        target = parse_url(found.group(1))
+        assert (len(target.servers), target.replicas) == (3, 3)
+        log = await NatsEventLog.open(found.group(1))
+        try:
+            await log.ping()  # JetStream answers: the meta leader is elected
+        finally:
+            await log.close()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
+        ports = [urlsplit(server).port for server in target.servers]
+        assert not any(port_accepts(port) for port in ports if port is not None)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def retry_unavailable(call: Callable[[], Awaitable[T]], *, within: float = 20) -> T:
