@@ -272,7 +272,9 @@ def _dlq(args: argparse.Namespace) -> int:
 def _cluster(args: argparse.Namespace) -> int:
     from conveyor.cluster import NatsCluster
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    # SIGTERM stops it as Ctrl-C does; SIGINT too when the shell started it ignoring SIGINT (`&`).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         cluster = NatsCluster.launch(args.data_dir, size=args.nodes)
         try:
