@@ -15,11 +15,13 @@ sequence or cancellation, which therefore takes effect within one step.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import codecs
 import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import heapq
 import importlib.util
 import logging
 import queue
@@ -266,8 +268,11 @@ class LocalModel:
                 if item is None:
                     closing = True
                     break
-                item.slot = free_slots.pop(0)
-                running.append(item)
+                # The lowest free slot, and `running` kept in slot order: llama.cpp splits a batch
+                # whose sequence ids are out of order into several micro-batches (each a full pass
+                # over the weights), which made a 16-sequence step ~1.8x slower.
+                item.slot = heapq.heappop(free_slots)
+                bisect.insort(running, item, key=lambda seq: seq.slot)
             for seq in [s for s in running if s.request.cancelled.is_set()]:
                 self._finish(seq, "cancelled", running, free_slots)
             if not running:
@@ -282,9 +287,9 @@ class LocalModel:
 
     def _step(self, running: list[_Sequence], free_slots: list[int]) -> None:
         """One step: a decode carrying one token of every generating sequence, then prompt chunks
-        of new sequences, each in a decode of its own. (With per-sequence KV streams llama.cpp
-        splits a batch into micro-batches with equal tokens per sequence: one long prompt mixed
-        with decode tokens would cost as many micro-batches as its length.)"""
+        of new sequences, those of equal length together. (With per-sequence KV streams llama.cpp
+        splits a batch into micro-batches with equal tokens per sequence: a prompt mixed with
+        decode tokens would cost as many micro-batches as its length.)"""
         generating = [seq for seq in running if seq.next_token is not None]
         if generating:
             self._decode([(seq, [seq.next_token]) for seq in generating if seq.next_token is not None])
@@ -292,16 +297,19 @@ class LocalModel:
                 seq.next_token = None
                 self._advance(seq, i, running, free_slots)
         budget = self._batch_tokens
-        for seq in [s for s in running if s.fed < len(s.prompt)]:
-            take = min(len(seq.prompt) - seq.fed, self._prefill_chunk, budget)
-            if take <= 0:
+        chunks: dict[int, list[_Sequence]] = {}
+        for seq in (s for s in running if s.fed < len(s.prompt)):
+            take = min(len(seq.prompt) - seq.fed, self._prefill_chunk)
+            if take > budget:
                 break
-            chunk = seq.prompt[seq.fed : seq.fed + take]
-            seq.fed += take
             budget -= take
-            self._decode([(seq, chunk)])
-            if seq.fed == len(seq.prompt):
-                self._advance(seq, take - 1, running, free_slots)
+            chunks.setdefault(take, []).append(seq)
+        for take, group in chunks.items():
+            self._decode([(seq, seq.prompt[seq.fed : seq.fed + take]) for seq in group])
+            for i, seq in enumerate(group):
+                seq.fed += take
+                if seq.fed == len(seq.prompt):
+                    self._advance(seq, (i + 1) * take - 1, running, free_slots)
 
     def _decode(self, parts: list[tuple[_Sequence, list[int]]]) -> None:
         """Decode ``parts`` (sequence, tokens) in one batch; logits for each part's last token."""
@@ -363,5 +371,5 @@ class LocalModel:
     ) -> None:
         self._llama.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
         running.remove(seq)
-        free_slots.append(seq.slot)
+        heapq.heappush(free_slots, seq.slot)
         seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason))
