@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from starlette.applications import Starlette
@@ -158,6 +158,20 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
             await server.stop()
 
 
+async def _unless_a_stage_ends(waiting: Awaitable[object], stages: list[asyncio.Task[None]]) -> None:
+    """Await ``waiting``; a stage that ends on its own first is a fault: raise it, so the process
+    exits (and a supervisor restarts it) instead of living on without that stage."""
+    waited = asyncio.ensure_future(waiting)
+    try:
+        done, _ = await asyncio.wait([waited, *stages], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waited.cancel()
+    for task in done:
+        if task is not waited:
+            error = task.exception()
+            raise UnavailableError(f"{task.get_name()} stopped: {error!r}") from error
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind a listening port first, so a taken port fails before anything else starts."""
     sock = socket.socket()
@@ -206,7 +220,7 @@ async def run_node(
             helpers.append(asyncio.create_task(children.run(), name="worker-processes"))
         gateway_url = ""
         try:
-            await asyncio.gather(*(w.ready.wait() for w in workers))
+            await _unless_a_stage_ends(asyncio.gather(*(w.ready.wait() for w in workers)), tasks)
             async with contextlib.AsyncExitStack() as http:
                 if metrics_sock is not None:
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
@@ -218,7 +232,7 @@ async def run_node(
                     ports = [metrics_sock.getsockname()[1], *ports]
                 metrics_urls = [f"http://{settings.host}:{p}/metrics" for p in ports]
                 on_ready(gateway_url, log_url, metrics_urls)
-                await stop.wait()
+                await _unless_a_stage_ends(stop.wait(), tasks)
         finally:
             if children is not None:
                 await children.stop()
