@@ -160,3 +160,12 @@ async def test_watch_sees_every_successful_write_and_nothing_else(store: StateSt
         assert await store.update(Namespace.STATUS, "k", b"\x00updated:", entry.revision) is not None
         seen = [await next_item() for _ in range(3)]
     assert seen == [("k", b"created"), ("k", b"put"), ("k", b"\x00updated:")]
+
+
+async def test_many_more_concurrent_writes_than_connections_all_succeed(store: StateStore) -> None:
+    # A stage may have hundreds of events in flight, each writing: the store queues them, it
+    # does not refuse them (a pool that failed when exhausted dead-lettered requests under load).
+    keys = [f"burst-{i}" for i in range(500)]
+    revisions = await asyncio.gather(*(store.create(Namespace.STATUS, k, b"x") for k in keys))
+    assert all(r is not None for r in revisions)
+    assert set(keys) <= set(await store.keys(Namespace.STATUS))

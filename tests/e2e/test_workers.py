@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conveyor.backends import open_store
 from conveyor.embedded import EmbeddedNats
-from conveyor.store.nats_kv import NatsStateStore
 from conveyor.testing import UpProcess
+from tests.conftest import unique_prefix
 from tests.helpers import assert_completed_exactly_once, submit
 
 pytestmark = pytest.mark.slow
@@ -22,13 +23,19 @@ pytestmark = pytest.mark.slow
 GENERATE = ("generate", "--model", "simulated", "--model-token-delay", "0.05", "--ack-wait", "2")
 
 
-@pytest.fixture
-def nats(tmp_path: Path) -> Iterator[str]:
-    server = EmbeddedNats.launch(tmp_path / "nats")
-    try:
-        yield server.url
-    finally:
-        server.terminate()
+@pytest.fixture(params=["nats", "kafka+redis"])
+def backends(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(log URL, store URL) for a fresh deployment."""
+    if request.param == "nats":
+        server = EmbeddedNats.launch(tmp_path / "nats")
+        try:
+            yield server.url, server.url
+        finally:
+            server.terminate()
+        return
+    # A short session: the group moves a killed member's partitions on after 3 s.
+    log_url = request.getfixturevalue("kafka_url") + "?partitions=6&session_timeout=3"
+    yield log_url, request.getfixturevalue("redis_url")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -50,9 +57,15 @@ async def mid_batch(metrics_url: str, *, timeout: float = 30) -> None:
             await asyncio.sleep(0.02)  # polling a live process; the deadline bounds it
 
 
-async def test_a_generate_worker_killed_mid_batch_and_another_joining(nats: str, tmp_path: Path) -> None:
+async def test_a_generate_worker_killed_mid_batch_and_another_joining(
+    backends: tuple[str, str], tmp_path: Path
+) -> None:
+    log_url, store_url = backends
+    urls = ("--log-url", log_url, "--store-url", store_url)
+    env = {"CONVEYOR_PREFIX": unique_prefix()}  # a deployment of its own on a shared test broker
+
     def process(command: str, *args: str) -> UpProcess:
-        started.append(UpProcess(tmp_path / "data", *args, "--log-url", nats, command=command))
+        started.append(UpProcess(tmp_path / "data", *args, *urls, command=command, env=env))
         return started[-1].start()
 
     started: list[UpProcess] = []
@@ -62,7 +75,7 @@ async def test_a_generate_worker_killed_mid_batch_and_another_joining(nats: str,
         process("worker", "prepare", "finalize")
         generators = [process("worker", *GENERATE, "--metrics-port", "0") for _ in range(3)]
         victim = generators[0]
-        assert [g.log_url for g in generators] == [nats] * 3
+        assert [g.log_url for g in generators] == [log_url] * 3
 
         prompts = [f"scale out {i}" for i in range(30)]
         async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
@@ -73,7 +86,7 @@ async def test_a_generate_worker_killed_mid_batch_and_another_joining(nats: str,
             victim.kill9()  # one leaves mid-batch...
             process("worker", *GENERATE)  # ...and one joins while the rest is under way
 
-            store = await NatsStateStore.open(nats)
+            store = await open_store(store_url, prefix=env["CONVEYOR_PREFIX"])
             try:
                 await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
             finally:

@@ -161,12 +161,17 @@ class KafkaEventLog:
 
     @classmethod
     async def open(cls, url: str, **options: Any) -> KafkaEventLog:
-        """``kafka://HOST:PORT[,HOST:PORT…][?partitions=N&replication=N]``."""
+        """``kafka://HOST:PORT[,HOST:PORT…][?partitions=N&replication=N&session_timeout=S]``.
+
+        ``session_timeout``: seconds before the group gives a silent member's partitions to the
+        others (how fast a killed worker's share moves on)."""
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         for name in ("partitions", "replication"):
             if name in query:
                 options.setdefault(name, int(query[name]))
+        if "session_timeout" in query:
+            options.setdefault("session_timeout", float(query["session_timeout"]))
         log = cls(parts.netloc, **options)
         try:
             await log.ping()

@@ -21,7 +21,7 @@ from conveyor.errors import MissingExtraError, RetryableError, UnavailableError
 from conveyor.store.base import TTL, Entry, Namespace
 
 try:
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -74,8 +74,13 @@ class RedisStateStore:
 
     @classmethod
     async def open(cls, url: str, **options: Any) -> RedisStateStore:
-        client = Redis.from_url(
+        # A bounded pool that makes callers wait for a free connection: the default pool fails
+        # at once when it is exhausted, which a stage with hundreds of events in flight hits
+        # under load (every projector write then failed until its events were dead-lettered).
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=64,
+            timeout=10,
             socket_connect_timeout=2,
             socket_timeout=10,
             health_check_interval=30,
@@ -84,7 +89,7 @@ class RedisStateStore:
             # The runtime retries the whole step instead.
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(client, **options)
+        return cls(Redis.from_pool(pool), **options)  # the client owns the pool: closes it
 
     def _key(self, ns: Namespace, key: str) -> str:
         return f"{self.prefix}:{ns.value}:{key}"

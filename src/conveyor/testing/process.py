@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from conveyor.embedded import STATE_FILE, terminate
@@ -19,8 +20,11 @@ from conveyor.embedded import STATE_FILE, terminate
 class UpProcess:
     """Starts ``conveyor up --port 0`` (or another ``command``) and learns its URLs from its banner."""
 
-    def __init__(self, data_dir: Path, *args: str, command: str = "up") -> None:
+    def __init__(
+        self, data_dir: Path, *args: str, command: str = "up", env: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir, self.args, self.command = data_dir, args, command
+        self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_url = ""
@@ -44,6 +48,7 @@ class UpProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=self.env,
         )
         self.output.clear()
         self.started = False
