@@ -38,43 +38,44 @@ if TYPE_CHECKING:
     from conveyor.log.kafka import KafkaEventLog
 
 
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    existing = os.environ.get("CONVEYOR_TEST_NATS_URL")
+def _server(variable: str, start: Callable[[], tuple[str, Callable[[], None]]]) -> Iterator[str]:
+    """The server named by the environment ``variable``, or one started (and stopped) here."""
+    existing = os.environ.get(variable)
     if existing:
         yield existing
         return
-    server = EmbeddedNats.launch(tmp_path_factory.mktemp("nats"))
+    url, stop = start()
     try:
-        yield server.url
+        yield url
     finally:
-        server.terminate()
+        stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    def start() -> tuple[str, Callable[[], None]]:
+        server = EmbeddedNats.launch(tmp_path_factory.mktemp("nats"))
+        return server.url, server.terminate
+
+    yield from _server("CONVEYOR_TEST_NATS_URL", start)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    existing = os.environ.get("CONVEYOR_TEST_REDIS_URL")
-    if existing:
-        yield existing
-        return
-    server = start_valkey()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    def start() -> tuple[str, Callable[[], None]]:
+        server = start_valkey()
+        return server.url, server.stop
+
+    yield from _server("CONVEYOR_TEST_REDIS_URL", start)
 
 
 @pytest.fixture(scope="session")
 def kafka_url() -> Iterator[str]:
-    existing = os.environ.get("CONVEYOR_TEST_KAFKA_URL")
-    if existing:
-        yield existing
-        return
-    server = start_tansu()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    def start() -> tuple[str, Callable[[], None]]:
+        server = start_tansu()
+        return server.url, server.stop
+
+    yield from _server("CONVEYOR_TEST_KAFKA_URL", start)
 
 
 async def open_test_kafka(url: str, **options: Any) -> KafkaEventLog:
