@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 import pytest
 import websockets
 
+from conveyor.errors import UnavailableError
+from conveyor.events import Envelope, Topic
+from conveyor.gateway.core import GatewayCore
 from conveyor.models.simulated import SimulatedModel
+from conveyor.payloads import RequestAccepted
+from conveyor.testing import MemoryEventLog, MemoryStateStore
 from tests.conftest import NodeFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
 
@@ -194,3 +199,33 @@ async def test_a_websocket_streams_the_same_events_and_can_cancel(node: NodeFact
                     break
             events = [orjson.loads(m)["event"] async for m in ws]
         assert events[-1] == "cancelled"
+
+
+class _LostAck(MemoryEventLog):
+    """The first publish fails: before storing the event, or after (its ack was lost)."""
+
+    def __init__(self, *, stored: bool) -> None:
+        super().__init__()
+        self.stored, self.failed = stored, False
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
+        if not self.failed:
+            self.failed = True
+            if self.stored:
+                await super().publish(topic, events)
+            raise UnavailableError("publish ack timed out")
+        await super().publish(topic, events)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["not-stored", "stored-ack-lost"])
+async def test_a_submit_retried_with_its_idempotency_key_after_a_failed_publish_is_accepted_once(
+    stored: bool,
+) -> None:
+    log = _LostAck(stored=stored)
+    core = GatewayCore(log, MemoryStateStore())
+    payload = RequestAccepted(prompt="bill me once")
+    with pytest.raises(UnavailableError):  # what the client sees as a 503
+        await core.accept(payload, idempotency_key="order-18", fingerprint={"prompt": "bill me once"})
+    retried = await core.accept(payload, idempotency_key="order-18", fingerprint={"prompt": "bill me once"})
+    assert retried.replayed
+    assert [e.request_id for e in log.events(Topic.REQUESTS)] == [retried.id]  # once, either way

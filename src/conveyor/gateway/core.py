@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from conveyor.events import Topic, new_event
+from conveyor.events import Envelope, Topic, new_event
 from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REQUESTS_ACCEPTED
@@ -75,26 +75,32 @@ class GatewayCore:
         if idempotency_key:
             idem = hashlib.sha256(f"default\x00{idempotency_key}".encode()).hexdigest()
             digest = hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()
-            record = orjson.dumps({"id": rid, "fingerprint": digest})
+            # The event itself is kept with the key: a retry after a failed or timed-out publish
+            # (which may have been stored after all) publishes the very same event again, and the
+            # log drops it if the first one made it. Deleting the key instead could bill twice.
+            record = orjson.dumps(
+                {"id": rid, "fingerprint": digest, "headers": event.to_headers(), "body": event.data.decode()}
+            )
             if await self.store.create(Namespace.IDEMPOTENCY, idem, record) is None:
                 existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
                 if existing is not None:
-                    previous = orjson.loads(existing.value)
-                    if previous["fingerprint"] != digest:
-                        raise IdempotencyConflict
-                    view = await read_view(self.store, previous["id"])
-                    return Accepted(previous["id"], True, view.status if view else "accepted")
-        try:
-            await self.log.publish(Topic.REQUESTS, [event])
-        except Exception:
-            if idem:  # not accepted: a retry with the same key must try again
-                await self.store.delete(Namespace.IDEMPOTENCY, idem)
-            raise
+                    return await self._replay(orjson.loads(existing.value), digest)
+        await self.log.publish(Topic.REQUESTS, [event])
         REQUESTS_ACCEPTED.inc()
         self._recent[rid] = RequestView(id=rid, stages={"gateway": {"accepted_at": event.time}})
         if len(self._recent) > 10_000:
             self._recent.popitem(last=False)
         return Accepted(rid, False, "accepted")
+
+    async def _replay(self, previous: dict[str, Any], digest: str) -> Accepted:
+        """An Idempotency-Key seen before: the same request, published again unless it is known."""
+        if previous["fingerprint"] != digest:
+            raise IdempotencyConflict
+        view = await self.view(previous["id"])
+        if view is None:  # its publish failed or is in doubt: the same event again (deduplicated)
+            event = Envelope.from_headers(previous["headers"], previous["body"].encode())
+            await self.log.publish(Topic.REQUESTS, [event])
+        return Accepted(previous["id"], True, view.status if view else "accepted")
 
     async def view(self, rid: str) -> RequestView | None:
         view = await read_view(self.store, rid) or self._recent.get(rid)
