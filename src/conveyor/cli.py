@@ -130,14 +130,14 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.backend}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
-        print(_READY, flush=True)
+        print(READY, flush=True)
 
     code = _serve(settings, gateway=True, worker_processes=0 if in_process else args.workers, on_ready=ready)
     print("Conveyor stopped.", flush=True)
     return code
 
 
-_READY = "  Ctrl-C drains in-flight work and stops."  # the last line of every banner
+READY = "  Ctrl-C drains in-flight work and stops."  # the last line of every banner
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -159,7 +159,7 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"Conveyor worker: stages {', '.join(settings.stages)}{model}; log {log_url}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
-        print(_READY, flush=True)
+        print(READY, flush=True)
 
     return _serve(settings, gateway=False, on_ready=ready)
 
@@ -174,7 +174,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     def ready(gateway_url: str, log_url: str, _: list[str]) -> None:
         print(f"Conveyor gateway {gateway_url} (API docs at {gateway_url}/docs); log {log_url}", flush=True)
-        print(_READY, flush=True)
+        print(READY, flush=True)
 
     return _serve(settings, gateway=True, on_ready=ready)
 

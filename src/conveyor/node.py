@@ -172,6 +172,18 @@ async def _unless_a_stage_ends(waiting: Awaitable[object], stages: list[asyncio.
             raise UnavailableError(f"{task.get_name()} stopped: {error!r}") from error
 
 
+async def _unless_stopped(waiting: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await ``waiting`` (and its errors) unless ``stop`` is set first; whether it finished."""
+    waited, stopped = asyncio.ensure_future(waiting), asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waited, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not waited.done():
+        waited.cancel()
+        return False
+    await waited
+    return True
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind a listening port first, so a taken port fails before anything else starts."""
     sock = socket.socket()
@@ -231,6 +243,8 @@ async def run_node(
                 if metrics_sock is not None:
                     ports = [metrics_sock.getsockname()[1], *ports]
                 metrics_urls = [f"http://{settings.host}:{p}/metrics" for p in ports]
+                if children is not None and not await _unless_stopped(children.ready(), stop):
+                    return  # stopped while the worker processes were starting
                 on_ready(gateway_url, log_url, metrics_urls)
                 await _unless_a_stage_ends(stop.wait(), tasks)
         finally:

@@ -19,7 +19,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from conveyor.cli import READY
 from conveyor.embedded import free_port
+from conveyor.errors import UnavailableError
 
 logger = logging.getLogger("conveyor.supervisor")
 
@@ -44,6 +46,9 @@ class WorkerProcesses:
         self.metrics_ports = [free_port() for _ in range(count)]
         self._processes: list[asyncio.subprocess.Process | None] = [None] * count
         self._stopping = False
+        self._ready = [asyncio.Event() for _ in range(count)]
+        self._failure = ""
+        self._readers: set[asyncio.Task[None]] = set()
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         env = {
@@ -60,9 +65,25 @@ class WorkerProcesses:
             *self._stages,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,  # their banner tells when they are ready; it is not shown
         )
         self._processes[index] = process
+        reader = asyncio.create_task(self._watch_banner(index, process))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         return process
+
+    async def _watch_banner(self, index: int, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:  # read to the end, so a child never blocks on the pipe
+            if line.decode(errors="replace").rstrip("\n") == READY:
+                self._ready[index].set()
+
+    async def ready(self) -> None:
+        """Returns once every worker has subscribed to its topics; raises if one exits first."""
+        await asyncio.gather(*(event.wait() for event in self._ready))
+        if self._failure:
+            raise UnavailableError(self._failure)
 
     async def run(self) -> None:
         """Start every worker and keep them running until ``stop``."""
@@ -73,6 +94,11 @@ class WorkerProcesses:
         while not self._stopping:
             code = await (await self._spawn(index)).wait()
             if self._stopping:
+                return
+            if not self._ready[index].is_set():  # it never started: a restart will not help
+                self._failure = f"worker process {index} ({' '.join(self._stages)}) exited with {code}"
+                for event in self._ready:
+                    event.set()
                 return
             logger.error(
                 "worker %d (%s) exited with %s; restarting in %.1fs", index, self._stages, code, backoff

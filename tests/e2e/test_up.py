@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -132,3 +133,21 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         assert [p.prompt for p in prepared] == ["email me at [EMAIL] or call [PHONE]"]
     finally:
         await log.close()
+
+
+async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_reason(tmp_path: Path) -> None:
+    # The stages run in a child process: its failure must not hide behind a banner and a
+    # restart loop (the openai backend without an upstream cannot start).
+    up = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "conveyor", "up", "--port", "0", "--data-dir", str(tmp_path / "data")),
+        *("--model", "openai"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await up.communicate()
+    text = output.decode()
+    assert up.returncode == 1
+    assert "--model openai needs --upstream-url" in text
+    assert "worker process 0 (prepare generate finalize projector) exited with 1" in text
+    assert "Conveyor is up" not in text
