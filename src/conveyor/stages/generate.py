@@ -78,12 +78,16 @@ class CancelWatch:
 class ChunkPolicy:
     """Coalesce tokens into chunks of about ``max_chars`` or ``max_delay`` seconds, whichever first.
 
-    A model slower than ``max_delay`` per token streams token by token; a fast one is sent in
-    chunks of up to ``max_chars`` (each chunk is a durable event: fewer is cheaper).
+    The first token leaves at once if it took more than ``first_delay`` to come (a real model's
+    prompt processing: time to first token is what a reader feels most), so an instant model's
+    whole answer is still one chunk. After it, a model slower than ``max_delay`` per token streams
+    token by token, a faster one in chunks (each chunk is a durable event: fewer is cheaper, for
+    the broker and for the CPU the model shares with it).
     """
 
     max_chars: int = 256
-    max_delay: float = 0.05
+    max_delay: float = 0.1
+    first_delay: float = 0.01
 
 
 class _Stream:
@@ -132,7 +136,12 @@ class _Stream:
         if token.finish_reason is not None:
             return self._finish(token.finish_reason)
         policy = self._chunking
-        if len(self._pending) >= policy.max_chars or time.monotonic() - self._last_flush >= policy.max_delay:
+        waited = time.monotonic() - self._last_flush
+        if (
+            waited >= policy.max_delay
+            or len(self._pending) >= policy.max_chars
+            or (self._index == 0 and waited >= policy.first_delay)
+        ):
             await self._flush()
         return None
 
