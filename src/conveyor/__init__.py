@@ -17,7 +17,7 @@ from conveyor.errors import (
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.base import Delivery, EventLog, Subscription, Tailed
 from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
-from conveyor.pipeline import Output, Pipeline, RetryPolicy, Stage, StageContext
+from conveyor.pipeline import BatchPolicy, Output, Pipeline, RetryPolicy, Stage, StageContext
 from conveyor.runtime.worker import StageWorker
 from conveyor.store.base import Entry, Namespace, StateStore
 from conveyor.view import RequestView
@@ -25,6 +25,7 @@ from conveyor.view import RequestView
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchPolicy",
     "ConveyorError",
     "Delivery",
     "Entry",
