@@ -20,3 +20,11 @@ def load(name: str) -> ModuleType:
 
 async def test_custom_stage_example() -> None:
     assert await load("custom_stage").main() == ["HELLO", "event.dead_lettered"]
+
+
+async def test_batched_stage_example() -> None:
+    texts, calls = await load("batched_stage").main()
+    assert texts == sorted(f"hello world {i}" for i in range(12))
+    assert sum(calls) == 12  # every event went through the model once
+    assert max(calls) > 1  # in batches...
+    assert max(calls) <= 8  # ...of at most the policy's size
