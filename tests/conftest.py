@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,15 +144,19 @@ NodeFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 @pytest.fixture
 def node(tmp_path: Path) -> NodeFactory:
+    """``node(**model_options, settings={...})``: a whole node on in-memory backends with the
+    simulated model, and an HTTP client of its gateway; ``settings`` overrides other Settings."""
+
     @contextlib.asynccontextmanager
-    async def start(**model_options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async def start(
+        *, settings: Mapping[str, Any] | None = None, **model_options: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
         model = ModelSettings(backend="simulated", **model_options)
-        settings = Settings(
-            port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model
-        )
+        base = Settings(port=0, data_dir=tmp_path, log_url="memory://", store_url="memory://", model=model)
+        chosen = dataclasses.replace(base, **(settings or {}))
         stop = asyncio.Event()
         ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(run_node(settings, stop, on_ready=lambda url, *_: ready.set_result(url)))
+        task = asyncio.create_task(run_node(chosen, stop, on_ready=lambda url, *_: ready.set_result(url)))
         try:
             async with asyncio.timeout(10):
                 url = await asyncio.wait_for(ready, 10)

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,22 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
     )
     parser.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="gateway: require API keys, one key=tenant[,rate=R,burst=B] line each (default: open)",
+    )
+    parser.add_argument(
+        "--rate-limit", type=float, help="gateway: submits per second per tenant (default: no limit)"
+    )
+    parser.add_argument(
+        "--rate-burst", type=float, help="gateway: submits a tenant may make at once (default: max(1, R))"
+    )
+    parser.add_argument(
+        "--max-backlog",
+        type=int,
+        help="gateway: answer submits 503 while prepare has more than this many requests to take in",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -87,6 +104,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         ack_wait=args.ack_wait or base.ack_wait,
         model=model,
         blocklist=blocklist,
+        api_keys_file=args.api_keys_file or base.api_keys_file,
+        rate_limit=base.rate_limit if args.rate_limit is None else args.rate_limit,
+        rate_burst=base.rate_burst if args.rate_burst is None else args.rate_burst,
+        max_backlog=base.max_backlog if args.max_backlog is None else args.max_backlog,
     )
 
 
@@ -186,7 +207,8 @@ def _submit(args: argparse.Namespace) -> int:
         body["max_tokens"] = args.max_tokens
     if args.key:
         body["key"] = args.key
-    with httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=None)) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10, read=None)) as client:
         try:
             response = client.post("/v1/requests", json=body)
         except httpx.TransportError as exc:
@@ -342,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--key", help="partition key (requests with one key are handled in order)")
+    submit.add_argument(
+        "--api-key",
+        default=os.environ.get("CONVEYOR_API_KEY"),
+        help="the gateway's API key, if it needs one (default: $CONVEYOR_API_KEY)",
+    )
     submit.set_defaults(func=_submit)
 
     dlq = commands.add_parser("dlq", help="list dead-lettered events with their errors")

@@ -46,6 +46,12 @@ class Settings:
     model: ModelSettings = ModelSettings()
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
+    # The gateway: with a keys file (lines key=tenant) every API request needs a key; without
+    # one, every request is tenant "default".
+    api_keys_file: Path | None = None
+    rate_limit: float | None = None  # submits per second per tenant (None or 0: no limit)
+    rate_burst: float | None = None  # submits at once (None: max(1, rate_limit))
+    max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
 
     @classmethod
     def load(cls, config: Path | None = None, env: Mapping[str, str] = os.environ) -> Settings:
@@ -79,6 +85,9 @@ class Settings:
             batch_target_latency=float(target) if target is not None else None,
         )
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
+        keys_file, rate, burst, backlog = (
+            get(n) for n in ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG")
+        )
         return cls(
             host=get("HOST") or base.host,
             port=int(get("PORT") or base.port),
@@ -90,6 +99,10 @@ class Settings:
             metrics_port=int(port) if (port := get("METRICS_PORT")) is not None else None,
             model=model,
             blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
+            api_keys_file=Path(keys_file) if keys_file is not None else None,
+            rate_limit=float(rate) if rate is not None else None,
+            rate_burst=float(burst) if burst is not None else None,
+            max_backlog=int(backlog) if backlog is not None else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -118,6 +131,13 @@ class Settings:
             env["CONVEYOR_LOG_URL"] = self.log_url
         if self.store_url:
             env["CONVEYOR_STORE_URL"] = self.store_url
+        optional = {
+            "CONVEYOR_API_KEYS_FILE": self.api_keys_file,
+            "CONVEYOR_RATE_LIMIT": self.rate_limit,
+            "CONVEYOR_RATE_BURST": self.rate_burst,
+            "CONVEYOR_MAX_BACKLOG": self.max_backlog,
+        }
+        env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
 
 
@@ -144,6 +164,10 @@ NAMES = frozenset(
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",
+        "API_KEYS_FILE",
+        "RATE_LIMIT",
+        "RATE_BURST",
+        "MAX_BACKLOG",
     }
 )
 

@@ -20,6 +20,9 @@ from conveyor.config import Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
 from conveyor.gateway.app import create_app
+from conveyor.gateway.auth import ApiKeys
+from conveyor.gateway.core import GatewayLimits
+from conveyor.gateway.ratelimit import Rate
 from conveyor.log.base import EventLog
 from conveyor.models.base import MODEL_IDS, ModelBackend, ModelInfo
 from conveyor.models.simulated import SimulatedModel
@@ -93,6 +96,17 @@ def build_pipeline(settings: Settings, model: ModelBackend | None, cancels: Canc
         Projector().stage(),
     ]
     return Pipeline([stage for stage in stages if stage is not None])
+
+
+def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
+    """The gateway's limits and API keys from ``settings`` (ValueError, naming the setting, if wrong)."""
+    if settings.rate_burst is not None and not settings.rate_limit:
+        raise ValueError("--rate-burst needs --rate-limit")
+    if settings.max_backlog is not None and settings.max_backlog < 0:
+        raise ValueError(f"--max-backlog must be 0 or more, not {settings.max_backlog}")
+    rate = Rate.of(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+    return GatewayLimits(rate=rate, max_backlog=settings.max_backlog), keys
 
 
 class _Server(uvicorn.Server):
@@ -209,6 +223,8 @@ async def run_node(
     With ``worker_processes`` the stages run in that many child processes (each with
     every stage of ``settings.stages``); otherwise they run here, in this event loop.
     """
+    # Read before anything starts, so a bad keys file or limit fails at once with its reason.
+    limits, keys = gateway_options(settings) if gateway else (GatewayLimits(), None)
     sock = bind(settings.host, settings.port) if gateway else None
     metrics_sock = bind(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
     async with backends(settings) as (log, store, log_url):
@@ -237,7 +253,7 @@ async def run_node(
                 if metrics_sock is not None:
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
                 if sock is not None:
-                    app = create_app(log, store, models=[model_id(settings)])
+                    app = create_app(log, store, limits=limits, keys=keys, models=[model_id(settings)])
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 ports = children.metrics_ports if children else []
                 if metrics_sock is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from conveyor.config import NAMES, ModelSettings, Settings
+from conveyor.gateway.ratelimit import Rate
+from conveyor.node import gateway_options
 
 
 def test_a_config_file_is_overridden_by_the_environment(tmp_path: Path) -> None:
@@ -42,5 +45,45 @@ def test_an_unknown_setting_in_the_file_is_a_clear_error(tmp_path: Path) -> None
 
 def test_every_setting_a_process_passes_on_has_a_known_name() -> None:
     model = ModelSettings(batch_target_latency=1.0)
-    settings = Settings(log_url="nats://x", store_url="nats://x", model=model)
+    settings = Settings(
+        log_url="nats://x",
+        store_url="nats://x",
+        model=model,
+        api_keys_file=Path("keys.txt"),
+        rate_limit=2.5,
+        rate_burst=10,
+        max_backlog=1000,
+    )
     assert {name.removeprefix("CONVEYOR_") for name in settings.to_env()} <= NAMES
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_the_gateway_settings_come_from_the_environment_and_bad_ones_stop_the_start(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "CONVEYOR_API_KEYS_FILE": str(tmp_path / "keys.txt"),
+        "CONVEYOR_RATE_LIMIT": "5",
+        "CONVEYOR_MAX_BACKLOG": "200",
+    }
+    settings = Settings.from_env(env)
+    assert (settings.api_keys_file, settings.rate_limit, settings.rate_burst, settings.max_backlog) == (
+        tmp_path / "keys.txt",
+        5.0,
+        None,
+        200,
+    )
+    with pytest.raises(ValueError, match="cannot read the API keys file"):
+        gateway_options(settings)
+    (tmp_path / "keys.txt").write_text("sk-1=acme,rate=1\n")
+    limits, keys = gateway_options(settings)
+    assert (limits.rate, limits.max_backlog) == (Rate(5.0, 5.0), 200)  # burst: a second's worth
+    assert keys is not None
+    assert keys.tenant("sk-1") == "acme"
+    for wrong, error in [
+        ({"rate_burst": 3.0, "rate_limit": None}, "--rate-burst needs --rate-limit"),
+        ({"rate_limit": -1.0}, "above 0"),
+        ({"max_backlog": -1}, "--max-backlog must be 0 or more"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            gateway_options(dataclasses.replace(settings, **wrong))  # type: ignore[arg-type]

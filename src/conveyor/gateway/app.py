@@ -7,16 +7,19 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.errors import UnavailableError
-from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict
+from conveyor.gateway.admission import Admission
+from conveyor.gateway.auth import ApiKeys
+from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
+from conveyor.gateway.ratelimit import RateLimiter
 from conveyor.gateway.sse import request_events, stream_request
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
@@ -70,19 +73,32 @@ def create_app(
     *,
     limits: GatewayLimits = GatewayLimits(),
     models: Sequence[str] = ("simulated",),
+    keys: ApiKeys | None = None,
 ) -> FastAPI:
-    """The gateway: the job API, the OpenAI-compatible API for ``models``, health and metrics."""
-    core = GatewayCore(log, store)
+    """The gateway: the job API, the OpenAI-compatible API for ``models``, health and metrics.
+
+    With ``keys``, every API request needs one of them and belongs to its tenant; ``limits``
+    may set a per-tenant rate and a backlog above which submits are refused.
+    """
+    tenant_rates = keys.rates if keys else {}
+    limiter = None
+    if limits.rate or tenant_rates:
+        limiter = RateLimiter(store, default=limits.rate, tenants=tenant_rates)
+    admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
+    core = GatewayCore(log, store, keys=keys, limiter=limiter, admission=admission)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(core.watch.run())
+        tasks = [asyncio.create_task(core.watch.run())]
+        if admission is not None:
+            await admission.refresh()  # the first submit already meets a known backlog
+            tasks.append(asyncio.create_task(admission.run()))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     app = FastAPI(
         title="Conveyor",
@@ -115,6 +131,10 @@ def create_app(
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
+    @app.exception_handler(Refused)
+    async def on_refused(_: Request, exc: Refused) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
     @app.exception_handler(UnavailableError)
     async def on_unavailable(_: Request, exc: UnavailableError) -> JSONResponse:
         return JSONResponse(
@@ -124,8 +144,12 @@ def create_app(
     def urls(rid: str) -> dict[str, str]:
         return {"status_url": f"/v1/requests/{rid}", "stream_url": f"/v1/requests/{rid}/events"}
 
-    async def view_or_404(rid: str) -> RequestView:
-        view = await core.view(rid)
+    # A default value, not an Annotated alias: annotations are strings here, and FastAPI
+    # resolves them in the module, where a name local to this function does not exist.
+    tenant_of_key = Depends(core.tenant_dependency(lambda refused: refused))
+
+    async def view_or_404(rid: str, tenant: str) -> RequestView:
+        view = await core.view(rid, tenant=tenant)
         if view is None:
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
@@ -139,6 +163,7 @@ def create_app(
     )
     async def submit(
         request: Request,
+        tenant: str = tenant_of_key,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     ) -> Response:
         """Accept a request: it is durably on the log when this returns 202."""
@@ -162,6 +187,7 @@ def create_app(
         try:
             accepted = await core.accept(
                 payload,
+                tenant=tenant,
                 key=body.key,
                 timeout=body.timeout,
                 idempotency_key=idempotency_key,
@@ -177,10 +203,11 @@ def create_app(
     @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(
         rid: str,
+        tenant: str = tenant_of_key,
         wait: Annotated[float, Query(ge=0, description="Seconds to wait for a final status.")] = 0,
     ) -> Response:
         """The request's status view. With ``wait``, returns as soon as the request ends."""
-        view = await core.wait(rid, min(wait, limits.max_wait_seconds))
+        view = await core.wait(rid, min(wait, limits.max_wait_seconds), tenant=tenant)
         if view is None:
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return Response(view.public_json(), media_type="application/json")
@@ -188,11 +215,12 @@ def create_app(
     @app.get("/v1/requests/{rid}/events", tags=["requests"], response_class=StreamingResponse)
     async def events(
         rid: str,
+        tenant: str = tenant_of_key,
         last_event_id: Annotated[str | None, Header()] = None,
         last_id: Annotated[str | None, Query(alias="last_event_id")] = None,
     ) -> StreamingResponse:
         """Server-Sent Events: progress, ``token`` chunks, then the final status. Resumable."""
-        await view_or_404(rid)
+        await view_or_404(rid, tenant)
         raw = last_event_id or last_id or "0"
         if not raw.isdigit():
             raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be an event id from this stream")
@@ -206,8 +234,13 @@ def create_app(
     async def events_ws(websocket: WebSocket, rid: str, last_event_id: int = 0) -> None:
         """The SSE stream as WebSocket JSON messages ``{"id", "event", "data"}``; send
         ``{"action": "cancel"}`` to cancel the request."""
+        try:
+            tenant = core.authenticate(websocket.headers)
+        except Refused as exc:
+            await _deny(websocket, exc)
+            return
         await websocket.accept()
-        view = await core.view(rid)
+        view = await core.view(rid, tenant=tenant)
         if view is None:
             await websocket.close(code=4404, reason=f"no request with id {rid!r}")
             return
@@ -216,7 +249,7 @@ def create_app(
             with contextlib.suppress(WebSocketDisconnect):
                 while True:
                     message = await websocket.receive_json()
-                    current = await core.view(rid)
+                    current = await core.view(rid, tenant=tenant)
                     if message.get("action") == "cancel" and current is not None and not current.terminal:
                         await core.cancel(current)
 
@@ -236,9 +269,9 @@ def create_app(
             listener.cancel()
 
     @app.delete("/v1/requests/{rid}", tags=["requests"])
-    async def cancel(rid: str) -> JSONResponse:
+    async def cancel(rid: str, tenant: str = tenant_of_key) -> JSONResponse:
         """Cancel: generation stops at its next token. A finished request stays as it is (409)."""
-        view = await view_or_404(rid)
+        view = await view_or_404(rid, tenant)
         if view.terminal:
             if view.status == "cancelled":
                 return JSONResponse(view.public(), status_code=200)
@@ -290,3 +323,14 @@ def create_app(
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def _deny(websocket: WebSocket, refused: Refused) -> None:
+    """Refuse a WebSocket handshake with the HTTP error where the server can send one."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        response = JSONResponse(
+            error_body(refused.code, refused.message), status_code=refused.status, headers=refused.headers
+        )
+        await websocket.send_denial_response(response)
+    else:  # a close before the handshake completes: the client sees a 403
+        await websocket.close(code=1008, reason=refused.message)

@@ -6,21 +6,33 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Annotated, Any
 
 import orjson
+from fastapi import Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from conveyor.events import Envelope, Topic, new_event
+from conveyor.gateway.admission import Admission
+from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.ratelimit import Rate, RateLimiter
 from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
-from conveyor.observability.metrics import REQUESTS_ACCEPTED
+from conveyor.observability.metrics import REQUESTS_ACCEPTED, REQUESTS_REFUSED
 from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace, StateStore
 from conveyor.view import RequestView
 
 SOURCE = "conveyor/gateway"
+
+# Declared on the routes so that /docs offers to authorize; the key is read by ``presented_key``,
+# the same way for HTTP and WebSocket requests.
+_BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-API-Key: KEY")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,6 +43,24 @@ class GatewayLimits:
     default_max_tokens: int = 256
     max_wait_seconds: float = 60.0  # the status long poll
     max_completion_seconds: float = 600.0  # a non-streaming chat completion
+    rate: Rate | None = None  # submits per tenant (the API keys file may give a tenant its own)
+    max_backlog: int | None = None  # refuse submits while prepare is further behind than this
+
+
+class Refused(Exception):
+    """A request turned away before it reached the log; each API answers in its own error shape."""
+
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        REQUESTS_REFUSED.inc(code=code)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after is not None:  # whole seconds, rounded up: sooner would be refused again
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return headers
 
 
 class IdempotencyConflict(Exception):
@@ -45,36 +75,105 @@ class Accepted:
 
 
 class GatewayCore:
-    def __init__(self, log: EventLog, store: StateStore) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        store: StateStore,
+        *,
+        keys: ApiKeys | None = None,
+        limiter: RateLimiter | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.log, self.store = log, store
+        self.keys, self.limiter, self.admission = keys, limiter, admission
         self.watch = StatusWatch(store)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
         # has written its view (a few milliseconds later).
         self._recent: collections.OrderedDict[str, RequestView] = collections.OrderedDict()
 
+    def authenticate(self, headers: Mapping[str, str]) -> str:
+        """The tenant of the request's API key; without configured keys, every request is "default"."""
+        if self.keys is None:
+            return "default"
+        key = presented_key(headers)
+        if key is None:
+            raise Refused(
+                401, "invalid_api_key", "no API key: send 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')"
+            )
+        tenant = self.keys.tenant(key)
+        if tenant is None:
+            raise Refused(401, "invalid_api_key", "the API key is not valid")
+        return tenant
+
+    def tenant_dependency(self, refusal: Callable[[Refused], Exception]) -> Callable[..., Awaitable[str]]:
+        """A route dependency giving the request's tenant; a missing or unknown key is raised as
+        ``refusal`` makes it, so each API answers in its own error shape."""
+        if self.keys is None:
+
+            async def anyone() -> str:
+                return "default"
+
+            return anyone
+
+        async def tenant(
+            request: Request,
+            _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+            _api_key: Annotated[str | None, Security(_API_KEY)] = None,
+        ) -> str:
+            try:
+                return self.authenticate(request.headers)
+            except Refused as exc:
+                raise refusal(exc) from None
+
+        return tenant
+
+    async def _admit(self, tenant: str) -> None:
+        """Refuse a new submit while the pipeline is overloaded or the tenant is over its rate."""
+        if self.admission is not None and self.admission.overloaded:
+            raise Refused(
+                503,
+                "overloaded",
+                f"the pipeline is {self.admission.backlog} requests behind; retry shortly",
+                retry_after=self.admission.interval,
+            )
+        if self.limiter is not None and (wait := await self.limiter.acquire(tenant)) > 0:
+            rate = self.limiter.rate(tenant)
+            limit = f" of {rate.per_second:g} requests per second (burst {rate.burst:g})" if rate else ""
+            raise Refused(
+                429, "rate_limited", f"over the rate limit{limit}; retry in {wait:.2f} s", retry_after=wait
+            )
+
     async def accept(
         self,
         payload: RequestAccepted,
         *,
+        tenant: str = "default",
         key: str | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
         fingerprint: Any = None,
     ) -> Accepted:
-        """Put the request on the log (durably, when this returns)."""
+        """Put the request on the log (durably, when this returns); raises Refused if it may not."""
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,
             payload=payload,
+            key=key,
+            tenant=tenant,
             deadline=time.time() + timeout if timeout else None,
         )
         rid = event.id
-        if key:
-            event = dataclasses.replace(event, key=key)
-        idem = ""
+        idem = digest = ""
         if idempotency_key:
-            idem = hashlib.sha256(f"default\x00{idempotency_key}".encode()).hexdigest()
+            idem = hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()
             digest = hashlib.sha256(orjson.dumps(fingerprint, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            # A retry was admitted the first time: it takes no second token, nor a refusal now.
+            existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
+            if existing is not None:
+                return await self._replay(orjson.loads(existing.value), digest, tenant)
+        # Before the key is recorded: a refused submit must leave nothing a retry could replay.
+        await self._admit(tenant)
+        if idem:
             # The event itself is kept with the key: a retry after a failed or timed-out publish
             # (which may have been stored after all) publishes the very same event again, and the
             # log drops it if the first one made it. Deleting the key instead could bill twice.
@@ -84,25 +183,32 @@ class GatewayCore:
             if await self.store.create(Namespace.IDEMPOTENCY, idem, record) is None:
                 existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
                 if existing is not None:
-                    return await self._replay(orjson.loads(existing.value), digest)
+                    return await self._replay(orjson.loads(existing.value), digest, tenant)
         await self.log.publish(Topic.REQUESTS, [event])
         REQUESTS_ACCEPTED.inc()
-        self._recent[rid] = RequestView(id=rid, stages={"gateway": {"accepted_at": event.time}})
+        stages = {"gateway": {"accepted_at": event.time}}
+        self._recent[rid] = RequestView(id=rid, tenant=tenant, stages=stages)
         if len(self._recent) > 10_000:
             self._recent.popitem(last=False)
         return Accepted(rid, False, "accepted")
 
-    async def _replay(self, previous: dict[str, Any], digest: str) -> Accepted:
+    async def _replay(self, previous: dict[str, Any], digest: str, tenant: str) -> Accepted:
         """An Idempotency-Key seen before: the same request, published again unless it is known."""
         if previous["fingerprint"] != digest:
             raise IdempotencyConflict
-        view = await self.view(previous["id"])
+        view = await self.view(previous["id"], tenant=tenant)
         if view is None:  # its publish failed or is in doubt: the same event again (deduplicated)
             event = Envelope.from_headers(previous["headers"], previous["body"].encode())
             await self.log.publish(Topic.REQUESTS, [event])
         return Accepted(previous["id"], True, view.status if view else "accepted")
 
-    async def view(self, rid: str) -> RequestView | None:
+    async def view(self, rid: str, *, tenant: str) -> RequestView | None:
+        """The request's view; None if it is unknown or another tenant's (which is not told apart,
+        so a tenant cannot learn which ids exist)."""
+        view = await self._view(rid)
+        return view if view is not None and view.tenant == tenant else None
+
+    async def _view(self, rid: str) -> RequestView | None:
         view = await read_view(self.store, rid) or self._recent.get(rid)
         if view is not None:
             return view
@@ -112,18 +218,18 @@ class GatewayCore:
             return None
         return RequestView(id=rid, tenant=accepted.tenant, stages={"gateway": {"accepted_at": accepted.time}})
 
-    async def wait(self, rid: str, seconds: float) -> RequestView | None:
+    async def wait(self, rid: str, seconds: float, *, tenant: str) -> RequestView | None:
         """The view once the request has ended, or as it is after ``seconds``; None if unknown."""
         deadline = time.monotonic() + seconds
         queue: asyncio.Queue[Any] = asyncio.Queue()
         with self.watch.subscribe(rid, queue):  # before the read, so no change can slip between
-            view = await self.view(rid)
+            view = await self.view(rid, tenant=tenant)
             while view is not None and not view.terminal and (left := deadline - time.monotonic()) > 0:
                 try:
                     async with asyncio.timeout(min(left, 1.0)):
                         _, view = await queue.get()
                 except TimeoutError:
-                    view = await self.view(rid)  # a safety net for a missed notification
+                    view = await self.view(rid, tenant=tenant)  # a safety net for a missed notification
         return view
 
     async def cancel(self, view: RequestView, reason: str = "client") -> None:

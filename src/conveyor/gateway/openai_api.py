@@ -15,16 +15,22 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from conveyor.gateway.core import GatewayCore, GatewayLimits
+from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
 from conveyor.gateway.sse import request_events
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
 from conveyor.view import RequestView
 
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "deadline": "length"}
+# The gateway's refusals as OpenAI answers them: (type, code); the rest keep their code.
+_REFUSALS = {
+    "invalid_api_key": ("invalid_request_error", "invalid_api_key"),
+    "rate_limited": ("requests", "rate_limit_exceeded"),
+    "overloaded": ("server_error", "overloaded"),
+}
 
 
 class ChatCompletionMessage(BaseModel):
@@ -53,14 +59,29 @@ class ChatCompletionRequest(BaseModel):
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+
+    @classmethod
+    def refused(cls, refused: Refused) -> OpenAIError:
+        kind, code = _REFUSALS.get(refused.code, (None, refused.code))
+        return cls(refused.status, refused.message, code=code, kind=kind, headers=refused.headers)
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 _REQUEST_BODY = {
@@ -82,8 +103,10 @@ def add_openai_routes(
     async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
 
+    tenant_of_key = Depends(core.tenant_dependency(OpenAIError.refused))  # a default: see app.py
+
     @app.get("/v1/models", tags=["openai"])
-    async def list_models() -> dict[str, Any]:
+    async def list_models(_: str = tenant_of_key) -> dict[str, Any]:
         """The models this deployment serves."""
         return {
             "object": "list",
@@ -127,19 +150,22 @@ def add_openai_routes(
         )
 
     @app.post("/v1/chat/completions", tags=["openai"], openapi_extra={"requestBody": _REQUEST_BODY})
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request, tenant: str = tenant_of_key) -> Response:
         """OpenAI's chat completion, through the durable pipeline; ``stream`` for SSE chunks."""
         body = await parse(request)
-        accepted = await core.accept(accepted_payload(body))
+        try:
+            accepted = await core.accept(accepted_payload(body), tenant=tenant)
+        except Refused as exc:
+            raise OpenAIError.refused(exc) from None
         rid, created = accepted.id, int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _stream(core, rid, body.model, created, include_usage),
+                _stream(core, rid, tenant, body.model, created, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        view = await core.wait(rid, limits.max_completion_seconds)
+        view = await core.wait(rid, limits.max_completion_seconds, tenant=tenant)
         if view is None or not view.terminal:
             raise OpenAIError(
                 504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
@@ -174,7 +200,7 @@ def _raise_if_failed(view: RequestView) -> None:
 
 
 async def _stream(
-    core: GatewayCore, rid: str, model: str, created: int, include_usage: bool
+    core: GatewayCore, rid: str, tenant: str, model: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         data = {
@@ -225,7 +251,7 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away mid-stream: stop paying for tokens nobody reads
-            view = await _quietly(core.view(rid))
+            view = await _quietly(core.view(rid, tenant=tenant))
             if view is not None and not view.terminal:
                 _background(core.cancel(view, reason="client disconnected"))
 

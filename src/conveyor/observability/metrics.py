@@ -131,3 +131,12 @@ BATCH_WAIT = REGISTRY.histogram(
 BATCH_LIMIT = REGISTRY.gauge(
     "conveyor_batch_limit", "The batch size limit in force (adapts with a latency target)."
 )
+ADMISSION_BACKLOG = REGISTRY.gauge(
+    "conveyor_gateway_backlog", "Events on requests not yet acknowledged by prepare, as admission saw it."
+)
+ADMISSION_OVERLOADED = REGISTRY.gauge(
+    "conveyor_gateway_overloaded", "1 while admission control refuses new submits (503 overloaded), else 0."
+)
+REQUESTS_REFUSED = REGISTRY.counter(
+    "conveyor_gateway_refused_total", "Requests the gateway turned away before the log, by error code."
+)

@@ -16,6 +16,7 @@ class Namespace(StrEnum):
     DEDUPE = "dedupe"  # (stage, event id) pairs whose outputs are durably published
     USAGE = "usage"  # the usage ledger: one record per request, written once
     IDEMPOTENCY = "idempotency"  # client Idempotency-Key -> request id
+    RATE = "rate"  # per-tenant token buckets of the gateways' rate limits
 
 
 _DAY = 86_400.0
@@ -26,6 +27,8 @@ TTL: Mapping[Namespace, float] = MappingProxyType(
         Namespace.DEDUPE: 7 * _DAY,
         Namespace.USAGE: 0.0,
         Namespace.IDEMPOTENCY: 1 * _DAY,
+        # A bucket left alone this long would be full again anyway: expiry loses nothing.
+        Namespace.RATE: 1 * _DAY,
     }
 )
 

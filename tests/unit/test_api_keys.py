@@ -1,0 +1,78 @@
+"""The API keys file: key=tenant lines, per-tenant rates, only digests in memory."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.ratelimit import Rate
+
+KEYS = """
+# production keys
+sk-acme-0001=acme
+sk-acme-0002 = acme , rate=5, burst=10
+c2stYmFzZTY0PT0==globex
+"""
+
+
+def test_keys_map_to_their_tenants_and_unknown_keys_to_none() -> None:
+    keys = ApiKeys.parse(KEYS)
+    assert keys.tenant("sk-acme-0001") == "acme"
+    assert keys.tenant("sk-acme-0002") == "acme"
+    assert keys.tenant("c2stYmFzZTY0PT0=") == "globex"  # a key may end in '=': the tenant is after the last
+    assert keys.tenant("sk-acme-000") is None
+    assert keys.tenant("") is None
+    assert keys.rates == {"acme": Rate(5.0, 10.0)}
+
+
+def test_only_digests_of_the_keys_are_kept() -> None:
+    kept = pickle.dumps(ApiKeys.parse(KEYS))
+    assert b"sk-acme-0001" not in kept
+    assert b"c2stYmFzZTY0PT0" not in kept
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("sk-1", "line 1: expected key=tenant"),
+        ("=acme", "line 1: expected key=tenant"),
+        ("sk 1=acme", "line 1: expected key=tenant"),
+        ("sk-1=", "line 1: a tenant is"),
+        ("sk-1=ac me", "line 1: a tenant is"),
+        ("sk-1=acme\nsk-1=globex", "line 2: this key is listed twice"),
+        ("sk-1=acme,rate=5\nsk-2=acme,rate=6", "line 2: tenant 'acme' was given another rate limit"),
+        ("sk-1=acme,burst=5", "line 1: burst=B needs rate=R"),
+        ("sk-1=acme,rate=fast", "line 1: rate must be a number"),
+        ("sk-1=acme,rpm=5", "line 1: unknown or repeated option 'rpm'"),
+        ("sk-1=acme,rate=0", "above 0"),
+        ("# nothing\n", "no keys"),
+    ],
+)
+def test_a_bad_keys_file_is_a_clear_error_that_does_not_echo_the_key(text: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error) as raised:
+        ApiKeys.parse(text, source="keys.txt")
+    assert "sk-1" not in str(raised.value)
+
+
+def test_a_missing_keys_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read the API keys file"):
+        ApiKeys.load(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        ({"authorization": "Bearer sk-1"}, "sk-1"),
+        ({"authorization": "bearer  sk-1 "}, "sk-1"),
+        ({"x-api-key": "sk-2"}, "sk-2"),
+        ({"authorization": "Bearer sk-1", "x-api-key": "sk-2"}, "sk-1"),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, None),
+        ({"authorization": "Bearer "}, None),
+        ({}, None),
+    ],
+)
+def test_the_key_comes_from_a_bearer_token_or_x_api_key(headers: dict[str, str], key: str | None) -> None:
+    assert presented_key(headers) == key
