@@ -21,7 +21,10 @@ from openai.types.chat import ChatCompletion
 from websockets.exceptions import InvalidStatus
 
 from conveyor.events import Topic
+from conveyor.gateway.core import GatewayCore
 from conveyor.log.nats import NatsEventLog
+from conveyor.payloads import RequestAccepted
+from conveyor.testing import MemoryEventLog, MemoryStateStore
 from tests.conftest import NodeFactory, unique_prefix
 from tests.helpers import read_sse, wait_final
 
@@ -233,3 +236,14 @@ async def test_submits_get_503_while_prepare_is_too_far_behind(node: NodeFactory
     finally:
         await intake_log.delete_streams()
         await intake_log.close()
+
+
+async def test_the_tenant_travels_on_the_accepted_event_and_scopes_the_view() -> None:
+    log = MemoryEventLog()
+    core = GatewayCore(log, MemoryStateStore())
+    accepted = await core.accept(RequestAccepted(prompt="bill acme"), tenant="acme")
+    assert [event.tenant for event in log.events(Topic.REQUESTS)] == ["acme"]  # and so into usage
+    view = await core.view(accepted.id, tenant="acme")
+    assert view is not None
+    assert view.tenant == "acme"
+    assert await core.view(accepted.id, tenant="globex") is None
