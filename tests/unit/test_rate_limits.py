@@ -88,3 +88,24 @@ async def test_an_unreadable_bucket_is_replaced_by_a_full_one() -> None:
     await store.put(Namespace.RATE, "acme", b"not json")
     limiter = RateLimiter(store, default=Rate(1.0, 2.0), clock=Clock())
     assert [await limiter.acquire("acme") for _ in range(3)] == [0.0, 0.0, pytest.approx(1.0)]
+
+
+class _AlwaysRaced(MemoryStateStore):
+    """Another gateway writes the bucket between every read and write of ours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.updates = 0
+
+    async def update(self, ns: Namespace, key: str, value: bytes, revision: int) -> int | None:
+        self.updates += 1
+        await self.put(ns, key, b'{"tokens": 5.0, "at": 0.0}')
+        return None
+
+
+async def test_a_limiter_that_keeps_losing_the_race_refuses_after_a_bounded_number_of_tries() -> None:
+    store = _AlwaysRaced()
+    await store.put(Namespace.RATE, "acme", b'{"tokens": 5.0, "at": 0.0}')
+    limiter = RateLimiter(store, default=Rate(0.01, 5.0), clock=Clock(), attempts=3)
+    assert await limiter.acquire("acme") == 1.0  # refused, and told to come back soon
+    assert store.updates == 3

@@ -19,6 +19,8 @@ from conveyor.observability.metrics import ADMISSION_BACKLOG, ADMISSION_OVERLOAD
 logger = logging.getLogger("conveyor.gateway")
 
 GROUP = "prepare"  # the first stage: what it has not taken in yet is the pipeline's queue
+# Kafka's lag reads every partition's watermarks, which can take seconds on a busy cluster.
+_LAG_TIMEOUT = 10.0
 
 
 class Admission:
@@ -34,7 +36,7 @@ class Admission:
     async def refresh(self) -> None:
         """Read the backlog once."""
         try:
-            async with asyncio.timeout(max(5.0, self.interval)):
+            async with asyncio.timeout(_LAG_TIMEOUT):
                 lags = [
                     lag for lag in await self._log.lag() if lag.topic == Topic.REQUESTS and lag.group == GROUP
                 ]

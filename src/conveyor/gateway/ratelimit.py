@@ -127,5 +127,5 @@ class RateLimiter:
                 # gateways racing in step fall out of step.
                 await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
         # Lost every race: other gateways are taking this tenant's tokens as fast as they can.
-        # Refusing keeps the limit; letting it through could exceed it.
-        return 1.0 / rate.per_second
+        # Refusing keeps the limit (letting it through could exceed it); soon is worth a retry.
+        return min(1.0, 1.0 / rate.per_second)
