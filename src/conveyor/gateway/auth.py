@@ -22,7 +22,7 @@ from pathlib import Path
 
 from conveyor.gateway.ratelimit import Rate
 
-_TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _OPTIONS = ("rate", "burst")
 _INDEX = 8  # bytes of a digest the lookup table is keyed by
 
@@ -70,7 +70,7 @@ class ApiKeys:
             key, _, tenant = (part.strip() for part in first.rpartition("="))
             if not key or any(c.isspace() for c in key):
                 raise ValueError(f"{where}: expected key=tenant[,rate=R,burst=B]")
-            if not _TENANT.match(tenant):
+            if not _TENANT.fullmatch(tenant):
                 raise ValueError(f"{where}: a tenant is 1-64 letters, digits, '_', '.' or '-'")
             digest = _digest(key)
             if digest in tenants:
