@@ -9,7 +9,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
@@ -90,11 +90,33 @@ class NatsStateStore(JetStreamBackend):
         await kv.purge(key)
 
     async def keys(self, ns: Namespace) -> list[str]:
-        kv = await self._kv(ns)
+        # Not nats-py's kv.keys(): it decides it has seen everything from a race with its own
+        # consumer and intermittently returned no keys for a bucket of 500. Here: the last
+        # message of every subject, headers only, counted against the consumer's own pending.
+        await self._kv(ns)
+        prefix = f"$KV.{self.bucket_name(ns)}."
+        sub = await self._js.pull_subscribe(
+            prefix + ">",
+            stream=f"KV_{self.bucket_name(ns)}",
+            config=api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                headers_only=True,
+                ack_policy=api.AckPolicy.NONE,
+                inactive_threshold=30.0,
+            ),
+        )
         try:
-            return list(await kv.keys())
-        except NoKeysError:
-            return []
+            remaining = (await sub.consumer_info()).num_pending or 0
+            keys: list[str] = []
+            while remaining > 0:
+                for msg in await sub.fetch(min(remaining, 512), timeout=10):
+                    remaining -= 1
+                    headers = msg.headers or {}
+                    if not (headers.get("KV-Operation") or headers.get("Nats-Marker-Reason")):
+                        keys.append(msg.subject[len(prefix) :])  # not deleted, purged or expired
+            return keys
+        finally:
+            await sub.unsubscribe()
 
     async def watch(self, ns: Namespace) -> AsyncIterator[tuple[str, bytes]]:
         # An ordered consumer of new messages only: it sees the writes the bucket stored,
