@@ -17,8 +17,13 @@ def conveyor(tmp_path: Path) -> Iterator[ConveyorFactory]:
     """Makes UpProcess objects (data dir under tmp_path) and kills whatever they left running."""
     made: list[UpProcess] = []
 
-    def make(*args: str, data_dir: Path = tmp_path / "data", model: str = "simulated") -> UpProcess:
-        made.append(UpProcess(data_dir, "--model", model, *args))
+    def make(
+        *args: str,
+        data_dir: Path = tmp_path / "data",
+        model: str = "simulated",
+        env: dict[str, str] | None = None,
+    ) -> UpProcess:
+        made.append(UpProcess(data_dir, "--model", model, *args, env=env))
         return made[-1]
 
     yield make

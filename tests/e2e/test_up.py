@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import pytest
 
 from conveyor.backends import open_store
 from conveyor.events import Topic
+from conveyor.log.kafka import KafkaEventLog
 from conveyor.log.nats import NatsEventLog
 from conveyor.models.simulated import SimulatedModel
 from conveyor.payloads import DeadLetter, EventType, RequestPrepared, decode
 from conveyor.store.base import Namespace
+from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
 
@@ -67,11 +70,22 @@ async def test_fifty_concurrent_requests_complete_and_stream_their_output(
     assert up.nats_pid is None  # SIGTERM stopped any bundled server and cleared its state
 
 
+@pytest.mark.parametrize("backends", ["bundled-nats", "kafka+redis"])
 async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_serving(
-    conveyor: ConveyorFactory,
+    conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest
 ) -> None:
-    up = conveyor().start()
-    log = await NatsEventLog.open(up.log_url)
+    log: NatsEventLog | KafkaEventLog
+    if backends == "kafka+redis":
+        kafka_url, env = request.getfixturevalue("kafka_url"), {"CONVEYOR_PREFIX": unique_prefix()}
+        store = ("--store-url", request.getfixturevalue("redis_url"))
+        up = conveyor("--log-url", kafka_url, *store, env=env).start()
+        log = await KafkaEventLog.open(kafka_url, prefix=env["CONVEYOR_PREFIX"])
+        where = ("--log-url", kafka_url)  # the operator's commands name the log
+    else:
+        env = {}
+        up = conveyor().start()
+        log = await NatsEventLog.open(up.log_url)
+        where = ("--data-dir", str(up.data_dir))  # ...or find conveyor up through its data dir
     try:
         await log.publish_raw(Topic.REQUESTS, "poison", {"ce-id": "x"}, b"\xff\xfe not json")
         await log.publish_raw(Topic.PREPARED, "poison", None, b"{}")
@@ -92,8 +106,9 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         assert all("not a Conveyor event" in d.error for d in letters.values())
         # An operator finds them with `conveyor dlq`, which locates the running server by data dir.
         listed = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "conveyor", "dlq", "--json", "--data-dir", str(up.data_dir)),
+            *(sys.executable, "-m", "conveyor", "dlq", "--json", *where),
             stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
         )
         async with asyncio.timeout(30):
             stdout, _ = await listed.communicate()
@@ -102,8 +117,9 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         assert {(r["stage"], r["topic"]) for r in rows} == expected
         assert {r["original_body"] for r in rows} == {"\\xff\\xfe not json", "{}"}
         lag = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "conveyor", "lag", "--data-dir", str(up.data_dir)),
+            *(sys.executable, "-m", "conveyor", "lag", *where),
             stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
         )
         async with asyncio.timeout(30):
             table, _ = await lag.communicate()
