@@ -10,7 +10,9 @@ import signal
 import httpx
 import pytest
 
+from conveyor.backends import open_store
 from conveyor.store.nats_kv import NatsStateStore
+from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import assert_completed_exactly_once, read_sse, submit
 
@@ -42,6 +44,31 @@ async def test_stopped_with_requests_in_flight_then_restarted(conveyor: Conveyor
     if stop == "kill-9+nats-orphaned":
         assert (second.log_url, second.nats_pid) == (first.log_url, nats_pid)  # the orphan was adopted
     store = await NatsStateStore.open(second.log_url)
+    try:
+        async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
+            await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
+    finally:
+        await store.close()
+    assert second.stop() == 0
+
+
+async def test_killed_on_kafka_and_redis_with_requests_in_flight_then_restarted(
+    conveyor: ConveyorFactory, kafka_url: str, redis_url: str
+) -> None:
+    # A short group session: the restarted workers get the dead members' partitions after ~3 s.
+    backends = ("--log-url", f"{kafka_url}?session_timeout=3", "--store-url", redis_url)
+    env = {"CONVEYOR_PREFIX": unique_prefix()}
+    first = conveyor(*SLOW_MODEL, *backends, env=env).start()
+    prompts = [f"crash test on kafka {i}" for i in range(REQUESTS)]
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
+        rids = await asyncio.gather(
+            *(submit(client, p, max_tokens=30, key=f"k{i}") for i, p in enumerate(prompts))
+        )
+        await read_sse(client, rids[-1], stop_after=4)  # generation is under way
+    first.kill9()  # the broker and the store live on elsewhere, as in production
+
+    second = conveyor(*SLOW_MODEL, *backends, env=env).start()
+    store = await open_store(redis_url, prefix=env["CONVEYOR_PREFIX"])
     try:
         async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
             await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
