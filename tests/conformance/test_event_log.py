@@ -155,3 +155,7 @@ async def test_lag_counts_undelivered_and_unacknowledged_events_per_group(log: E
     mine = [lag for lag in await log.lag() if (lag.topic, lag.group) == ("requests", "workers")]
     pending, in_flight = sum(lag.pending for lag in mine), sum(lag.in_flight for lag in mine)
     assert (pending + in_flight, in_flight >= 1) == (4, True)
+    # Asked again (as admission control does, twice a second), it sees what came since.
+    await log.publish("requests", [event(f"q{i}", key=f"k{i}") for i in range(3)])
+    again = [lag for lag in await log.lag() if (lag.topic, lag.group) == ("requests", "workers")]
+    assert sum(lag.pending + lag.in_flight for lag in again) == 7

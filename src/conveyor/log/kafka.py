@@ -155,6 +155,9 @@ class KafkaEventLog:
         self._topics_lock = asyncio.Lock()
         self._recent: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
         self._subscriptions: set[_Subscription] = set()
+        self._watermark_reader: _Reader | None = None
+        self._watermark_partitions: set[tuple[str, int]] = set()
+        self._watermark_lock = asyncio.Lock()
         self._serving = True
         self._server = threading.Thread(target=self._serve_deliveries, name="conveyor-kafka-producer")
         self._server.start()
@@ -446,22 +449,38 @@ class KafkaEventLog:
         return out
 
     async def _watermarks(self, topics: dict[str, int]) -> dict[tuple[str, int], tuple[int, int]]:
-        """(low, high) per partition from a fetch response: ListOffsets LATEST is wrong on tansu."""
-        reader = self._reader(**{"max.partition.fetch.bytes": 1024})  # only the watermark is wanted
+        """(low, high) per partition from a fetch response: ListOffsets LATEST is wrong on tansu.
+
+        One reader is kept for it, paused between calls: making a consumer per call cost ~100 ms
+        of CPU and ~0.6 s each time, and admission control asks twice a second."""
         wanted = {(self.topic_name(t), p) for t, n in topics.items() for p in range(n)}
-        out: dict[tuple[str, int], tuple[int, int]] = {}
-        try:
-            await reader.assign([TopicPartition(t, p, confluent_kafka.OFFSET_END) for t, p in wanted])
-            deadline = time.monotonic() + 5.0
-            while wanted and time.monotonic() < deadline:
-                await reader.read(1000, 0.05)
-                for topic, partition in list(wanted):
-                    low, high = await reader.cached_watermarks(TopicPartition(topic, partition))
-                    if high >= 0:
-                        wanted.discard((topic, partition))
-                        out[(topic[len(self.topic_name("")) :], partition)] = (max(low, 0), high)
-        finally:
-            reader.close()
+        partitions = [TopicPartition(t, p, confluent_kafka.OFFSET_END) for t, p in sorted(wanted)]
+        async with self._watermark_lock:
+            reader = self._watermark_reader
+            if reader is None or wanted != self._watermark_partitions:
+                if reader is not None:
+                    reader.close()
+                # Only the watermark is wanted: small fetches, a small queue.
+                conf = {"max.partition.fetch.bytes": 1024, "queued.max.messages.kbytes": 64}
+                reader = self._watermark_reader = self._reader(**conf)
+                self._watermark_partitions = set(wanted)  # (wanted is emptied below)
+                await reader.assign(partitions)
+            else:
+                await reader.resume(partitions)
+            out: dict[tuple[str, int], tuple[int, int]] = {}
+            try:
+                await reader.read(1000, self._fetch_wait * 2)  # one fetch round: fresh watermarks
+                deadline = time.monotonic() + 5.0
+                while wanted and time.monotonic() < deadline:
+                    for topic, partition in list(wanted):
+                        low, high = await reader.cached_watermarks(TopicPartition(topic, partition))
+                        if high >= 0:
+                            wanted.discard((topic, partition))
+                            out[(topic[len(self.topic_name("")) :], partition)] = (max(low, 0), high)
+                    if wanted:
+                        await reader.read(1000, 0.05)
+            finally:
+                await reader.pause(partitions)  # no fetching between calls
         return out
 
     async def ping(self) -> None:
@@ -489,6 +508,9 @@ class KafkaEventLog:
             self._serving = False
             await asyncio.to_thread(self._server.join)
             self._producer.close()
+        if self._watermark_reader is not None:
+            self._watermark_reader.close()
+            self._watermark_reader = None
         # Dropping the admin client closes its connections (it has no close of its own); a
         # broker shutting down gracefully waits for its clients to go.
         self._admin_client = None
@@ -543,6 +565,9 @@ class _Reader:
 
     async def pause(self, partitions: list[TopicPartition]) -> None:
         await self._call(lambda c: c.pause(partitions))
+
+    async def resume(self, partitions: list[TopicPartition]) -> None:
+        await self._call(lambda c: c.resume(partitions))
 
     async def cached_watermarks(self, partition: TopicPartition) -> tuple[int, int]:
         low, high = await self._call(lambda c: c.get_watermark_offsets(partition, cached=True) or (-1, -1))
