@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 
-from conveyor.errors import PermanentError
+from conveyor.errors import PermanentError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.simulated import SimulatedModel
@@ -238,3 +239,48 @@ async def test_a_request_refused_inside_a_generate_batch_is_dead_lettered_and_it
         events[0].request_id,
         events[2].request_id,
     }
+
+
+class _StreamFailsOnce(MemoryEventLog):
+    """The first chunk of one request cannot be published (the broker hiccups)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__()
+        self.request_id, self.failed = request_id, False
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
+        if topic == Topic.STREAM and not self.failed and events[0].request_id == self.request_id:
+            self.failed = True
+            raise UnavailableError("stream publish failed")
+        await super().publish(topic, events)
+
+
+class _Recording(SimulatedModel):
+    def __init__(self) -> None:
+        super().__init__(ttft=0.02, token_delay=0.005)
+        self.cancelled: list[str] = []
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
+        async for token in super().generate(requests):
+            if token.finish_reason == "cancelled":
+                self.cancelled.append(token.request_id)
+            yield token
+
+
+async def test_a_request_whose_chunk_cannot_be_published_stops_and_is_retried_alone() -> None:
+    events = [
+        new_event(type=EventType.PREPARED, source="test", payload=RequestPrepared(prompt=p), key=p)
+        for p in ("alpha", "beta", "gamma")
+    ]
+    log = _StreamFailsOnce(events[1].request_id)
+    model = _Recording()
+    stage = dataclasses.replace(generate_stage(model, CancelWatch(log)), retry=FAST_RETRY)
+    harness = StageHarness(stage, log=log)
+    async with harness.running() as worker:
+        await log.publish(Topic.PREPARED, events)
+        await worker.idle()
+    assert log.failed
+    assert model.cancelled == [events[1].request_id]  # its first run stopped at once...
+    finished = [e.request_id for e in harness.published(Topic.GENERATED)]
+    assert sorted(finished) == sorted(e.request_id for e in events)  # ...and its retry finished it
+    assert Topic.DLQ not in log.topics()

@@ -202,12 +202,17 @@ def generate_stage(
             cancels.attach(stream.request)
         try:
             requests = [stream.request for _, stream in streams.values()]
+            failed: set[str] = set()
             async with contextlib.aclosing(model.generate(requests)) as tokens:
                 async for token in tokens:
+                    if token.request_id in failed:
+                        continue  # already answered with its error; its last tokens drain
                     index, stream = streams[token.request_id]
                     try:
                         outputs = await stream.take(token)
-                    except ConveyorError as exc:  # this request's own failure
+                    except ConveyorError as exc:  # this request's own failure (the model's, or a publish)
+                        failed.add(token.request_id)
+                        stream.request.cancelled.set()  # it is retried alone: stop spending on it here
                         yield index, exc
                         continue
                     if outputs is not None:
