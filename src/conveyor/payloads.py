@@ -73,7 +73,8 @@ class RequestPrepared(Payload):
 
 
 class GenerationStarted(Payload):
-    """``generation.started`` on [generated]: the model took the request."""
+    """``generation.started`` on [progress]: the model took the request, in process ``worker``
+    (``host/pid``)."""
 
     worker: str = ""
 

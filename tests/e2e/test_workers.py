@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conveyor.backends import open_store
+from conveyor.backends import open_log, open_store
 from conveyor.embedded import EmbeddedNats
+from conveyor.events import Topic
+from conveyor.log.base import EventLog
+from conveyor.payloads import GenerationStarted, decode
 from conveyor.testing import UpProcess
 from tests.conftest import unique_prefix
 from tests.helpers import assert_completed_exactly_once, submit
@@ -38,23 +41,12 @@ def backends(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     yield log_url, request.getfixturevalue("redis_url")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text page (0 if absent)."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    found = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
-async def mid_batch(metrics_url: str, *, timeout: float = 30) -> None:
-    """Returns once the worker has events handed to a batch that it has not finished."""
-    async with httpx.AsyncClient(timeout=5) as client, asyncio.timeout(timeout):
-        while True:
-            text = (await client.get(metrics_url)).text
-            batched = metric(text, "conveyor_batch_size_sum", stage="generate")
-            done = metric(text, "conveyor_events_total", outcome="ok", stage="generate")
-            if batched > done:
+async def generating(log: EventLog, pid: int) -> None:
+    """Returns once process ``pid`` announces it is generating a request (its first chunk is out)."""
+    async with contextlib.aclosing(log.tail(Topic.PROGRESS, None)) as progress:
+        async for tailed in progress:
+            if decode(GenerationStarted, tailed.envelope.data).worker.endswith(f"/{pid}"):
                 return
-            await asyncio.sleep(0.02)  # polling a live process; the deadline bounds it
 
 
 async def test_a_generate_worker_killed_mid_batch_and_another_joining(
@@ -73,7 +65,7 @@ async def test_a_generate_worker_killed_mid_batch_and_another_joining(
         gateway = process("gateway")
         process("projector")
         process("worker", "prepare", "finalize")
-        generators = [process("worker", *GENERATE, "--metrics-port", "0") for _ in range(3)]
+        generators = [process("worker", *GENERATE) for _ in range(3)]
         victim = generators[0]
         assert [g.log_url for g in generators] == [log_url] * 3
 
@@ -82,7 +74,13 @@ async def test_a_generate_worker_killed_mid_batch_and_another_joining(
             rids = await asyncio.gather(
                 *(submit(client, p, max_tokens=30, key=f"user{i}") for i, p in enumerate(prompts))
             )
-            await mid_batch(victim.metrics_urls[0])
+            log = await open_log(log_url, prefix=env["CONVEYOR_PREFIX"])
+            try:
+                assert victim.process is not None
+                async with asyncio.timeout(30):
+                    await generating(log, victim.process.pid)
+            finally:
+                await log.close()
             victim.kill9()  # one leaves mid-batch...
             process("worker", *GENERATE)  # ...and one joins while the rest is under way
 

@@ -153,17 +153,18 @@ async def test_when_a_whole_batch_fails_each_event_is_retried_alone() -> None:
 
 
 async def test_the_adaptive_limit_grows_while_the_target_holds_and_halves_when_missed() -> None:
-    slow = asyncio.Event()
+    now = 0.0
+    work = 0.005  # how long a batch "takes": the handler moves the clock
 
     async def handle_batch(ctx: StageContext, events: Sequence[Envelope]) -> Results:
-        if slow.is_set():
-            await asyncio.sleep(0.02)  # the work itself takes longer than the target
+        nonlocal now
+        now += work
         for index, event in enumerate(events):
             yield index, echo(ctx, event)
 
     ctx = HandlerContext("b-adapt", MemoryEventLog(), MemoryStateStore())
     policy = BatchPolicy(max_size=4, max_wait=0.0, target_latency=0.01)
-    batcher = Batcher("b-adapt", handle_batch, ctx, policy, timeout=10)
+    batcher = Batcher("b-adapt", handle_batch, ctx, policy, timeout=10, clock=lambda: now)
 
     async def wave(n: int) -> None:
         await asyncio.gather(*(batcher.submit(accepted(f"p{i}", key=f"k{i}")) for i in range(n)))
@@ -173,7 +174,7 @@ async def test_the_adaptive_limit_grows_while_the_target_holds_and_halves_when_m
         await wave(batcher.limit)  # a full batch within the target
         assert batcher.limit == expected
         assert BATCH_LIMIT.value(stage="b-adapt") == expected
-    slow.set()
+    work = 0.02  # longer than the target
     await wave(4)
     assert batcher.limit == 2
     await wave(2)

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from conveyor.errors import RetryableError
 from conveyor.events import Envelope
@@ -38,10 +38,17 @@ class Batcher:
     """Collects events submitted by lanes and runs them through ``handle`` in batches."""
 
     def __init__(
-        self, stage: str, handle: BatchHandler, ctx: StageContext, policy: BatchPolicy, *, timeout: float
+        self,
+        stage: str,
+        handle: BatchHandler,
+        ctx: StageContext,
+        policy: BatchPolicy,
+        *,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stage, self._handle, self._ctx, self._policy = stage, handle, ctx, policy
-        self._timeout = timeout
+        self._timeout, self._clock = timeout, clock
         self._waiting: list[_Waiting] = []
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -51,7 +58,7 @@ class Batcher:
     async def submit(self, event: Envelope) -> Sequence[Output]:
         """The outputs of ``event`` once its batch handled it; raises its error otherwise."""
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(event, loop.create_future(), time.monotonic())
+        waiting = _Waiting(event, loop.create_future(), self._clock())
         self._waiting.append(waiting)
         if len(self._waiting) >= self.limit:
             self._send()
@@ -71,7 +78,7 @@ class Batcher:
             task.add_done_callback(self._running.discard)
 
     async def _run(self, batch: list[_Waiting]) -> None:
-        started = time.monotonic()
+        started = self._clock()
         BATCH_SIZE.observe(len(batch), stage=self._stage)
         for waiting in batch:
             BATCH_WAIT.observe(started - waiting.since, stage=self._stage)
@@ -99,7 +106,7 @@ class Batcher:
             for waiting in batch:
                 if not waiting.result.done():
                     waiting.result.set_exception(RuntimeError("the batch handler gave no result for it"))
-        self._adapt(len(batch), time.monotonic() - started)
+        self._adapt(len(batch), self._clock() - started)
 
     def _adapt(self, size: int, took: float) -> None:
         """Additive increase while full batches meet the target, halve when one misses it."""

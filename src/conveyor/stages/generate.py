@@ -7,6 +7,8 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncGenerator, Sequence
 
@@ -27,6 +29,9 @@ from conveyor.payloads import (
 from conveyor.pipeline import BatchPolicy, Output, Stage, StageContext
 
 logger = logging.getLogger("conveyor.generate")
+
+# Which process generates: on `generation.started`, so an operator (or a test) can tell.
+WORKER = f"{socket.gethostname()}/{os.getpid()}"
 
 
 class CancelWatch:
@@ -151,7 +156,7 @@ class _Stream:
             # "generating" is announced with the first streamed chunk, not before: a request
             # answered in one chunk never needs the extra event (it goes straight to completed).
             started = self._ctx.derive(
-                self._source, type=EventType.STARTED, payload=GenerationStarted(worker=self._ctx.stage)
+                self._source, type=EventType.STARTED, payload=GenerationStarted(worker=WORKER)
             )
             await asyncio.gather(publish, self._ctx.log.publish(Topic.PROGRESS, [started]))
         else:
