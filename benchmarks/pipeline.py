@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -129,6 +130,17 @@ async def offered_load(submit: Submit, rate: float | None, count: int, limit: fl
     }
 
 
+def cpu_table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
+    lines = [
+        "| system | offered req/s | " + " | ".join(ROLES) + " | total |",
+        "|---|---|" + "---|" * (len(ROLES) + 1),
+    ]
+    for system, offered, ms in rows:
+        cells = " | ".join(f"{ms[role]:.2f}" for role in ROLES)
+        lines.append(f"| {system} | {offered} | {cells} | {sum(ms.values()):.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
     lines = [
         "| system | offered req/s | completed | errors | completed req/s | p50 ms | p99 ms |",
@@ -142,15 +154,47 @@ def table(rows: Sequence[tuple[str, str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+ROLES = ("gateway", "workers", "broker", "store", "load generator")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far (Linux /proc; 0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def cpu_by_role(up: UpProcess, servers: dict[int, str]) -> dict[str, float]:
+    """CPU seconds so far of each part: ``conveyor up`` is the gateway, its children the workers
+    and the bundled broker, ``servers`` the ones started beside it, this process the load."""
+    assert up.process is not None
+    roles = {up.process.pid: "gateway", os.getpid(): "load generator", **servers}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in roles:
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == up.process.pid:
+                    cmdline = (entry / "cmdline").read_bytes()
+                    roles[int(entry.name)] = "broker" if b"nats-server" in cmdline else "workers"
+    used = dict.fromkeys(ROLES, 0.0)
+    for pid, role in roles.items():
+        used[role] += cpu_seconds(pid)
+    return used
+
+
 @contextlib.contextmanager
-def conveyor_up(system: str, data_dir: Path) -> Iterator[UpProcess]:
-    """``nats:N``: bundled NATS, N worker processes; ``kafka+redis:N``: tansu and Valkey."""
+def conveyor_up(system: str, data_dir: Path) -> Iterator[tuple[UpProcess, dict[int, str]]]:
+    """``nats:N``: bundled NATS, N worker processes; ``kafka+redis:N``: tansu and Valkey.
+    Yields the process and the roles of the servers started beside it (pid -> role)."""
     backend, workers = system.split(":")
     servers = [start_tansu(), start_valkey()] if backend == "kafka+redis" else []
     urls = ["--log-url", servers[0].url, "--store-url", servers[1].url] if servers else []
     up = UpProcess(data_dir, "--model", "simulated", "--workers", workers, *urls)
+    roles = dict(zip((s.process.pid for s in servers), ("broker", "store"), strict=False))
     try:
-        yield up.start(timeout=60)
+        yield up.start(timeout=60), roles
     finally:
         up.stop()
         up.cleanup()
@@ -171,18 +215,27 @@ async def main(rates: list[float | None], seconds: float, systems: list[str]) ->
         result = await offered_load(Direct().run, rate, count, seconds)
         rows.append(("direct chain (baseline)", str(int(rate)) if rate else "max", result))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    cpu_rows: list[tuple[str, str, dict[str, float]]] = []
     for system in systems:
-        with tempfile.TemporaryDirectory() as tmp, conveyor_up(system, Path(tmp) / "data") as up:
+        with tempfile.TemporaryDirectory() as tmp, conveyor_up(system, Path(tmp) / "data") as (up, servers):
             connector = aiohttp.TCPConnector(limit=512)
             async with aiohttp.ClientSession(up.url, connector=connector) as client:
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
                 for rate in rates:
                     count = int((rate or 2_000) * seconds)
+                    before = cpu_by_role(up, servers)
                     result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
-                    rows.append((label(system), str(int(rate)) if rate else "max", result))
+                    after = cpu_by_role(up, servers)
+                    offered = str(int(rate)) if rate else "max"
+                    rows.append((label(system), offered, result))
+                    per_request = {r: (after[r] - before[r]) * 1000 / max(1, result["done"]) for r in ROLES}
+                    cpu_rows.append((label(system), offered, per_request))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
+    print()
+    print("CPU milliseconds per completed request, by process:")
+    print(cpu_table(cpu_rows))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ class Stage:
     it off: a rerun publishes the same output ids, which the log or the next stage drops.
     ``handle_many``, when given, receives every event queued in one lane at once (a
     read model can fold them into one write); ``handler`` still handles lone events and
-    isolates a poison event when a batch fails.
+    isolates a poison event when a batch fails. ``linger`` (with ``handle_many``) says how
+    long a lane may hold the events it has, waiting for more of the same lane, before
+    handling them (0: now); they are acknowledged only once handled.
     ``handle_batch`` with ``batching``, when given, receives the head events of several lanes
     at once (a model backend that generates a batch faster than its events one by one); an
     event the batch call fails for as a whole is retried alone through ``handler``.
@@ -107,6 +109,7 @@ class Stage:
     max_deliveries: int = 10
     dedupe: bool = True
     handle_many: ManyHandler | None = None
+    linger: Callable[[Sequence[Envelope]], float] | None = None
     handle_batch: BatchHandler | None = None
     batching: BatchPolicy = BatchPolicy()
     lane: Callable[[Envelope], str] = lambda event: event.key

@@ -283,3 +283,56 @@ async def test_heartbeats_keep_a_long_handler_from_being_redelivered() -> None:
     assert log.count >= 9
     assert seen == ["x"]  # never redelivered while it was held
     assert len(harness.published(Topic.PREPARED)) == 1
+
+
+def lingering_stage() -> tuple[Stage, list[list[str]], asyncio.Event]:
+    """A handle_many stage that holds its lane (for a minute) until an "end" event is in it."""
+    batches: list[list[str]] = []
+    held = asyncio.Event()
+
+    async def handle_many(ctx: StageContext, events: Sequence[Envelope]) -> Sequence[Output]:
+        batches.append([decode(RequestAccepted, e.data).prompt for e in events])
+        return ()
+
+    def linger(events: Sequence[Envelope]) -> float:
+        prompts = [decode(RequestAccepted, e.data).prompt for e in events]
+        if "end" in prompts:
+            return 0.0
+        if len(prompts) == 2:
+            held.set()
+        return 60.0
+
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        return await handle_many(ctx, [event])
+
+    stage = Stage(
+        name="fold", consumes=(Topic.REQUESTS,), handler=handle, handle_many=handle_many, linger=linger
+    )
+    return stage, batches, held
+
+
+async def test_a_lingering_lane_holds_its_events_until_one_settles_them_then_handles_all_at_once() -> None:
+    stage, batches, held = lingering_stage()
+    harness = StageHarness(stage)
+    async with harness.running() as worker:
+        await harness.log.publish(Topic.REQUESTS, [accepted("a"), accepted("b")])
+        async with asyncio.timeout(10):  # the stage is asked whether to hold them
+            await held.wait()
+        assert batches == []  # held, not handled (nor acknowledged)
+        await harness.log.publish(Topic.REQUESTS, [accepted("end")])
+        await worker.idle()
+    assert batches == [["a", "b", "end"]]
+
+
+async def test_a_stopping_worker_handles_what_its_lanes_hold_without_waiting_out_the_linger() -> None:
+    stage, batches, held = lingering_stage()
+    harness = StageHarness(stage)
+    stop = asyncio.Event()
+    worker = StageWorker(stage, harness.log, harness.store)
+    task = asyncio.create_task(worker.run(stop))
+    await harness.log.publish(Topic.REQUESTS, [accepted("a"), accepted("b")])
+    async with asyncio.timeout(10):
+        await held.wait()
+    stop.set()
+    await task  # well before the minute the lane asked for (the test's timeout is shorter)
+    assert batches == [["a", "b"]]

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -88,6 +89,8 @@ class StageWorker:
             else None
         )
         self._lanes: dict[str, collections.deque[Delivery]] = {}
+        self._arrivals: dict[str, asyncio.Event] = {}  # lanes lingering for more events
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._room = asyncio.Event()
@@ -103,6 +106,9 @@ class StageWorker:
         try:
             await asyncio.gather(*(self._fetch_loop(sub, stop) for sub in subs))
         finally:
+            self._stopping = True
+            for arrived in self._arrivals.values():
+                arrived.set()
             await self._drain()
             if self._batcher is not None:
                 await self._batcher.close()
@@ -160,6 +166,8 @@ class StageWorker:
         queue = self._lanes.get(lane)
         if queue is not None:
             queue.append(delivery)
+            if (arrived := self._arrivals.get(lane)) is not None:
+                arrived.set()
             return
         self._lanes[lane] = collections.deque([delivery])
         task = asyncio.create_task(self._run_lane(lane))
@@ -170,6 +178,8 @@ class StageWorker:
         queue = self._lanes[lane]
         try:
             while queue:
+                if self.stage.linger is not None:
+                    await self._linger(lane, queue)
                 # A stage with ``handle_many`` takes everything its lane has queued at once.
                 batch = list(queue) if self.stage.handle_many is not None else [queue[0]]
                 try:
@@ -188,6 +198,27 @@ class StageWorker:
             for delivery in queue:  # cancelled during drain: hand the rest back
                 self._released(delivery)
                 await _quietly_nak(delivery, 0.0)
+
+    async def _linger(self, lane: str, queue: collections.deque[Delivery]) -> None:
+        """Hold the lane while the stage expects more of its events soon (a read model then
+        writes once for several), at most as long as the stage first said."""
+        assert self.stage.linger is not None
+        deadline = math.inf
+        arrived = self._arrivals[lane] = asyncio.Event()
+        try:
+            while not self._stopping:
+                events = [e for d in queue if (e := d.try_envelope()) is not None]
+                wait = self.stage.linger(events) if len(events) == len(queue) else 0.0
+                now = time.monotonic()
+                deadline = min(deadline, now + wait)
+                if deadline <= now:
+                    return
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(deadline - now):
+                        await arrived.wait()
+        finally:
+            del self._arrivals[lane]
 
     async def _send_heartbeats(self) -> None:
         """Tell the broker about events held (handled or queued in a lane) for longer than a
