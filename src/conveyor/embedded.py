@@ -85,6 +85,14 @@ def terminate(pid: int, *, grace: float = 10.0) -> None:
             time.sleep(0.01)
 
 
+def _server_env() -> dict[str, str]:
+    """The bundled server shares the machine with Conveyor's Python processes, which need the
+    cores: Go threads handing each message to one another cost context switches, and on 2 cores
+    one Go thread took 25-30 % less CPU per request (benchmarks/README.md). A user's own
+    GOMAXPROCS wins."""
+    return {"GOMAXPROCS": str(max(1, (os.cpu_count() or 1) // 4)), **os.environ}
+
+
 @dataclasses.dataclass(slots=True)
 class EmbeddedNats:
     data_dir: Path
@@ -124,6 +132,7 @@ class EmbeddedNats:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us, and we stop it after draining
+            env=_server_env(),
         )
         log_file.close()
         state_path.write_text(json.dumps({"pid": process.pid, "port": port, "store_dir": str(store_dir)}))
