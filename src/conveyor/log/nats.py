@@ -110,33 +110,42 @@ class NatsEventLog(JetStreamBackend):
             # it failed: refuse it now, so "unavailable" means "not on the log".
             raise UnavailableError(f"publish to {topic} failed: not connected to NATS")
         try:
-            stream = await self._ensure(topic)
-            acks = []
+            # nats-py never times an ack out itself: one lost with a dying server would hang
+            # the gateway's submit, or a stage's event, for good.
+            async with asyncio.timeout(self.timeout):
+                stream = await self._ensure(topic)
+                unheard = await self._send(topic, stream, list(events))
+                while unheard:
+                    # No stream listened (yet): nothing was stored. A stream just created on a
+                    # cluster, or one electing a leader, answers within moments.
+                    await asyncio.sleep(0.05)
+                    unheard = await self._send(topic, stream, unheard)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
+
+    async def _send(self, topic: str, stream: str, events: list[Envelope]) -> list[Envelope]:
+        """Publish ``events`` and wait for their acks; those that found no stream to take them."""
+        acks = []
+        try:
             for event in events:
                 headers = event.to_headers()
                 headers["Nats-Msg-Id"] = event.id
-                acks.append(
-                    await self._js.publish_async(
-                        self.subject(topic, event.key, event.request_id),
-                        event.data,
-                        headers=headers,
-                        stream=stream,
-                    )
-                )
-            try:
-                # nats-py never times an ack out itself: one lost with a dying server would hang
-                # the gateway's submit, or a stage's event, for good.
-                async with asyncio.timeout(self.timeout):
-                    for ack in acks:  # all in flight already: waiting in order adds no round trip
-                        await ack
-            finally:
-                for ack in acks:  # on failure, settle the rest so none is left unobserved
-                    if not ack.done():
-                        ack.cancel()
-                    elif not ack.cancelled():
-                        ack.exception()  # marks a failure as seen
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
+                headers["Nats-Expected-Stream"] = stream
+                subject = self.subject(topic, event.key, event.request_id)
+                acks.append(await self._publisher.send(subject, event.data, headers))
+            unheard = []
+            for event, ack in zip(events, acks, strict=False):  # all in flight: waiting in order is free
+                try:
+                    await ack
+                except nats.errors.NoRespondersError:
+                    unheard.append(event)
+            return unheard
+        finally:
+            for ack in acks:  # on failure, settle the rest so none is left unobserved
+                if not ack.done():
+                    ack.cancel()
+                elif not ack.cancelled():
+                    ack.exception()  # marks a failure as seen
 
     async def publish_raw(self, topic: str, key: str, headers: dict[str, str] | None, body: bytes) -> None:
         """Publish bytes as any producer could (used to prove garbage cannot stall a stage)."""

@@ -20,13 +20,19 @@ class SafetyPolicy:
     """Rejects prompts containing a blocked phrase (case-insensitive, on word boundaries)."""
 
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
+    _patterns: tuple[tuple[str, re.Pattern[str]], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        patterns = []
+        for phrase in self.blocklist:
+            if words := r"\s+".join(re.escape(w) for w in phrase.split()):
+                patterns.append((phrase, re.compile(rf"(?<!\w){words}(?!\w)", re.IGNORECASE)))
+        object.__setattr__(self, "_patterns", tuple(patterns))  # compiled once, not per prompt
 
     def violation(self, prompt: str) -> str | None:
-        for phrase in self.blocklist:
-            words = r"\s+".join(re.escape(w) for w in phrase.split())
-            if words and re.search(rf"(?<!\w){words}(?!\w)", prompt, re.IGNORECASE):
-                return phrase
-        return None
+        return next((phrase for phrase, pattern in self._patterns if pattern.search(prompt)), None)
 
 
 def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:

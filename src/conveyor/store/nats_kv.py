@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import nats
@@ -14,8 +15,11 @@ from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from conveyor.errors import UnavailableError
-from conveyor.jetstream import JetStreamBackend
+from conveyor.jetstream import WRONG_LAST_SEQUENCE, JetStreamBackend, PublishRefused
 from conveyor.store.base import TTL, Entry, Namespace
+
+# The keys JetStream key-value accepts (as nats-py checks them).
+_VALID_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 
 
 class NatsStateStore(JetStreamBackend):
@@ -60,14 +64,34 @@ class NatsStateStore(JetStreamBackend):
             raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
         return Entry(entry.value or b"", entry.revision or 0)
 
-    async def put(self, ns: Namespace, key: str, value: bytes) -> int:
-        kv = await self._kv(ns)
+    async def _write(self, ns: Namespace, key: str, value: bytes, last: int | None) -> int | None:
+        """Store ``value`` under ``key`` (only if its revision is ``last``, 0: absent, when given);
+        the new revision, or None if ``last`` was not the key's revision."""
+        if not _VALID_KEY.match(key):
+            raise ValueError(f"invalid key {key!r} for {ns}")
+        await self._kv(ns)
+        headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
         try:
-            return int(await kv.put(key, value))
+            async with asyncio.timeout(self.timeout):
+                ack = await self._publisher.send(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)
+                return await ack
+        except PublishRefused as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return None
+            raise UnavailableError(f"store write {ns}/{key}: {exc!r}") from exc
         except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"store put {ns}/{key}: {exc!r}") from exc
+            raise UnavailableError(f"store write {ns}/{key}: {exc!r}") from exc
+
+    async def put(self, ns: Namespace, key: str, value: bytes) -> int:
+        revision = await self._write(ns, key, value, None)
+        assert revision is not None  # an unconditional write has no expectation to miss
+        return revision
 
     async def create(self, ns: Namespace, key: str, value: bytes) -> int | None:
+        revision = await self._write(ns, key, value, 0)
+        if revision is not None:
+            return revision
+        # Taken, or only a delete marker left (which nats-py's create knows to replace).
         kv = await self._kv(ns)
         try:
             return int(await kv.create(key, value))
@@ -77,13 +101,7 @@ class NatsStateStore(JetStreamBackend):
             raise UnavailableError(f"store create {ns}/{key}: {exc!r}") from exc
 
     async def update(self, ns: Namespace, key: str, value: bytes, revision: int) -> int | None:
-        kv = await self._kv(ns)
-        try:
-            return int(await kv.update(key, value, last=revision))
-        except KeyWrongLastSequenceError:
-            return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"store update {ns}/{key}: {exc!r}") from exc
+        return await self._write(ns, key, value, revision)
 
     async def delete(self, ns: Namespace, key: str) -> None:
         kv = await self._kv(ns)
