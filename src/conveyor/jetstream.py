@@ -107,62 +107,66 @@ class PublishRefused(nats.errors.Error):
 WRONG_LAST_SEQUENCE = 10071
 
 
-class Publisher:
-    """JetStream publishes whose acknowledgements are awaited through one wildcard inbox.
+class Replies:
+    """Requests (JetStream publishes, direct gets) whose replies come to one wildcard inbox.
 
-    ``send`` returns a future of the stored sequence number. nats-py's ``publish_async``
-    starts a task per call (``wait_for`` on a semaphore) and parses each ack into a
-    dataclass: ~70 µs of CPU per message here, against ~40 (benchmarks/README.md).
-    An ack lost with a dropped connection never comes: callers bound their wait.
+    ``request`` returns a future of the reply message. nats-py's ``publish_async`` and
+    ``request`` start a task per call (``wait_for``) and parse each ack into a dataclass:
+    ~60-70 µs of CPU per publish here, against ~30-40 (benchmarks/README.md). A reply lost
+    with a dropped connection never comes: callers bound their wait.
     """
 
     def __init__(self, nc: Client) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
-        self._pending: dict[str, asyncio.Future[int]] = {}
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
         self._sent = 0
         self._sub: Subscription | None = None
         self._lock = asyncio.Lock()
 
-    async def send(
-        self, subject: str, data: bytes, headers: dict[str, str] | None = None
-    ) -> asyncio.Future[int]:
+    async def request(
+        self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Msg]:
         if self._sub is None:
             async with self._lock:
                 if self._sub is None:
-                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_ack)
+                    self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
         self._sent += 1
         token = str(self._sent)
-        ack: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending[token] = ack
-        ack.add_done_callback(functools.partial(self._forget, token))  # answered, timed out or cancelled
+        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[token] = reply
+        reply.add_done_callback(functools.partial(self._forget, token))  # answered, timed out or cancelled
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         except BaseException:
-            ack.cancel()
+            reply.cancel()
             raise
-        return ack
+        return reply
 
     def _forget(self, token: str, _: object) -> None:
         self._pending.pop(token, None)
 
-    async def _on_ack(self, msg: Msg) -> None:
-        ack = self._pending.get(msg.subject[len(self._prefix) :])
-        if ack is None or ack.done():
+    async def _on_reply(self, msg: Msg) -> None:
+        reply = self._pending.get(msg.subject[len(self._prefix) :])
+        if reply is None or reply.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
-            ack.set_exception(nats.errors.NoRespondersError())
-            return
-        try:
-            reply = orjson.loads(msg.data)
-            error = reply.get("error")
-            if error is None:
-                ack.set_result(int(reply["seq"]))
-            else:
-                refused = PublishRefused(int(error.get("err_code", 0)), str(error.get("description")))
-                ack.set_exception(refused)
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            ack.set_exception(nats.errors.Error(f"malformed publish acknowledgement {msg.data[:200]!r}"))
+            reply.set_exception(nats.errors.NoRespondersError())
+        else:
+            reply.set_result(msg)
+
+
+def stored(ack: Msg) -> int:
+    """The stream sequence a JetStream publish acknowledgement reports; raises PublishRefused."""
+    try:
+        reply = orjson.loads(ack.data)
+        error = reply.get("error")
+        if error is None:
+            return int(reply["seq"])
+        err_code, description = int(error.get("err_code", 0)), str(error.get("description"))
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        raise nats.errors.Error(f"malformed publish acknowledgement {ack.data[:200]!r}") from None
+    raise PublishRefused(err_code, description)
 
 
 class JetStreamBackend:
@@ -180,7 +184,7 @@ class JetStreamBackend:
     def __init__(self, nc: Client, *, replicas: int = 1) -> None:
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=self.timeout)
-        self._publisher = Publisher(nc)
+        self._replies = Replies(nc)
         self.replicas = replicas
 
     @classmethod

@@ -31,7 +31,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
-from conveyor.jetstream import JetStreamBackend
+from conveyor.jetstream import JetStreamBackend, stored
 from conveyor.log.base import Delivery, Lag, Tailed
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -132,11 +132,11 @@ class NatsEventLog(JetStreamBackend):
                 headers["Nats-Msg-Id"] = event.id
                 headers["Nats-Expected-Stream"] = stream
                 subject = self.subject(topic, event.key, event.request_id)
-                acks.append(await self._publisher.send(subject, event.data, headers))
+                acks.append(await self._replies.request(subject, event.data, headers))
             unheard = []
             for event, ack in zip(events, acks, strict=False):  # all in flight: waiting in order is free
                 try:
-                    await ack
+                    stored(await ack)
                 except nats.errors.NoRespondersError:
                     unheard.append(event)
             return unheard

@@ -10,12 +10,12 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as JsNotFound
 from nats.js.kv import KeyValue
 
 from conveyor.errors import UnavailableError
-from conveyor.jetstream import WRONG_LAST_SEQUENCE, JetStreamBackend, PublishRefused
+from conveyor.jetstream import WRONG_LAST_SEQUENCE, JetStreamBackend, PublishRefused, stored
 from conveyor.store.base import TTL, Entry, Namespace
 
 # The keys JetStream key-value accepts (as nats-py checks them).
@@ -55,26 +55,41 @@ class NatsStateStore(JetStreamBackend):
         return self._buckets[ns]
 
     async def get(self, ns: Namespace, key: str) -> Entry | None:
-        kv = await self._kv(ns)
+        # A direct get of the key's last message (the buckets allow direct reads): one request,
+        # answered by any replica, without nats-py's per-call task and entry objects.
+        self._check(ns, key)
+        await self._kv(ns)
+        bucket = self.bucket_name(ns)
+        subject = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
         try:
-            entry = await kv.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
+            async with asyncio.timeout(self.timeout):
+                reply = await (await self._replies.request(subject))
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
-        return Entry(entry.value or b"", entry.revision or 0)
+        headers = reply.headers or {}
+        if status := headers.get("Status"):
+            if status == "404":
+                return None
+            raise UnavailableError(f"store get {ns}/{key}: {status} {headers.get('Description', '')}")
+        if headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"):
+            return None  # a delete, purge or expiry marker
+        return Entry(reply.data, int(headers["Nats-Sequence"]))
+
+    @staticmethod
+    def _check(ns: Namespace, key: str) -> None:
+        if not _VALID_KEY.match(key):
+            raise ValueError(f"invalid key {key!r} for {ns}")
 
     async def _write(self, ns: Namespace, key: str, value: bytes, last: int | None) -> int | None:
         """Store ``value`` under ``key`` (only if its revision is ``last``, 0: absent, when given);
         the new revision, or None if ``last`` was not the key's revision."""
-        if not _VALID_KEY.match(key):
-            raise ValueError(f"invalid key {key!r} for {ns}")
+        self._check(ns, key)
         await self._kv(ns)
         headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
         try:
             async with asyncio.timeout(self.timeout):
-                ack = await self._publisher.send(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)
-                return await ack
+                ack = await self._replies.request(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)
+                return stored(await ack)
         except PublishRefused as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 return None
