@@ -111,6 +111,9 @@ class RequestCompleted(Payload):
     )
     finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
+    generated_at: str | None = Field(
+        default=None, description="When generation finished: the time of its generation.completed event."
+    )
 
 
 class RequestFailed(Payload):

@@ -8,7 +8,8 @@ A small cache of (view, revision) saves the read before each write.
 A request's intermediate statuses (accepted, prepared, generating) are held up to
 ``LINGER`` seconds for the events that follow, and a terminal one is written at once:
 a fast request costs one write (and one notification to each gateway) instead of four,
-while a waiter still learns of the end without delay.
+while a waiter still learns of the end without delay. [generated] is not read: the
+completed event carries when generation finished (one delivery less per request).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _SETTLING = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCEL, 
 PROJECTED_TOPICS = (
     Topic.REQUESTS,
     Topic.PREPARED,
-    Topic.GENERATED,
     Topic.PROGRESS,
     Topic.COMPLETED,
     Topic.CONTROL,
@@ -101,7 +101,6 @@ class Projector:
                     EventType.ACCEPTED,
                     EventType.PREPARED,
                     EventType.STARTED,
-                    EventType.GENERATED,
                     EventType.COMPLETED,
                     EventType.FAILED,
                     EventType.CANCEL,

@@ -98,6 +98,8 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
         case EventType.COMPLETED:
             completed = decode(RequestCompleted, event.data)
             _stamp(v, "finalize", "finished_at", at)
+            if completed.generated_at:
+                _stamp(v, "generate", "finished_at", completed.generated_at)
             v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason = completed.finish_reason
             v.model = event.model or v.model

@@ -28,7 +28,12 @@ STARTED = child(EventType.STARTED, GenerationStarted())
 GENERATED = child(EventType.GENERATED, GenerationCompleted(text=" hi "))
 COMPLETED = child(
     EventType.COMPLETED,
-    RequestCompleted(output="hi", streamed_chars=4, usage=Usage(prompt_tokens=1, completion_tokens=2)),
+    RequestCompleted(
+        output="hi",
+        streamed_chars=4,
+        usage=Usage(prompt_tokens=1, completion_tokens=2),
+        generated_at=GENERATED.time,  # as finalize sets it
+    ),
 )
 
 
@@ -46,6 +51,14 @@ def test_the_happy_path_ends_completed_with_output_usage_and_stage_times() -> No
     assert view.output == "hi"
     assert view.usage == Usage(prompt_tokens=1, completion_tokens=2)
     assert set(view.stages) == {"gateway", "prepare", "generate", "finalize"}
+
+
+def test_the_completed_event_alone_tells_when_generation_finished() -> None:
+    # The projector does not read [generated]: the view must not miss what it would have said.
+    assert fold_all([ROOT, PREPARED, STARTED, COMPLETED]) == fold_all(
+        [ROOT, PREPARED, STARTED, GENERATED, COMPLETED]
+    )
+    assert fold_all([ROOT, COMPLETED]).stages["generate"] == {"finished_at": GENERATED.time}
 
 
 def test_any_order_and_any_repeats_converge_on_the_same_view() -> None:

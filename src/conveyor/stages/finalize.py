@@ -41,6 +41,7 @@ def finalize_stage() -> Stage:
             streamed_chars=len(generated.text),
             finish_reason=generated.finish_reason,
             usage=generated.usage,
+            generated_at=event.time,  # so the read model needs no delivery of [generated]
         )
         return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.COMPLETED, payload=completed))]
 
