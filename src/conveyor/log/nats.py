@@ -110,16 +110,18 @@ class NatsEventLog(JetStreamBackend):
             # it failed: refuse it now, so "unavailable" means "not on the log".
             raise UnavailableError(f"publish to {topic} failed: not connected to NATS")
         try:
-            # nats-py never times an ack out itself: one lost with a dying server would hang
-            # the gateway's submit, or a stage's event, for good.
-            async with asyncio.timeout(self.timeout):
-                stream = await self._ensure(topic)
-                unheard = await self._send(topic, stream, list(events))
-                while unheard:
-                    # No stream listened (yet): nothing was stored. A stream just created on a
-                    # cluster, or one electing a leader, answers within moments.
-                    await asyncio.sleep(0.05)
-                    unheard = await self._send(topic, stream, unheard)
+            # Each ack is awaited at most ``timeout`` (Replies): one lost with a dying server
+            # must not hang the gateway's submit, or a stage's event, for good.
+            give_up = time.monotonic() + self.timeout
+            stream = await self._ensure(topic)
+            unheard = await self._send(topic, stream, list(events))
+            while unheard:
+                # No stream listened (yet): nothing was stored. A stream just created on a
+                # cluster, or one electing a leader, answers within moments.
+                if time.monotonic() > give_up:
+                    raise TimeoutError(f"no stream took {len(unheard)} event(s) within {self.timeout} s")
+                await asyncio.sleep(0.05)
+                unheard = await self._send(topic, stream, unheard)
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
 

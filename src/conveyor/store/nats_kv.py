@@ -62,8 +62,7 @@ class NatsStateStore(JetStreamBackend):
         bucket = self.bucket_name(ns)
         subject = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
         try:
-            async with asyncio.timeout(self.timeout):
-                reply = await (await self._replies.request(subject))
+            reply = await (await self._replies.request(subject))
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
         headers = reply.headers or {}
@@ -87,9 +86,8 @@ class NatsStateStore(JetStreamBackend):
         await self._kv(ns)
         headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
         try:
-            async with asyncio.timeout(self.timeout):
-                ack = await self._replies.request(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)
-                return stored(await ack)
+            ack = await self._replies.request(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)
+            return stored(await ack)
         except PublishRefused as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 return None
