@@ -31,6 +31,7 @@ from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_
 from conveyor.payloads import Attempt, DeadLetter, EventType
 from conveyor.pipeline import Output, Stage
 from conveyor.runtime.batching import Batcher
+from conveyor.runtime.deadlines import Deadlines
 from conveyor.store.base import Namespace, StateStore
 
 logger = logging.getLogger("conveyor.runtime")
@@ -83,6 +84,7 @@ class StageWorker:
         self._heartbeat = heartbeat
         self._active: dict[int, tuple[Delivery, float]] = {}
         self._ctx = HandlerContext(stage.name, log, store)
+        self._deadlines = Deadlines(stage.timeout)
         self._batcher = (
             Batcher(stage.name, stage.handle_batch, self._ctx, stage.batching, timeout=stage.timeout)
             if stage.handle_batch is not None
@@ -112,6 +114,7 @@ class StageWorker:
             await self._drain()
             if self._batcher is not None:
                 await self._batcher.close()
+            await self._deadlines.close()
             heartbeats.cancel()
             for sub in subs:
                 await sub.close()
@@ -293,7 +296,7 @@ class StageWorker:
         while True:
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(stage.timeout):  # no extra task, unlike wait_for
+                async with self._deadlines.limit():
                     outputs = await call()
             except asyncio.CancelledError:
                 raise

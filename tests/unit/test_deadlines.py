@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conveyor.runtime.deadlines import Deadlines
+
+
+async def test_a_call_that_overruns_raises_timeout_and_its_task_goes_on() -> None:
+    deadlines = Deadlines(0.05)
+    never = asyncio.Event()
+    with pytest.raises(TimeoutError):
+        async with deadlines.limit():
+            await never.wait()
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0  # the cancellation was ours, and consumed
+    await asyncio.sleep(0)  # so the task goes on
+    await deadlines.close()
+
+
+async def test_calls_that_finish_in_time_are_left_alone_while_another_times_out() -> None:
+    deadlines = Deadlines(0.2)
+    release = asyncio.Event()
+
+    async def quick() -> str:
+        async with deadlines.limit():
+            await asyncio.sleep(0)
+        await release.wait()  # long after its limit was left: must not be cancelled
+        return "done"
+
+    async def stuck() -> None:
+        async with deadlines.limit():
+            await asyncio.Event().wait()
+
+    quick_task = asyncio.create_task(quick())
+    with pytest.raises(TimeoutError):
+        await stuck()
+    release.set()
+    assert await quick_task == "done"
+    await deadlines.close()
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    deadlines = Deadlines(30)
+    entered = asyncio.Event()
+
+    async def limited() -> None:
+        async with deadlines.limit():
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(limited())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await deadlines.close()
