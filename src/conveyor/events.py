@@ -64,16 +64,25 @@ class Envelope:
 
     def derive(self, *, type: str, source: str, payload: BaseModel, label: str) -> Envelope:
         """An output caused by this event: same request, key, tenant and trace; deterministic id."""
-        return dataclasses.replace(
-            self,
+        # Spelled out rather than dataclasses.replace, which costs twice as much on every hop.
+        return Envelope(
             id=derive_id(self.id, label),
             type=type,
             source=source,
+            request_id=self.request_id,
+            key=self.key,
             data=encode_payload(payload),
-            dataschema=schema_uri(type, payload),
             time=now_rfc3339(),
+            dataschema=schema_uri(type, payload),
+            tenant=self.tenant,
             causation_id=self.id,
             attempt=0,
+            deadline=self.deadline,
+            priority=self.priority,
+            model=self.model,
+            model_version=self.model_version,
+            model_license=self.model_license,
+            traceparent=self.traceparent,
         )
 
     def to_headers(self) -> dict[str, str]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -60,6 +61,20 @@ def test_derived_event_carries_cause_request_and_trace() -> None:
         child.id
         == parent.derive(type="b", source="s2", payload=RequestAccepted(prompt="y"), label="stage").id
     )
+
+
+def test_a_derived_event_keeps_every_attribute_it_does_not_set() -> None:
+    # Every field set to something other than its default, so a field derive forgets shows.
+    values = {
+        f.name: f"{f.name}-value" for f in dataclasses.fields(Envelope) if f.type in ("str", "str | None")
+    }
+    parent = Envelope(**values, data=b"{}", attempt=3, deadline=12.5, priority=7)
+    child = parent.derive(type="b", source="s2", payload=RequestAccepted(prompt="y"), label="stage")
+    changed = {"id", "type", "source", "data", "time", "dataschema", "causation_id", "attempt"}
+    for field in dataclasses.fields(Envelope):
+        if field.name not in changed:
+            assert getattr(child, field.name) == getattr(parent, field.name), field.name
+    assert child.attempt == 0
 
 
 @pytest.mark.parametrize(
