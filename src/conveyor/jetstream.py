@@ -1,4 +1,5 @@
-"""What the NATS event log and the NATS key-value store share: one connection and its health.
+"""What the NATS event log and the NATS key-value store share: one connection, its health, and
+the cheap request/reply path (``Replies``) their publishes and reads take.
 
 A NATS URL names one server or several nodes of a cluster, and may say how many copies
 JetStream keeps of each stream and bucket::
