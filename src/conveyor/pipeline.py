@@ -114,6 +114,10 @@ class Stage:
     batching: BatchPolicy = BatchPolicy()
     lane: Callable[[Envelope], str] = lambda event: event.key
 
+    def __post_init__(self) -> None:
+        if self.linger is not None and self.handle_many is None:
+            raise ValueError(f"stage {self.name!r}: linger holds events for handle_many, which it lacks")
+
 
 class Pipeline:
     """An ordered set of stages, addressable by name."""

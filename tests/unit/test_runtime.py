@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
 
 from conveyor.errors import PermanentError, RetryableError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event
@@ -336,3 +339,9 @@ async def test_a_stopping_worker_handles_what_its_lanes_hold_without_waiting_out
     stop.set()
     await task  # well before the minute the lane asked for (the test's timeout is shorter)
     assert batches == [["a", "b"]]
+
+
+def test_linger_without_handle_many_is_refused_when_the_stage_is_declared() -> None:
+    stage, _, _ = lingering_stage()
+    with pytest.raises(ValueError, match="handle_many"):
+        dataclasses.replace(stage, handle_many=None)
