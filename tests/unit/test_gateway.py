@@ -229,3 +229,22 @@ async def test_a_submit_retried_with_its_idempotency_key_after_a_failed_publish_
     retried = await core.accept(payload, idempotency_key="order-18", fingerprint={"prompt": "bill me once"})
     assert retried.replayed
     assert [e.request_id for e in log.events(Topic.REQUESTS)] == [retried.id]  # once, either way
+
+
+async def test_the_status_fast_path_answers_exactly_as_the_routed_endpoint(node: NodeFactory) -> None:
+    # A plain GET takes the fast path; one with any other query parameter goes through FastAPI's
+    # route (which ignores it): both must say the same, and refuse the same.
+    async with node() as client:
+        rid = await submit(client, "same answer both ways")
+        fast = await client.get(f"/v1/requests/{rid}", params={"wait": "30"})
+        routed = await client.get(f"/v1/requests/{rid}", params={"wait": "30", "via": "route"})
+        assert fast.json()["status"] == "completed"
+        assert (fast.status_code, fast.headers["content-type"], fast.content) == (
+            routed.status_code,
+            routed.headers["content-type"],
+            routed.content,
+        )
+        for bad in ({"wait": "-1"}, {"wait": "soon"}, {"wait": "nan"}):
+            refused = await client.get(f"/v1/requests/{rid}", params=bad)
+            assert refused.status_code == 422, bad  # the route's validation, in the API's error shape
+            assert refused.json()["error"]["code"] == "invalid_request"

@@ -19,6 +19,7 @@ from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
+from conveyor.gateway.fastpath import StatusFastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
 from conveyor.gateway.ratelimit import RateLimiter
@@ -119,6 +120,7 @@ def create_app(
         telemetry=_telemetry(),
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(StatusFastPath, core=core, max_wait=limits.max_wait_seconds)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -91,19 +91,24 @@ class GatewayCore:
         # has written its view (a few milliseconds later).
         self._recent: collections.OrderedDict[str, RequestView] = collections.OrderedDict()
 
-    def authenticate(self, headers: Mapping[str, str]) -> str:
-        """The tenant of the request's API key; without configured keys, every request is "default"."""
+    def tenant_of(self, headers: Mapping[str, str]) -> str | None:
+        """The tenant of the request's API key, None if it has no valid one; without configured
+        keys, every request is "default"."""
         if self.keys is None:
             return "default"
         key = presented_key(headers)
-        if key is None:
+        return None if key is None else self.keys.tenant(key)
+
+    def authenticate(self, headers: Mapping[str, str]) -> str:
+        """``tenant_of``, or the refusal that says why there is none."""
+        tenant = self.tenant_of(headers)
+        if tenant is not None:
+            return tenant
+        if presented_key(headers) is None:
             raise Refused(
                 401, "invalid_api_key", "no API key: send 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')"
             )
-        tenant = self.keys.tenant(key)
-        if tenant is None:
-            raise Refused(401, "invalid_api_key", "the API key is not valid")
-        return tenant
+        raise Refused(401, "invalid_api_key", "the API key is not valid")
 
     def tenant_dependency(self, refusal: Callable[[Refused], Exception]) -> Callable[..., Awaitable[str]]:
         """A route dependency giving the request's tenant; a missing or unknown key is raised as
