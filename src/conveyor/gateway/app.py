@@ -19,7 +19,7 @@ from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
-from conveyor.gateway.fastpath import StatusFastPath
+from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
 from conveyor.gateway.ratelimit import RateLimiter
@@ -119,8 +119,6 @@ def create_app(
         lifespan=lifespan,
         telemetry=_telemetry(),
     )
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(StatusFastPath, core=core, max_wait=limits.max_wait_seconds)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -168,23 +166,12 @@ def create_app(
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
 
-    @app.post(
-        "/v1/requests",
-        status_code=202,
-        response_model=Submitted,
-        tags=["requests"],
-        openapi_extra={"requestBody": _SUBMIT_BODY},
-    )
-    async def submit(
-        request: Request,
-        tenant: str = tenant_of_key,
-        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
-    ) -> Response:
-        """Accept a request: it is durably on the log when this returns 202."""
+    async def accept_submit(raw: bytes, tenant: str, idempotency_key: str | None = None) -> Response:
+        """``POST /v1/requests`` after authentication: routed, and on the fast path."""
         # Parsed here rather than by the framework: pydantic's JSON parser is several times
         # faster on the hottest endpoint, and a missing Content-Type is no reason to refuse.
         try:
-            body = SubmitRequest.model_validate_json(await request.body())
+            body = SubmitRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
         if len(body.prompt) > limits.max_prompt_chars:
@@ -205,7 +192,7 @@ def create_app(
                 key=body.key,
                 timeout=body.timeout,
                 idempotency_key=idempotency_key,
-                fingerprint=body.model_dump(),
+                fingerprint=body.model_dump() if idempotency_key else None,
             )
         except IdempotencyConflict:
             raise ApiError(
@@ -213,6 +200,30 @@ def create_app(
             ) from None
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
+
+    app.add_middleware(
+        FastPath,
+        core=core,
+        max_wait=limits.max_wait_seconds,
+        submit=accept_submit,
+        handlers=app.exception_handlers,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)  # outermost: before anything reads
+
+    @app.post(
+        "/v1/requests",
+        status_code=202,
+        response_model=Submitted,
+        tags=["requests"],
+        openapi_extra={"requestBody": _SUBMIT_BODY},
+    )
+    async def submit(
+        request: Request,
+        tenant: str = tenant_of_key,
+        idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    ) -> Response:
+        """Accept a request: it is durably on the log when this returns 202."""
+        return await accept_submit(await request.body(), tenant, idempotency_key)
 
     @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(

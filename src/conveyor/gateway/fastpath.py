@@ -1,27 +1,35 @@
-"""The long poll every waiting client sits on, answered without FastAPI's routing.
+"""The two calls of every request's life, answered without FastAPI's routing.
 
-``GET /v1/requests/{id}[?wait=S]`` is half the HTTP calls of a request's life, and routing,
-the middleware stack and dependency solving cost about a third of the gateway's CPU
-(py-spy; benchmarks/README.md). This ASGI middleware answers the plain successful case
-itself, with the same core call and the same body as the routed endpoint. Anything else
-(an unknown id, a malformed ``wait``, a refused key, the log unavailable, another path or
-method) goes on to that endpoint, which answers it the documented way.
+``POST /v1/requests`` and the long poll ``GET /v1/requests/{id}[?wait=S]`` are the gateway's
+hot path, and routing, the middleware stack and dependency solving cost about a third of its
+CPU (py-spy; benchmarks/README.md). This ASGI middleware serves them with the same functions
+the routed endpoints call, and renders a failure with the same exception handlers. What it
+does not recognise as the plain case (a missing or unknown API key, an Idempotency-Key, an
+unknown id, a malformed ``wait``, any other path or method) goes on to the routed endpoint,
+untouched, before anything was read or counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from conveyor.errors import UnavailableError
 from conveyor.gateway.core import GatewayCore
 
-_PREFIX = "/v1/requests/"
+_SUBMIT = "/v1/requests"
+_STATUS = "/v1/requests/"
+
+Submit = Callable[[bytes, str], Awaitable[Response]]
 
 
 def _wait(query: bytes) -> float | None:
@@ -38,20 +46,54 @@ def _wait(query: bytes) -> float | None:
     return wait if math.isfinite(wait) and wait >= 0 else None
 
 
-class StatusFastPath:
-    def __init__(self, app: ASGIApp, *, core: GatewayCore, max_wait: float) -> None:
+class FastPath:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        core: GatewayCore,
+        max_wait: float,
+        submit: Submit,
+        handlers: Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]],
+    ) -> None:
         self.app, self._core, self._max_wait = app, core, max_wait
+        self._submit, self._handlers = submit, handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(_PREFIX):
-            rid = scope["path"][len(_PREFIX) :]
-            wait = _wait(scope["query_string"])
-            if rid and "/" not in rid and wait is not None:
-                view = None
-                if (tenant := self._core.tenant_of(Headers(scope=scope))) is not None:
-                    with contextlib.suppress(UnavailableError):
-                        view = await self._core.wait(rid, min(wait, self._max_wait), tenant=tenant)
-                if view is not None:
-                    await Response(view.public_json(), media_type="application/json")(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        response = None
+        if scope["type"] == "http":
+            if scope["method"] == "POST" and scope["path"] == _SUBMIT:
+                response = await self._accept(scope, receive)
+            elif scope["method"] == "GET" and scope["path"].startswith(_STATUS):
+                response = await self._status(scope)
+        if response is None:
+            await self.app(scope, receive, send)
+        else:
+            await response(scope, receive, send)
+
+    async def _accept(self, scope: Scope, receive: Receive) -> Response | None:
+        headers = Headers(scope=scope)
+        if "idempotency-key" in headers or (tenant := self._core.tenant_of(headers)) is None:
+            return None
+        request = Request(scope, receive)
+        raw = await request.body()
+        try:
+            return await self._submit(raw, tenant)
+        except Exception as exc:  # rendered as the routed endpoint's would be
+            for cls in type(exc).__mro__:
+                if (handler := self._handlers.get(cls)) is not None:
+                    rendered = handler(request, exc)
+                    return await rendered if inspect.isawaitable(rendered) else rendered
+            raise
+
+    async def _status(self, scope: Scope) -> Response | None:
+        rid = scope["path"][len(_STATUS) :]
+        wait = _wait(scope["query_string"])
+        if not rid or "/" in rid or wait is None:
+            return None
+        if (tenant := self._core.tenant_of(Headers(scope=scope))) is None:
+            return None
+        view = None
+        with contextlib.suppress(UnavailableError):
+            view = await self._core.wait(rid, min(wait, self._max_wait), tenant=tenant)
+        return None if view is None else Response(view.public_json(), media_type="application/json")
