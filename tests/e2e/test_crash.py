@@ -11,7 +11,9 @@ import httpx
 import pytest
 
 from conveyor.backends import open_store
+from conveyor.store.base import StateStore
 from conveyor.store.nats_kv import NatsStateStore
+from conveyor.testing import UpProcess
 from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import assert_completed_exactly_once, read_sse, submit
@@ -21,6 +23,16 @@ pytestmark = pytest.mark.slow
 # A short ack deadline: events the killed process held are redelivered within 2 s.
 SLOW_MODEL = ("--model-token-delay", "0.01", "--ack-wait", "2")
 REQUESTS = 40
+
+
+async def check_after_restart(up: UpProcess, store: StateStore, prompts: list[str], rids: list[str]) -> None:
+    """Every request completes exactly once on the restarted ``up``, which then stops cleanly."""
+    try:
+        async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
+            await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
+    finally:
+        await store.close()
+    assert up.stop() == 0
 
 
 @pytest.mark.parametrize("stop", ["kill-9+nats-killed", "kill-9+nats-orphaned", "sigterm"])
@@ -44,12 +56,7 @@ async def test_stopped_with_requests_in_flight_then_restarted(conveyor: Conveyor
     if stop == "kill-9+nats-orphaned":
         assert (second.log_url, second.nats_pid) == (first.log_url, nats_pid)  # the orphan was adopted
     store = await NatsStateStore.open(second.log_url)
-    try:
-        async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
-            await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
-    finally:
-        await store.close()
-    assert second.stop() == 0
+    await check_after_restart(second, store, prompts, rids)
 
 
 async def test_killed_on_kafka_and_redis_with_requests_in_flight_then_restarted(
@@ -69,9 +76,4 @@ async def test_killed_on_kafka_and_redis_with_requests_in_flight_then_restarted(
 
     second = conveyor(*SLOW_MODEL, *backends, env=env).start()
     store = await open_store(redis_url, prefix=env["CONVEYOR_PREFIX"])
-    try:
-        async with httpx.AsyncClient(base_url=second.url, timeout=60) as client:
-            await assert_completed_exactly_once(client, store, prompts, rids, max_tokens=30)
-    finally:
-        await store.close()
-    assert second.stop() == 0
+    await check_after_restart(second, store, prompts, rids)
