@@ -35,12 +35,18 @@ PROMPTS = [
     "Describe a sunrise in two sentences.",
 ]
 
+
+def prompt(i: int) -> str:
+    # Unique from its first word: no request finds another's prompt in the engine's slot cache.
+    return f"Request {i}. {PROMPTS[i % len(PROMPTS)]}"
+
+
 # One request: returns (time to first token, latency, completion tokens).
 Call = Callable[[int], Awaitable[tuple[float, float, int]]]
 
 
 async def direct_call(model: LocalModel, i: int) -> tuple[float, float, int]:
-    request = GenerationRequest(id=f"bench-{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS)
+    request = GenerationRequest(id=f"bench-{i}", prompt=prompt(i), max_tokens=MAX_TOKENS)
     start = time.perf_counter()
     first = 0.0
     tokens = 0
@@ -52,7 +58,7 @@ async def direct_call(model: LocalModel, i: int) -> tuple[float, float, int]:
 
 
 async def conveyor_call(client: aiohttp.ClientSession, i: int) -> tuple[float, float, int]:
-    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS}
+    body = {"prompt": prompt(i), "max_tokens": MAX_TOKENS}
     start = time.perf_counter()
     async with client.post("/v1/requests", json=body) as response:
         rid = (await response.json())["id"]

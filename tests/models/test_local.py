@@ -10,6 +10,7 @@ import pytest
 from conveyor.errors import PermanentError
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.local import LocalModel
+from conveyor.observability.metrics import PROMPT_TOKENS
 
 pytestmark = pytest.mark.model
 
@@ -54,6 +55,35 @@ async def test_greedy_output_alone_equals_output_inside_a_batch_of_8(model: Loca
     assert [together[f"r{i}"] for i in range(len(PROMPTS))] == alone
     assert "Paris" in alone[0][0]
     assert all(text.strip() for text, _ in alone)
+
+
+async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answers_the_same(
+    model: LocalModel,
+) -> None:
+    def read() -> tuple[float, float]:
+        return PROMPT_TOKENS.value(source="cached"), PROMPT_TOKENS.value(source="computed")
+
+    def chat(i: int, *turns: tuple[str, str]) -> GenerationRequest:
+        system = ("system", "You are a concise assistant. Answer every question in one short sentence.")
+        return GenerationRequest(id=f"r{i}", prompt="", max_tokens=24, messages=(system, *turns))
+
+    question = ("user", "Name a fruit that is yellow and curved.")
+    first = (await run(model, [chat(0, question)]))["r0"]
+    assert first[0].strip()
+    # Another question under the same system turn: the system turn is found in a slot's cache.
+    cached, _ = read()
+    await run(model, [chat(1, ("user", "Name a fruit that is red."))])
+    assert PROMPT_TOKENS.value(source="cached") - cached >= model.count_tokens(chat(0).messages[0][1])
+    # The conversation's next turn carries the first answer: that is found too.
+    cached, _ = read()
+    await run(model, [chat(2, question, ("assistant", first[0]), ("user", "And a red one?"))])
+    assert PROMPT_TOKENS.value(source="cached") - cached > model.count_tokens(first[0])
+    # The same prompt again: only its last token is computed (its logits give the first output
+    # token), and the answer is the one computed from scratch.
+    _, computed = read()
+    again = (await run(model, [chat(3, question)]))["r3"]
+    assert PROMPT_TOKENS.value(source="computed") - computed == 1
+    assert again == first
 
 
 async def test_max_tokens_is_honoured(model: LocalModel) -> None:

@@ -10,6 +10,11 @@ step at a time carrying one token of every generating sequence plus a bounded ch
 tokens of newly admitted ones (a long prompt cannot stall running streams). Requests join
 between steps as slots free up; a slot is freed at end of sequence, ``max_tokens``, a stop
 sequence or cancellation, which therefore takes effect within one step.
+
+A freed slot keeps its KV cache: a new request goes to the free slot whose cached tokens share the
+longest prefix with its prompt, and only the rest of the prompt is computed. Every chat prompt
+starts with the same template and system turn, and a conversation's next turn starts with the
+previous one, so most of a prompt is usually there already.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
-import heapq
 import importlib.util
 import logging
 import queue
@@ -32,6 +36,7 @@ from typing import Any
 
 from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
 from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
+from conveyor.observability.metrics import PROMPT_TOKENS
 from conveyor.payloads import FinishReason
 
 try:
@@ -106,7 +111,8 @@ class _Sequence:
     slot: int
     prompt: list[int]
     rng: Any
-    fed: int = 0  # prompt tokens decoded so far
+    fed: int = 0  # prompt tokens in the slot's KV cache so far
+    generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens decoded since
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
@@ -156,6 +162,7 @@ class LocalModel:
             raise RuntimeError("cannot create a llama.cpp context")
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_tokens, 0, 1)
+        self._cached: list[list[int]] = [[] for _ in range(slots)]  # per slot; the engine's own
         self._pending: queue.Queue[_Sequence | None] = queue.Queue()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._engine, name="conveyor-local-model", daemon=True)
@@ -256,7 +263,7 @@ class LocalModel:
             self._drain_pending()
 
     def _serve(self, running: list[_Sequence]) -> None:
-        free_slots = list(range(self._slots))
+        free_slots = set(range(self._slots))
         closing = False
         while not closing or running:
             # Admit new requests into free slots, waiting only when there is nothing to run.
@@ -268,10 +275,10 @@ class LocalModel:
                 if item is None:
                     closing = True
                     break
-                # The lowest free slot, and `running` kept in slot order: llama.cpp splits a batch
-                # whose sequence ids are out of order into several micro-batches (each a full pass
-                # over the weights), which made a 16-sequence step ~1.8x slower.
-                item.slot = heapq.heappop(free_slots)
+                self._admit(item, free_slots)
+                # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out
+                # of order into several micro-batches (each a full pass over the weights), which
+                # made a 16-sequence step ~1.8x slower.
                 bisect.insort(running, item, key=lambda seq: seq.slot)
             for seq in [s for s in running if s.request.cancelled.is_set()]:
                 self._finish(seq, "cancelled", running, free_slots)
@@ -280,12 +287,26 @@ class LocalModel:
             self._step(running, free_slots)
         self._drain_pending()
 
+    def _admit(self, seq: _Sequence, free_slots: set[int]) -> None:
+        """Put ``seq`` in the free slot whose cache shares most of its prompt (the lowest on a tie),
+        keep that much of the cache and drop the rest. The last prompt token is always computed:
+        its logits give the first output token."""
+        usable = len(seq.prompt) - 1
+        shared = {slot: _shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots}
+        seq.slot = max(free_slots, key=lambda slot: (shared[slot], -slot))
+        free_slots.remove(seq.slot)
+        seq.fed = seq.pos = shared[seq.slot]
+        self._llama.llama_memory_seq_rm(self._memory, seq.slot, seq.fed, -1)
+        self._cached[seq.slot] = []  # until the request ends, the slot's cache is its own
+        PROMPT_TOKENS.inc(seq.fed, source="cached")
+        PROMPT_TOKENS.inc(len(seq.prompt) - seq.fed, source="computed")
+
     def _drain_pending(self) -> None:
         with contextlib.suppress(queue.Empty):
             while (item := self._pending.get_nowait()) is not None:
                 item.emit(Token(item.request.id, "", "cancelled"))
 
-    def _step(self, running: list[_Sequence], free_slots: list[int]) -> None:
+    def _step(self, running: list[_Sequence], free_slots: set[int]) -> None:
         """One step: a decode carrying one token of every generating sequence, then prompt chunks
         of new sequences, those of equal length together. (With per-sequence KV streams llama.cpp
         splits a batch into micro-batches with equal tokens per sequence: a prompt mixed with
@@ -294,6 +315,8 @@ class LocalModel:
         if generating:
             self._decode([(seq, [seq.next_token]) for seq in generating if seq.next_token is not None])
             for i, seq in enumerate(generating):
+                if seq.next_token is not None:
+                    seq.generated.append(seq.next_token)
                 seq.next_token = None
                 self._advance(seq, i, running, free_slots)
         budget = self._batch_tokens
@@ -325,7 +348,7 @@ class LocalModel:
         if self._llama.llama_decode(self._ctx, batch) != 0:
             raise RuntimeError("llama_decode failed")
 
-    def _advance(self, seq: _Sequence, index: int, running: list[_Sequence], free_slots: list[int]) -> None:
+    def _advance(self, seq: _Sequence, index: int, running: list[_Sequence], free_slots: set[int]) -> None:
         """Sample ``seq``'s next token from the logits at ``index`` of the batch just decoded."""
         logits = np.ctypeslib.as_array(self._llama.llama_get_logits_ith(self._ctx, index), (self._n_vocab,))
         token = self._sample(seq, logits)
@@ -367,9 +390,19 @@ class LocalModel:
         return int(seq.rng.choice(len(probs), p=probs))
 
     def _finish(
-        self, seq: _Sequence, reason: FinishReason, running: list[_Sequence], free_slots: list[int]
+        self, seq: _Sequence, reason: FinishReason, running: list[_Sequence], free_slots: set[int]
     ) -> None:
-        self._llama.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+        # What the slot's KV cache now holds, positions 0.. in order, for the next request to reuse.
+        whole = seq.fed == len(seq.prompt)
+        self._cached[seq.slot] = seq.prompt[: seq.fed] + seq.generated if whole else seq.prompt[: seq.fed]
         running.remove(seq)
-        heapq.heappush(free_slots, seq.slot)
+        free_slots.add(seq.slot)
         seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason))
+
+
+def _shared_prefix(cached: list[int], prompt: list[int], limit: int) -> int:
+    n = min(len(cached), limit)
+    for i in range(n):
+        if cached[i] != prompt[i]:
+            return i
+    return n

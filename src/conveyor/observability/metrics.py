@@ -131,6 +131,10 @@ BATCH_WAIT = REGISTRY.histogram(
 BATCH_LIMIT = REGISTRY.gauge(
     "conveyor_batch_limit", "The batch size limit in force (adapts with a latency target)."
 )
+PROMPT_TOKENS = REGISTRY.counter(
+    "conveyor_model_prompt_tokens_total",
+    "Prompt tokens the local model read, by source: computed, or cached (found in a slot's KV cache).",
+)
 ADMISSION_BACKLOG = REGISTRY.gauge(
     "conveyor_gateway_backlog", "Events on requests not yet acknowledged by prepare, as admission saw it."
 )
