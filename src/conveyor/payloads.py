@@ -25,6 +25,7 @@ class Payload(BaseModel):
 class Usage(Payload):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the model found already computed in its cache
 
     @property
     def total_tokens(self) -> int:

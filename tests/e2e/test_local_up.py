@@ -50,3 +50,8 @@ async def test_the_default_model_answers_in_english_and_streams_what_it_answers(
     assert streamed.strip() == answer  # greedy: the same text either way
     assert completion.usage is not None
     assert completion.usage.completion_tokens > 0
+    # The same conversation was asked over /v1/requests first: the engine found all of its prompt
+    # but the last token in a slot's cache, and says so in the usage.
+    details = completion.usage.prompt_tokens_details
+    assert details is not None
+    assert details.cached_tokens == completion.usage.prompt_tokens - 1 > 0

@@ -81,9 +81,13 @@ async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answer
     # The same prompt again: only its last token is computed (its logits give the first output
     # token), and the answer is the one computed from scratch.
     _, computed = read()
-    again = (await run(model, [chat(3, question)]))["r3"]
+    tokens = [token async for token in model.generate([chat(3, question)])]
     assert PROMPT_TOKENS.value(source="computed") - computed == 1
-    assert again == first
+    assert ("".join(t.text for t in tokens), tokens[-1].finish_reason) == first
+    usage = tokens[-1].usage  # the request's usage says what it found cached
+    assert usage is not None
+    assert usage.cached_tokens == usage.prompt_tokens - 1
+    assert 0 < usage.completion_tokens <= 24
 
 
 async def test_max_tokens_is_honoured(model: LocalModel) -> None:

@@ -16,11 +16,14 @@ from conveyor.errors import PermanentError, UnavailableError
 from conveyor.models.base import GenerationRequest
 from conveyor.models.local import shipped_gguf
 from conveyor.models.openai_compat import OpenAICompatModel
+from conveyor.models.simulated import SimulatedModel
 from conveyor.testing import UpProcess
 from tests.conftest import NodeFactory
 from tests.helpers import submit, wait_final
 
 pytestmark = pytest.mark.model
+
+PROMPT = "Write a haiku about queues"
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,22 @@ async def test_a_refusal_is_permanent_and_carries_the_servers_reason(node: NodeF
                 await collect(model, GenerationRequest(id="c", prompt="hi", max_tokens=4))
         finally:
             await model.close()
+
+
+async def test_the_servers_own_token_counts_are_passed_on(node: NodeFactory) -> None:
+    # Conveyor's gateway sends usage in a last chunk when asked (stream_options.include_usage).
+    async with node() as http:
+        model = OpenAICompatModel(base_url=f"{str(http.base_url).rstrip('/')}/v1", model="simulated")
+        try:
+            tokens = [
+                t async for t in model.generate([GenerationRequest(id="u", prompt=PROMPT, max_tokens=40)])
+            ]
+        finally:
+            await model.close()
+    expected, _ = SimulatedModel().answer(PROMPT, 40)
+    assert tokens[-1].usage is not None
+    assert tokens[-1].usage.completion_tokens == len(expected)  # the server's count, not the chunks'
+    assert tokens[-1].usage.prompt_tokens > 0
 
 
 async def test_an_unreachable_server_is_retryable() -> None:

@@ -27,7 +27,7 @@ async def test_a_request_completes_with_the_models_answer(node: NodeFactory) -> 
     assert view["status"] == "completed"
     assert view["output"] == "".join(tokens).strip()
     assert view["finish_reason"] == reason
-    assert view["usage"] == {"prompt_tokens": 5, "completion_tokens": len(tokens)}
+    assert view["usage"] == {"prompt_tokens": 5, "completion_tokens": len(tokens), "cached_tokens": 0}
     assert view["model"] == "simulated"
     assert set(view["stages"]) == {"gateway", "prepare", "generate", "finalize"}
 

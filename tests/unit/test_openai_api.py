@@ -31,6 +31,9 @@ async def test_a_chat_completion_answers_with_the_models_text_and_usage(node: No
     assert completion.usage is not None
     assert completion.usage.completion_tokens == len(tokens)
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + len(tokens)
+    details = completion.usage.prompt_tokens_details
+    assert details is not None
+    assert details.cached_tokens == 0  # the simulated model caches nothing
     assert completion.model == "simulated"
 
 

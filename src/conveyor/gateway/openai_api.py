@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
 from conveyor.gateway.sse import request_events
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
+from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Usage
 from conveyor.view import RequestView
 
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "deadline": "length"}
@@ -90,10 +90,14 @@ _REQUEST_BODY = {
 }
 
 
-def _usage(view: RequestView) -> dict[str, int]:
-    usage = view.usage
-    prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(view: RequestView) -> dict[str, Any]:
+    usage = view.usage or Usage()
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
 def add_openai_routes(

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from conveyor.errors import ConveyorError
-from conveyor.payloads import FinishReason
+from conveyor.payloads import FinishReason, Usage
 
 # The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
 MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}  # openai: the upstream's name
@@ -44,12 +44,15 @@ class GenerationRequest:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Token:
     """A piece of text for request ``request_id``; the last one has ``finish_reason``, or
-    ``error`` when that request failed on its own (its batch-mates go on)."""
+    ``error`` when that request failed on its own (its batch-mates go on). A backend that counts
+    what the model read and wrote puts it in the last token's ``usage`` (the prompt as the model
+    saw it, chat template included); without it the generate stage counts for itself."""
 
     request_id: str
     text: str
     finish_reason: FinishReason | None = None
     error: ConveyorError | None = None
+    usage: Usage | None = None
 
     @property
     def last(self) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
 from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
 from conveyor.observability.metrics import PROMPT_TOKENS
-from conveyor.payloads import FinishReason
+from conveyor.payloads import FinishReason, Usage
 
 try:
     import numpy as np
@@ -112,6 +112,7 @@ class _Sequence:
     prompt: list[int]
     rng: Any
     fed: int = 0  # prompt tokens in the slot's KV cache so far
+    cached: int = 0  # of those, found there from an earlier request
     generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens decoded since
     pos: int = 0
     produced: int = 0
@@ -295,7 +296,7 @@ class LocalModel:
         shared = {slot: _shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots}
         seq.slot = max(free_slots, key=lambda slot: (shared[slot], -slot))
         free_slots.remove(seq.slot)
-        seq.fed = seq.pos = shared[seq.slot]
+        seq.fed = seq.pos = seq.cached = shared[seq.slot]
         self._llama.llama_memory_seq_rm(self._memory, seq.slot, seq.fed, -1)
         self._cached[seq.slot] = []  # until the request ends, the slot's cache is its own
         PROMPT_TOKENS.inc(seq.fed, source="cached")
@@ -397,7 +398,8 @@ class LocalModel:
         self._cached[seq.slot] = seq.prompt[: seq.fed] + seq.generated if whole else seq.prompt[: seq.fed]
         running.remove(seq)
         free_slots.add(seq.slot)
-        seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason))
+        usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.produced, cached_tokens=seq.cached)
+        seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason, usage=usage))
 
 
 def _shared_prefix(cached: list[int], prompt: list[int], limit: int) -> int:

@@ -17,7 +17,7 @@ import orjson
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
-from conveyor.payloads import FinishReason
+from conveyor.payloads import FinishReason, Usage
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
@@ -85,6 +85,9 @@ class OpenAICompatModel:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stream": True,
+            # The server's own count (what it bills; cached prompt tokens too) comes in a last chunk.
+            # A server that does not know the option ignores it, and the stage counts instead.
+            "stream_options": {"include_usage": True},
         }
         if request.stop:
             body["stop"] = list(request.stop)
@@ -94,6 +97,7 @@ class OpenAICompatModel:
                     await response.aread()
                     raise _classify(response)
                 finish: FinishReason = "stop"
+                usage: Usage | None = None
                 async for line in response.aiter_lines():
                     if request.cancelled.is_set():
                         yield Token(request.id, "", "cancelled")
@@ -103,18 +107,30 @@ class OpenAICompatModel:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    for choice in orjson.loads(data).get("choices", []):
+                    chunk = orjson.loads(data)
+                    for choice in chunk.get("choices") or []:
                         text = (choice.get("delta") or {}).get("content") or ""
                         if text:
                             yield Token(request.id, text)
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
-                yield Token(request.id, "", finish)
+                    if chunk.get("usage"):
+                        usage = _usage(chunk["usage"])
+                yield Token(request.id, "", finish, usage=usage)
         except httpx.TransportError as exc:  # refused, reset, timed out: worth another try
             raise UnavailableError(f"model server unreachable: {exc!r}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _usage(counts: dict[str, Any]) -> Usage:
+    details = counts.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=counts.get("prompt_tokens") or 0,
+        completion_tokens=counts.get("completion_tokens") or 0,
+        cached_tokens=details.get("cached_tokens") or 0,
+    )
 
 
 def _classify(response: httpx.Response) -> Exception:

@@ -28,6 +28,7 @@ def finalize_stage() -> Stage:
             "model_license": event.model_license,
             "prompt_tokens": generated.usage.prompt_tokens,
             "completion_tokens": generated.usage.completion_tokens,
+            "cached_tokens": generated.usage.cached_tokens,
             "finish_reason": generated.finish_reason,
             "event_id": event.id,
             "recorded_at": now_rfc3339(),

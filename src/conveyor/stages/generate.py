@@ -139,7 +139,7 @@ class _Stream:
             self._pending += token.text
             self._produced += 1
         if token.finish_reason is not None:
-            return self._finish(token.finish_reason)
+            return self._finish(token.finish_reason, token.usage)
         policy = self._chunking
         waited = time.monotonic() - self._last_flush
         if (
@@ -166,15 +166,15 @@ class _Stream:
         self._pending = ""
         self._last_flush = time.monotonic()
 
-    def _finish(self, finish: FinishReason) -> Sequence[Output]:
+    def _finish(self, finish: FinishReason, usage: Usage | None) -> Sequence[Output]:
         if finish == "cancelled" and _past(self._event.deadline):
             finish = "deadline"
-        prompt_tokens = self._model.count_tokens(self._prepared.prompt)
-        completed = GenerationCompleted(
-            text="".join(self._text),
-            finish_reason=finish,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=self._produced),
-        )
+        if usage is None:  # the backend did not count: the prompt's text and the chunks seen
+            usage = Usage(
+                prompt_tokens=self._model.count_tokens(self._prepared.prompt),
+                completion_tokens=self._produced,
+            )
+        completed = GenerationCompleted(text="".join(self._text), finish_reason=finish, usage=usage)
         generated = self._ctx.derive(self._source, type=EventType.GENERATED, payload=completed)
         return [Output(Topic.STREAM, self._chunk(self._pending, finish)), Output(Topic.GENERATED, generated)]
 
