@@ -11,7 +11,6 @@ JetStream keeps of each stream and bucket::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -27,6 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from conveyor.errors import UnavailableError
+from conveyor.expiry import Expiry
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +122,12 @@ class Replies:
     """
 
     def __init__(self, nc: Client, timeout: float) -> None:
-        self._nc, self._timeout = nc, timeout
+        self._nc = nc
         self._prefix = nc.new_inbox() + "."
-        # In the order sent, so in deadline order: the sweep stops at the first one not due.
-        self._pending: dict[str, tuple[float, asyncio.Future[Msg]]] = {}
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._unanswered: Expiry[str] = Expiry(timeout, self._expire)
         self._sent = 0
         self._sub: Subscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def request(
@@ -138,12 +137,11 @@ class Replies:
             async with self._lock:
                 if self._sub is None:
                     self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
-                    self._sweeper = asyncio.create_task(self._sweep())
         self._sent += 1
         token = str(self._sent)
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = (loop.time() + self._timeout, reply)
+        reply: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[token] = reply
+        self._unanswered.add(token)
         reply.add_done_callback(functools.partial(self._forget, token))  # answered, timed out or cancelled
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
@@ -154,29 +152,19 @@ class Replies:
 
     def _forget(self, token: str, _: object) -> None:
         self._pending.pop(token, None)
+        self._unanswered.discard(token)
 
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self._timeout / 4)
-            now, due = loop.time(), []
-            for deadline, reply in self._pending.values():
-                if deadline > now:
-                    break
-                due.append(reply)
-            for reply in due:  # (failing one removes it from _pending: not while iterating)
-                if not reply.done():
-                    reply.set_exception(TimeoutError(f"no reply from NATS within {self._timeout} s"))
+    def _expire(self, token: str) -> None:
+        reply = self._pending.get(token)
+        if reply is not None and not reply.done():
+            reply.set_exception(TimeoutError(f"no reply from NATS within {self._unanswered.seconds} s"))
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._unanswered.close()
 
     async def _on_reply(self, msg: Msg) -> None:
-        pending = self._pending.get(msg.subject[len(self._prefix) :])
-        if pending is None or (reply := pending[1]).done():
+        reply = self._pending.get(msg.subject[len(self._prefix) :])
+        if reply is None or reply.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
             reply.set_exception(nats.errors.NoRespondersError())

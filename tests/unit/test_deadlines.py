@@ -4,7 +4,31 @@ import asyncio
 
 import pytest
 
+from conveyor.expiry import Expiry
 from conveyor.runtime.deadlines import Deadlines
+
+
+async def test_keys_not_discarded_in_time_expire_in_order_and_the_sweep_wakes_after_idling() -> None:
+    expired: list[str] = []
+    last = asyncio.Event()
+
+    def on_expire(key: str) -> None:
+        expired.append(key)
+        if key == "c":
+            last.set()
+
+    expiry: Expiry[str] = Expiry(0.05, on_expire)
+    for key in "abc":
+        expiry.add(key)
+    expiry.discard("b")
+    await asyncio.wait_for(last.wait(), 5)
+    assert expired == ["a", "c"]
+    assert len(expiry) == 0  # nothing left: the sweep sleeps until the next add
+    last.clear()
+    expiry.add("c")
+    await asyncio.wait_for(last.wait(), 5)
+    assert expired == ["a", "c", "c"]
+    await expiry.close()
 
 
 async def test_a_call_that_overruns_raises_timeout_and_its_task_goes_on() -> None:

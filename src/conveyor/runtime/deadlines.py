@@ -1,17 +1,14 @@
-"""Handler timeouts for many concurrent calls, kept by one sweep instead of a timer each.
-
-``asyncio.timeout`` arms a loop timer per call; under uvloop each is a libuv timer
-handle, and a stage spent more CPU arming and disarming them than running some of its
-handlers. A handler's timeout is seconds long, so checking a few times per timeout is
-precise enough: a call that overruns is cancelled and raises ``TimeoutError`` at most a
-quarter of its timeout late (and never later than 0.1 s).
+"""Handler timeouts for many concurrent calls: a stage's limits are one ``Expiry``
+(``conveyor.expiry``), so a call that overruns is cancelled and raises ``TimeoutError`` at most a
+quarter of its timeout late (and never later than 0.1 s), without a loop timer per call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from types import TracebackType
+
+from conveyor.expiry import Expiry
 
 
 class Deadlines:
@@ -19,48 +16,14 @@ class Deadlines:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._resolution = min(0.1, seconds / 4)
-        # Armed in the order entered, which with one length is the order they fall due.
-        self._armed: dict[Limit, float] = {}
-        self._wake = asyncio.Event()
-        self._sweeper: asyncio.Task[None] | None = None
+        self.armed: Expiry[Limit] = Expiry(seconds, Limit.expire, max_late=0.1)
 
     def limit(self) -> Limit:
         """``async with deadlines.limit():`` raises TimeoutError if its body overruns."""
         return Limit(self)
 
-    def _arm(self, limit: Limit) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep())
-        if not self._armed:
-            self._wake.set()
-        self._armed[limit] = asyncio.get_running_loop().time() + self.seconds
-
-    def _disarm(self, limit: Limit) -> None:
-        self._armed.pop(limit, None)
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._armed:
-                self._wake.clear()
-                await self._wake.wait()
-            await asyncio.sleep(self._resolution)
-            now, due = loop.time(), []
-            for limit, deadline in self._armed.items():
-                if deadline > now:
-                    break
-                due.append(limit)
-            for limit in due:
-                del self._armed[limit]
-                limit.expire()
-
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self.armed.close()
 
 
 class Limit:
@@ -84,13 +47,13 @@ class Limit:
         if task is None:
             raise RuntimeError("a time limit needs a running task")
         self._task, self._cancelling = task, task.cancelling()
-        self._deadlines._arm(self)
+        self._deadlines.armed.add(self)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._deadlines._disarm(self)
+        self._deadlines.armed.discard(self)
         assert self._task is not None
         if self._expired:
             # As asyncio.timeout does: only our own cancellation becomes a TimeoutError; one that
