@@ -14,7 +14,8 @@ sequence or cancellation, which therefore takes effect within one step.
 A freed slot keeps its KV cache: a new request goes to the free slot whose cached tokens share the
 longest prefix with its prompt, and only the rest of the prompt is computed. Every chat prompt
 starts with the same template and system turn, and a conversation's next turn starts with the
-previous one, so most of a prompt is usually there already.
+previous one, so most of a prompt is usually there already (``prefix_cache=False`` turns this off;
+``benchmarks/prefix_cache.py`` measures both).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class LocalModel:
         batch_tokens: int = 512,
         prefill_chunk: int = 128,
         threads: int = 2,
+        prefix_cache: bool = True,
     ) -> None:
         self._llama = llama = _llama()
         source = model_path or shipped_gguf()
@@ -163,6 +165,7 @@ class LocalModel:
             raise RuntimeError("cannot create a llama.cpp context")
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_tokens, 0, 1)
+        self._prefix_cache = prefix_cache
         self._cached: list[list[int]] = [[] for _ in range(slots)]  # per slot; the engine's own
         self._pending: queue.Queue[_Sequence | None] = queue.Queue()
         self._failure: BaseException | None = None
@@ -395,7 +398,8 @@ class LocalModel:
     ) -> None:
         # What the slot's KV cache now holds, positions 0.. in order, for the next request to reuse.
         whole = seq.fed == len(seq.prompt)
-        self._cached[seq.slot] = seq.prompt[: seq.fed] + seq.generated if whole else seq.prompt[: seq.fed]
+        if self._prefix_cache:
+            self._cached[seq.slot] = seq.prompt[: seq.fed] + seq.generated if whole else seq.prompt[: seq.fed]
         running.remove(seq)
         free_slots.add(seq.slot)
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.produced, cached_tokens=seq.cached)
