@@ -90,6 +90,31 @@ async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answer
     assert 0 < usage.completion_tokens <= 24
 
 
+async def test_requests_arriving_together_copy_a_running_slots_cache_and_answer_the_same(
+    model: LocalModel,
+) -> None:
+    system = (
+        "system",
+        "You are a museum guide. You answer visitors' questions about paintings in one friendly "
+        "sentence, and you never mention prices or opening hours.",
+    )
+    questions = ["Who painted the Mona Lisa?", "What is a fresco?", "Why is the sky in paintings blue?"]
+
+    def ask(i: int) -> GenerationRequest:
+        turns = (system, ("user", questions[i]))
+        return GenerationRequest(id=f"r{i}", prompt="", max_tokens=24, messages=turns)
+
+    await run(model, [ask(0)])  # the system turn is now in one slot
+    cached = PROMPT_TOKENS.value(source="cached")
+    together = await run(model, [ask(i) for i in range(3)])
+    # The first takes that slot; the other two copy its cache into their own slots rather than
+    # compute the system turn again.
+    assert PROMPT_TOKENS.value(source="cached") - cached >= 3 * model.count_tokens(system[1])
+    # Copied cache or not, each answer is the one the request gets on its own.
+    for i in range(3):
+        assert (await run(model, [ask(i)]))[f"r{i}"] == together[f"r{i}"]
+
+
 async def test_max_tokens_is_honoured(model: LocalModel) -> None:
     text, finish = (await run(model, [request(0, "Write a long story about a river.", max_tokens=5)]))["r0"]
     assert finish == "length"

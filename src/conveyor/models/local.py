@@ -12,7 +12,8 @@ between steps as slots free up; a slot is freed at end of sequence, ``max_tokens
 sequence or cancellation, which therefore takes effect within one step.
 
 A freed slot keeps its KV cache: a new request goes to the free slot whose cached tokens share the
-longest prefix with its prompt, and only the rest of the prompt is computed. Every chat prompt
+longest prefix with its prompt (or gets a copy of a running request's cache when that holds clearly
+more), and only the rest of the prompt is computed. Every chat prompt
 starts with the same template and system turn, and a conversation's next turn starts with the
 previous one, so most of a prompt is usually there already (``prefix_cache=False`` turns this off;
 ``benchmarks/prefix_cache.py`` measures both).
@@ -52,6 +53,9 @@ LICENSE = "Apache-2.0"
 
 
 _GGML_LOG_LEVEL_ERROR = 4
+# A copy between slots moves a whole slot's KV buffers (~24 MB at 1,024 tokens per slot here, a few
+# ms), about what computing a dozen prompt tokens costs: below that, computing them is no slower.
+_WORTH_COPYING = 16
 
 
 def _llama() -> Any:
@@ -279,7 +283,7 @@ class LocalModel:
                 if item is None:
                     closing = True
                     break
-                self._admit(item, free_slots)
+                self._admit(item, free_slots, running)
                 # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out
                 # of order into several micro-batches (each a full pass over the weights), which
                 # made a 16-sequence step ~1.8x slower.
@@ -291,19 +295,28 @@ class LocalModel:
             self._step(running, free_slots)
         self._drain_pending()
 
-    def _admit(self, seq: _Sequence, free_slots: set[int]) -> None:
+    def _admit(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
         """Put ``seq`` in the free slot whose cache shares most of its prompt (the lowest on a tie),
-        keep that much of the cache and drop the rest. The last prompt token is always computed:
-        its logits give the first output token."""
-        usable = len(seq.prompt) - 1
+        keep that much of the cache and drop the rest. If a running request's slot holds clearly
+        more of it (a burst of requests with one system turn finds a single warm slot), that slot's
+        cache is copied over instead. The last prompt token is always computed: its logits give the
+        first output token."""
+        llama, usable = self._llama, len(seq.prompt) - 1
         shared = {slot: _shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots}
         seq.slot = max(free_slots, key=lambda slot: (shared[slot], -slot))
         free_slots.remove(seq.slot)
-        seq.fed = seq.pos = seq.cached = shared[seq.slot]
-        self._llama.llama_memory_seq_rm(self._memory, seq.slot, seq.fed, -1)
+        found = shared[seq.slot]
+        if self._prefix_cache and running:
+            held = {other.slot: _shared_prefix(_content(other), seq.prompt, usable) for other in running}
+            donor = max(held, key=held.__getitem__)
+            if held[donor] >= found + _WORTH_COPYING:
+                llama.llama_memory_seq_cp(self._memory, donor, seq.slot, -1, -1)
+                found = held[donor]
+        seq.fed = seq.pos = seq.cached = found
+        llama.llama_memory_seq_rm(self._memory, seq.slot, found, -1)
         self._cached[seq.slot] = []  # until the request ends, the slot's cache is its own
-        PROMPT_TOKENS.inc(seq.fed, source="cached")
-        PROMPT_TOKENS.inc(len(seq.prompt) - seq.fed, source="computed")
+        PROMPT_TOKENS.inc(found, source="cached")
+        PROMPT_TOKENS.inc(len(seq.prompt) - found, source="computed")
 
     def _drain_pending(self) -> None:
         with contextlib.suppress(queue.Empty):
@@ -396,14 +409,17 @@ class LocalModel:
     def _finish(
         self, seq: _Sequence, reason: FinishReason, running: list[_Sequence], free_slots: set[int]
     ) -> None:
-        # What the slot's KV cache now holds, positions 0.. in order, for the next request to reuse.
-        whole = seq.fed == len(seq.prompt)
         if self._prefix_cache:
-            self._cached[seq.slot] = seq.prompt[: seq.fed] + seq.generated if whole else seq.prompt[: seq.fed]
+            self._cached[seq.slot] = _content(seq)
         running.remove(seq)
         free_slots.add(seq.slot)
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.produced, cached_tokens=seq.cached)
         seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason, usage=usage))
+
+
+def _content(seq: _Sequence) -> list[int]:
+    """The tokens whose KV ``seq``'s slot holds, positions 0.. in order."""
+    return seq.prompt[: seq.fed] + seq.generated if seq.fed == len(seq.prompt) else seq.prompt[: seq.fed]
 
 
 def _shared_prefix(cached: list[int], prompt: list[int], limit: int) -> int:
