@@ -115,6 +115,24 @@ async def test_requests_arriving_together_copy_a_running_slots_cache_and_answer_
         assert (await run(model, [ask(i)]))[f"r{i}"] == together[f"r{i}"]
 
 
+async def test_a_burst_with_a_system_turn_never_seen_reads_it_once(model: LocalModel) -> None:
+    system = (
+        "system",
+        "You are a ship's navigator. Answer sailors' questions about stars and tides in one calm "
+        "sentence, and never guess at the weather.",
+    )
+    questions = ["Which star points north?", "When is high tide?", "What is a knot?"]
+    burst = [
+        GenerationRequest(id=f"r{i}", prompt="", max_tokens=16, messages=(system, ("user", q)))
+        for i, q in enumerate(questions)
+    ]
+    cached = PROMPT_TOKENS.value(source="cached")
+    answers = await run(model, burst)
+    # The first reads the system turn; the others wait for it and copy its cache.
+    assert PROMPT_TOKENS.value(source="cached") - cached >= 2 * model.count_tokens(system[1])
+    assert all(text.strip() and finish for text, finish in answers.values())
+
+
 async def test_max_tokens_is_honoured(model: LocalModel) -> None:
     text, finish = (await run(model, [request(0, "Write a long story about a river.", max_tokens=5)]))["r0"]
     assert finish == "length"

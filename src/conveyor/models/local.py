@@ -262,18 +262,29 @@ class LocalModel:
 
     def _engine(self) -> None:
         running: list[_Sequence] = []
+        waiting: list[_Sequence] = []
         try:
-            self._serve(running)
+            self._serve(running, waiting)
         except BaseException as exc:  # wake every waiter, who then raises the failure
             self._failure = exc
-            for seq in running:
+            for seq in running + waiting:
                 seq.emit(Token(seq.request.id, "", "cancelled"))
             self._drain_pending()
 
-    def _serve(self, running: list[_Sequence]) -> None:
+    def _serve(self, running: list[_Sequence], waiting: list[_Sequence]) -> None:
+        """Steps until closed and done. ``waiting``: requests held back while a running request
+        reads the beginning of the prompt they share, to copy it then rather than compute it again
+        (a burst with one new system turn reads it once, not once per slot)."""
         free_slots = set(range(self._slots))
         closing = False
-        while not closing or running:
+        while not closing or running or waiting:
+            for held in list(waiting):
+                if held.request.cancelled.is_set():
+                    waiting.remove(held)
+                    held.emit(Token(held.request.id, "", "cancelled"))
+                elif free_slots and not self._should_wait(held, free_slots, running):
+                    waiting.remove(held)
+                    self._start(held, free_slots, running)
             # Admit new requests into free slots, waiting only when there is nothing to run.
             while free_slots and not closing:
                 try:
@@ -283,17 +294,37 @@ class LocalModel:
                 if item is None:
                     closing = True
                     break
-                self._admit(item, free_slots, running)
-                # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out
-                # of order into several micro-batches (each a full pass over the weights), which
-                # made a 16-sequence step ~1.8x slower.
-                bisect.insort(running, item, key=lambda seq: seq.slot)
+                if self._should_wait(item, free_slots, running):
+                    waiting.append(item)
+                else:
+                    self._start(item, free_slots, running)
             for seq in [s for s in running if s.request.cancelled.is_set()]:
                 self._finish(seq, "cancelled", running, free_slots)
             if not running:
                 continue
             self._step(running, free_slots)
         self._drain_pending()
+
+    def _start(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
+        self._admit(seq, free_slots, running)
+        # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out of order
+        # into several micro-batches (each a full pass over the weights), which made a 16-sequence
+        # step ~1.8x slower.
+        bisect.insort(running, seq, key=lambda other: other.slot)
+
+    def _should_wait(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> bool:
+        """Whether a running request is still reading a prompt start that ``seq`` shares, clearly
+        longer than any free slot holds."""
+        if not self._prefix_cache:
+            return False
+        usable = len(seq.prompt) - 1
+        found = max(_shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots)
+        for other in running:
+            if other.fed < len(other.prompt):
+                common = _shared_prefix(other.prompt, seq.prompt, usable)
+                if common >= found + _WORTH_COPYING and other.fed < common:
+                    return True
+        return False
 
     def _admit(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
         """Put ``seq`` in the free slot whose cache shares most of its prompt (the lowest on a tie),
@@ -422,9 +453,14 @@ def _content(seq: _Sequence) -> list[int]:
     return seq.prompt[: seq.fed] + seq.generated if seq.fed == len(seq.prompt) else seq.prompt[: seq.fed]
 
 
-def _shared_prefix(cached: list[int], prompt: list[int], limit: int) -> int:
-    n = min(len(cached), limit)
-    for i in range(n):
-        if cached[i] != prompt[i]:
-            return i
-    return n
+def _shared_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many tokens ``a`` and ``b`` share from the start, at most ``limit``: a binary search
+    over slice comparisons, which run in C (it runs for every slot at every admission)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    while lo < hi:  # a[:lo] == b[:lo], and no match is longer than hi
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
