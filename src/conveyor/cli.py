@@ -43,6 +43,17 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--upstream-url", help="--model openai: the server's base URL, e.g. http://host:8080/v1"
     )
     parser.add_argument("--upstream-model", help="--model openai: the model name on that server")
+    parser.add_argument(
+        "--model-slots", type=int, help="--model local: requests generated at once (default 16)"
+    )
+    parser.add_argument(
+        "--model-context", type=int, help="--model local: tokens per request, prompt + output (default 1024)"
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="--model local: compute every prompt whole instead of reusing a slot's cached prompt start",
+    )
     parser.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
     parser.add_argument(
         "--batch-max-wait", type=float, help="generate: seconds a batch waits to fill (default 0: never)"
@@ -86,6 +97,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         token_delay=base.model.token_delay if args.model_token_delay is None else args.model_token_delay,
         upstream_url=args.upstream_url or base.model.upstream_url,
         upstream_model=args.upstream_model or base.model.upstream_model,
+        slots=args.model_slots or base.model.slots,
+        context=args.model_context or base.model.context,
+        prefix_cache=base.model.prefix_cache and not args.no_prefix_cache,
         batch_max_size=args.batch_max_size or base.model.batch_max_size,
         batch_max_wait=base.model.batch_max_wait if args.batch_max_wait is None else args.batch_max_wait,
         batch_target_latency=args.batch_target_latency or base.model.batch_target_latency,

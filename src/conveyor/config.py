@@ -25,6 +25,11 @@ class ModelSettings:
     token_delay: float = 0.0
     upstream_url: str = ""  # --model openai: the server's /v1 base URL
     upstream_model: str = ""  # --model openai: the model name the server knows
+    # --model local: requests generated at once, tokens per request (prompt + output), and whether
+    # a freed slot's KV cache serves the next request with the same prompt start.
+    slots: int = 16
+    context: int = 1024
+    prefix_cache: bool = True
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -80,6 +85,9 @@ class Settings:
             token_delay=float(get("MODEL_TOKEN_DELAY") or base.model.token_delay),
             upstream_url=get("UPSTREAM_URL") or "",
             upstream_model=get("UPSTREAM_MODEL") or "",
+            slots=int(get("MODEL_SLOTS") or base.model.slots),
+            context=int(get("MODEL_CONTEXT") or base.model.context),
+            prefix_cache=_flag(get("PREFIX_CACHE"), base.model.prefix_cache),
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -121,6 +129,9 @@ class Settings:
             "CONVEYOR_MODEL_TOKEN_DELAY": repr(self.model.token_delay),
             "CONVEYOR_UPSTREAM_URL": self.model.upstream_url,
             "CONVEYOR_UPSTREAM_MODEL": self.model.upstream_model,
+            "CONVEYOR_MODEL_SLOTS": str(self.model.slots),
+            "CONVEYOR_MODEL_CONTEXT": str(self.model.context),
+            "CONVEYOR_PREFIX_CACHE": "true" if self.model.prefix_cache else "false",
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -161,6 +172,9 @@ NAMES = frozenset(
         "MODEL_TOKEN_DELAY",
         "UPSTREAM_URL",
         "UPSTREAM_MODEL",
+        "MODEL_SLOTS",
+        "MODEL_CONTEXT",
+        "PREFIX_CACHE",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",
@@ -183,6 +197,16 @@ def _read_config(path: Path) -> dict[str, str]:
     return {
         f"CONVEYOR_{k.upper()}": "\n".join(v) if isinstance(v, list) else str(v) for k, v in table.items()
     }
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _phrases(value: str) -> tuple[str, ...]:

@@ -60,7 +60,13 @@ def build_model(settings: Settings) -> ModelBackend:
     if settings.model.backend == "local":
         from conveyor.models.local import LocalModel  # needs the "local" extra
 
-        return LocalModel(cache_dir=settings.data_dir / "models")
+        local = settings.model
+        return LocalModel(
+            cache_dir=settings.data_dir / "models",
+            slots=local.slots,
+            context_per_slot=local.context,
+            prefix_cache=local.prefix_cache,
+        )
     if settings.model.backend == "openai":
         from conveyor.models.openai_compat import OpenAICompatModel
 

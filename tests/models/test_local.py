@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +168,13 @@ async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_uncha
     # The freed slot serves the next request at once.
     again = await asyncio.wait_for(run(model, [request(9, prompts[1], max_tokens=40)]), 30)
     assert again["r9"] == solo[1]
+
+
+def test_an_engine_sized_outside_its_limits_is_refused_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs 1-256 slots and at least 64 tokens"):
+        LocalModel(cache_dir=tmp_path, slots=0)
+    with pytest.raises(ValueError, match="got 4 slots and 16 tokens"):
+        LocalModel(cache_dir=tmp_path, slots=4, context_per_slot=16)
 
 
 async def test_a_prompt_longer_than_the_context_fails_alone_and_for_good(model: LocalModel) -> None:

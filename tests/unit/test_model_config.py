@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
+from conveyor.cli import _server_options, _settings
 from conveyor.config import ModelSettings, Settings
 from conveyor.events import Topic, new_event
 from conveyor.models.simulated import SimulatedModel
@@ -37,9 +42,26 @@ def test_model_settings_survive_the_trip_to_a_worker_process() -> None:
             batch_max_size=4,
             batch_max_wait=0.02,
             batch_target_latency=0.5,
+            slots=4,
+            context=512,
+            prefix_cache=False,
         )
     )
     assert Settings.from_env(settings.to_env()).model == settings.model
+
+
+def test_the_local_engine_is_sized_by_flags_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_MODEL_SLOTS", "8")
+    monkeypatch.setenv("CONVEYOR_MODEL_CONTEXT", "2048")
+    parser = argparse.ArgumentParser()
+    _server_options(parser)
+    from_env = _settings(parser.parse_args([])).model
+    assert (from_env.slots, from_env.context, from_env.prefix_cache) == (8, 2048, True)
+    flags = _settings(parser.parse_args(["--model-slots", "4", "--no-prefix-cache"])).model
+    assert (flags.slots, flags.context, flags.prefix_cache) == (4, 2048, False)
+    monkeypatch.setenv("CONVEYOR_PREFIX_CACHE", "maybe")
+    with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
+        Settings.from_env()
 
 
 async def test_every_event_the_model_produced_carries_its_name_version_and_license() -> None:

@@ -56,6 +56,7 @@ _GGML_LOG_LEVEL_ERROR = 4
 # A copy between slots moves a whole slot's KV buffers (~24 MB at 1,024 tokens per slot here, a few
 # ms), about what computing a dozen prompt tokens costs: below that, computing them is no slower.
 _WORTH_COPYING = 16
+_MAX_SLOTS = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ)
 
 
 def _llama() -> Any:
@@ -144,6 +145,11 @@ class LocalModel:
         threads: int = 2,
         prefix_cache: bool = True,
     ) -> None:
+        if not 1 <= slots <= _MAX_SLOTS or context_per_slot < 64:
+            raise ValueError(
+                f"the local model needs 1-{_MAX_SLOTS} slots and at least 64 tokens of context per "
+                f"request; got {slots} slots and {context_per_slot} tokens"
+            )
         self._llama = llama = _llama()
         source = model_path or shipped_gguf()
         path = quantized(source, cache_dir) if requantize else source
