@@ -43,16 +43,11 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
         "--upstream-url", help="--model openai: the server's base URL, e.g. http://host:8080/v1"
     )
     parser.add_argument("--upstream-model", help="--model openai: the model name on that server")
-    parser.add_argument(
-        "--model-slots", type=int, help="--model local: requests generated at once (default 16)"
-    )
-    parser.add_argument(
-        "--model-context", type=int, help="--model local: tokens per request, prompt + output (default 1024)"
-    )
-    parser.add_argument(
-        "--no-prefix-cache",
-        action="store_true",
-        help="--model local: compute every prompt whole instead of reusing a slot's cached prompt start",
+    local = parser.add_argument_group("the local model (--model local)")
+    local.add_argument("--model-slots", type=int, help="requests generated at once (default 16)")
+    local.add_argument("--model-context", type=int, help="tokens per request, prompt + output (default 1024)")
+    local.add_argument(
+        "--no-prefix-cache", action="store_true", help="compute every prompt whole, never from a slot's cache"
     )
     parser.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
     parser.add_argument(
