@@ -243,6 +243,20 @@ def celery_chain(system: str) -> Iterator[UnderTest]:
             server.stop()
 
 
+async def settled(client: aiohttp.ClientSession, limit: float = 120.0) -> None:
+    """Returns once a lone request is answered within a second: what earlier steps left queued
+    (requests their clients gave up on stay in a broker queue) is done, and the next step starts
+    from an idle system."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with contextlib.suppress(aiohttp.ClientError, RuntimeError):
+            await over_http(client, 0)
+            if time.monotonic() - started < 1.0:
+                return
+    raise RuntimeError(f"still busy {limit} s after the step")
+
+
 async def until_served(client: aiohttp.ClientSession, limit: float = 60.0) -> None:
     """Returns once a request goes all the way through (a prefork pool starts after its banner)."""
     deadline = time.monotonic() + limit
@@ -283,6 +297,7 @@ async def main(rates: list[float | None], seconds: float, systems: list[str]) ->
                 await until_served(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
                 for rate in rates:
+                    await settled(client)
                     count = int((rate or 2_000) * seconds)
                     before = under_test.cpu()
                     result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
