@@ -134,6 +134,23 @@ async def test_a_burst_with_a_system_turn_never_seen_reads_it_once(model: LocalM
     assert all(text.strip() and finish for text, finish in answers.values())
 
 
+async def test_a_request_cancelled_while_it_waits_for_a_shared_prompt_start_ends_at_once(
+    model: LocalModel,
+) -> None:
+    rules = " ".join(f"Rule {i}: answer in plain words and keep to the point." for i in range(30))
+    system = ("system", f"You are a careful librarian. {rules}")
+
+    def ask(i: int, question: str) -> GenerationRequest:
+        return GenerationRequest(id=f"r{i}", prompt="", max_tokens=8, messages=(system, ("user", question)))
+
+    reader, waiter = ask(0, "Where are the maps?"), ask(1, "Where are the novels?")
+    waiter.cancelled.set()  # it arrives while the first still reads the long system turn
+    answers = await asyncio.wait_for(run(model, [reader, waiter]), 60)
+    assert answers["r1"] == ("", "cancelled")
+    assert answers["r0"][1] in ("stop", "length")
+    assert answers["r0"][0].strip()
+
+
 async def test_max_tokens_is_honoured(model: LocalModel) -> None:
     text, finish = (await run(model, [request(0, "Write a long story about a river.", max_tokens=5)]))["r0"]
     assert finish == "length"
