@@ -13,9 +13,9 @@ sequence or cancellation, which therefore takes effect within one step.
 
 A freed slot keeps its KV cache: a new request goes to the free slot whose cached tokens share the
 longest prefix with its prompt (or gets a copy of a running request's cache when that holds clearly
-more), and only the rest of the prompt is computed. Every chat prompt
-starts with the same template and system turn, and a conversation's next turn starts with the
-previous one, so most of a prompt is usually there already (``prefix_cache=False`` turns this off;
+more), and only the rest of the prompt is computed. Chat prompts of one application start with the
+same template and system turn, and a conversation's next turn starts with the previous one, so
+much of a prompt is often there already (``prefix_cache=False`` turns this off;
 ``benchmarks/prefix_cache.py`` measures both).
 """
 
@@ -119,7 +119,7 @@ class _Sequence:
     rng: Any
     fed: int = 0  # prompt tokens in the slot's KV cache so far
     cached: int = 0  # of those, found there from an earlier request
-    generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens decoded since
+    generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens fed back in
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
