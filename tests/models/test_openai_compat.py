@@ -15,7 +15,7 @@ from conveyor.embedded import free_port, terminate
 from conveyor.errors import PermanentError, UnavailableError
 from conveyor.models.base import GenerationRequest
 from conveyor.models.local import shipped_gguf
-from conveyor.models.openai_compat import OpenAICompatModel
+from conveyor.models.openai_compat import OpenAICompatModel, _usage
 from conveyor.models.simulated import SimulatedModel
 from conveyor.testing import UpProcess
 from tests.conftest import NodeFactory
@@ -122,6 +122,16 @@ async def test_the_servers_own_token_counts_are_passed_on(node: NodeFactory) -> 
     assert tokens[-1].usage is not None
     assert tokens[-1].usage.completion_tokens == len(expected)  # the server's count, not the chunks'
     assert tokens[-1].usage.prompt_tokens > 0
+
+
+def test_malformed_upstream_counts_are_ignored_not_fatal() -> None:
+    counts = {"prompt_tokens": 12, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 8}}
+    usage = _usage(counts)
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (12, 5, 8)
+    assert _usage({"prompt_tokens": "many"}) is None
+    assert _usage(["not", "an", "object"]) is None
+    assert _usage({"prompt_tokens_details": "none"}) is None
 
 
 async def test_an_unreachable_server_is_retryable() -> None:

@@ -9,15 +9,19 @@ with the upstream's own message. A cancelled request closes its stream, so the s
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 import orjson
+from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason, Usage
+
+logger = logging.getLogger("conveyor.models.openai_compat")
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
@@ -124,13 +128,19 @@ class OpenAICompatModel:
         await self._client.aclose()
 
 
-def _usage(counts: dict[str, Any]) -> Usage:
-    details = counts.get("prompt_tokens_details") or {}
-    return Usage(
-        prompt_tokens=counts.get("prompt_tokens") or 0,
-        completion_tokens=counts.get("completion_tokens") or 0,
-        cached_tokens=details.get("cached_tokens") or 0,
-    )
+def _usage(counts: Any) -> Usage | None:
+    """The server's counts; None (the stage counts instead) if they are not what OpenAI sends:
+    a generation is not failed for its bookkeeping."""
+    try:
+        details = counts.get("prompt_tokens_details") or {}
+        return Usage(
+            prompt_tokens=counts.get("prompt_tokens") or 0,
+            completion_tokens=counts.get("completion_tokens") or 0,
+            cached_tokens=details.get("cached_tokens") or 0,
+        )
+    except (AttributeError, ValidationError) as exc:
+        logger.warning("ignoring the upstream's malformed usage %.200r: %s", counts, exc)
+        return None
 
 
 def _classify(response: httpx.Response) -> Exception:
