@@ -244,30 +244,20 @@ def celery_chain(system: str) -> Iterator[UnderTest]:
 
 
 async def settled(client: aiohttp.ClientSession, limit: float = 120.0) -> None:
-    """Returns once a lone request is answered within a second: what earlier steps left queued
-    (requests their clients gave up on stay in a broker queue) is done, and the next step starts
-    from an idle system."""
+    """Returns once a lone request is answered within a second: the system is up (a prefork pool
+    starts after its banner) and what earlier steps left queued (requests their clients gave up on
+    stay in a broker queue) is done, so the next step starts from an idle system."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         started = time.monotonic()
-        with contextlib.suppress(aiohttp.ClientError, RuntimeError):
-            await over_http(client, 0)
-            if time.monotonic() - started < 1.0:
-                return
-    raise RuntimeError(f"still busy {limit} s after the step")
-
-
-async def until_served(client: aiohttp.ClientSession, limit: float = 60.0) -> None:
-    """Returns once a request goes all the way through (a prefork pool starts after its banner)."""
-    deadline = time.monotonic() + limit
-    while True:
         try:
             await over_http(client, 0)
-            return
         except (aiohttp.ClientError, RuntimeError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # not up yet, or the probe was cut short: try again
+            continue
+        if time.monotonic() - started < 1.0:
+            return
+    raise RuntimeError(f"not settled within {limit} s")
 
 
 def label(system: str) -> str:
@@ -294,7 +284,7 @@ async def main(rates: list[float | None], seconds: float, systems: list[str]) ->
                 under_test = stack.enter_context(conveyor_up(system, Path(tmp) / "data"))
             connector = aiohttp.TCPConnector(limit=512)
             async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
-                await until_served(client)
+                await settled(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
                 for rate in rates:
                     await settled(client)

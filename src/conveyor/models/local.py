@@ -318,32 +318,36 @@ class LocalModel:
         # step ~1.8x slower.
         bisect.insort(running, seq, key=lambda other: other.slot)
 
+    def _best_free(self, seq: _Sequence, free_slots: set[int]) -> tuple[int, int]:
+        """The free slot whose cache shares most of ``seq``'s prompt (the lowest on a tie), and how
+        much. The last prompt token never counts: its logits give the first output token."""
+        usable = len(seq.prompt) - 1
+        shared = {slot: _shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots}
+        slot = max(free_slots, key=lambda s: (shared[s], -s))
+        return slot, shared[slot]
+
     def _should_wait(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> bool:
         """Whether a running request is still reading a prompt start that ``seq`` shares, clearly
         longer than any free slot holds."""
         if not self._prefix_cache:
             return False
-        usable = len(seq.prompt) - 1
-        found = max(_shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots)
+        _, found = self._best_free(seq, free_slots)
         for other in running:
             if other.fed < len(other.prompt):
-                common = _shared_prefix(other.prompt, seq.prompt, usable)
+                common = _shared_prefix(other.prompt, seq.prompt, len(seq.prompt) - 1)
                 if common >= found + _WORTH_COPYING and other.fed < common:
                     return True
         return False
 
     def _admit(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
-        """Put ``seq`` in the free slot whose cache shares most of its prompt (the lowest on a tie),
-        keep that much of the cache and drop the rest. If a running request's slot holds clearly
-        more of it (a burst of requests with one system turn finds a single warm slot), that slot's
-        cache is copied over instead. The last prompt token is always computed: its logits give the
-        first output token."""
-        llama, usable = self._llama, len(seq.prompt) - 1
-        shared = {slot: _shared_prefix(self._cached[slot], seq.prompt, usable) for slot in free_slots}
-        seq.slot = max(free_slots, key=lambda slot: (shared[slot], -slot))
+        """Put ``seq`` in the best free slot (``_best_free``), keep what its cache shares and drop the
+        rest. If a running request's slot holds clearly more of the prompt (a burst of requests with
+        one system turn finds a single warm slot), that slot's cache is copied over instead."""
+        llama = self._llama
+        seq.slot, found = self._best_free(seq, free_slots)
         free_slots.remove(seq.slot)
-        found = shared[seq.slot]
         if self._prefix_cache and running:
+            usable = len(seq.prompt) - 1
             held = {other.slot: _shared_prefix(_content(other), seq.prompt, usable) for other in running}
             donor = max(held, key=held.__getitem__)
             if held[donor] >= found + _WORTH_COPYING:
