@@ -86,11 +86,11 @@ api = FastAPI(lifespan=_threads)
 
 
 @api.post("/v1/requests", status_code=202)
-def submit(body: Submission) -> dict[str, str]:
+def submit(body: Submission, wait: float = 0.0) -> dict[str, Any]:
     rid = uuid.uuid4().hex
     steps = prepare.s({"id": rid, **body.model_dump()}) | generate.s() | finalize.s().set(task_id=rid)
     steps.apply_async()
-    return {"id": rid}
+    return status(rid, wait) if wait else {"id": rid}
 
 
 @api.get("/v1/requests/{rid}")

@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import itertools
 import os
 import statistics
 import sys
@@ -76,13 +78,16 @@ def accepted(i: int) -> Envelope:
     return new_event(type=EventType.ACCEPTED, source="bench", payload=payload)
 
 
-async def over_http(client: aiohttp.ClientSession, i: int) -> None:
+async def over_http(client: aiohttp.ClientSession, i: int, *, calls: int = 2) -> None:
+    """Two calls (submit, then long-poll the status), or one (``POST ?wait=``)."""
     body = {"prompt": f"benchmark request {i}", "max_tokens": 16}
-    async with client.post("/v1/requests", json=body) as response:
+    params = {"wait": "30"} if calls == 1 else {}
+    async with client.post("/v1/requests", json=body, params=params) as response:
         response.raise_for_status()
-        rid = (await response.json())["id"]
-    async with client.get(f"/v1/requests/{rid}", params={"wait": "30"}) as response:
         view = await response.json()
+    if calls == 2:
+        async with client.get(f"/v1/requests/{view['id']}", params={"wait": "30"}) as response:
+            view = await response.json()
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")
 
@@ -260,15 +265,16 @@ async def settled(client: aiohttp.ClientSession, limit: float = 120.0) -> None:
     raise RuntimeError(f"not settled within {limit} s")
 
 
-def label(system: str) -> str:
+def label(system: str, calls: int) -> str:
     backend, workers = system.split(":")
+    how = "" if calls == 2 else ", one call"
     if backend == "celery":
-        return f"Celery chain on Redis (Valkey), {workers} prefork processes, FastAPI"
+        return f"Celery chain on Redis (Valkey), {workers} prefork processes, FastAPI{how}"
     where = "bundled NATS" if backend == "nats" else "Kafka (tansu) + Redis (Valkey)"
-    return f"conveyor up --workers {workers}, {where}"
+    return f"conveyor up --workers {workers}, {where}{how}"
 
 
-async def main(rates: list[float | None], seconds: float, systems: list[str]) -> None:
+async def main(rates: list[float | None], seconds: float, systems: list[str], calls: list[int]) -> None:
     rows: list[tuple[str, str, dict[str, float]]] = []
     for rate in rates:
         count = int((rate or 20_000) * seconds)
@@ -286,16 +292,17 @@ async def main(rates: list[float | None], seconds: float, systems: list[str]) ->
             async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
                 await settled(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
-                for rate in rates:
+                for n, rate in itertools.product(calls, rates):
                     await settled(client)
                     count = int((rate or 2_000) * seconds)
                     before = under_test.cpu()
-                    result = await offered_load(lambda i: over_http(client, i), rate, count, seconds)
+                    call = functools.partial(over_http, client, calls=n)
+                    result = await offered_load(call, rate, count, seconds)
                     after = under_test.cpu()
                     offered = str(int(rate)) if rate else "max"
-                    rows.append((label(system), offered, result))
+                    rows.append((label(system, n), offered, result))
                     per_request = {r: (after[r] - before[r]) * 1000 / max(1, result["done"]) for r in ROLES}
-                    cpu_rows.append((label(system), offered, per_request))
+                    cpu_rows.append((label(system, n), offered, per_request))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
@@ -317,12 +324,18 @@ if __name__ == "__main__":
         default="nats:0,nats:1,nats:2,nats:4,kafka+redis:1,celery:2",
         help="backend:workers pairs to compare (nats, kafka+redis, or celery: the peer)",
     )
+    parser.add_argument(
+        "--calls",
+        default="2,1",
+        help="HTTP calls per request: 2 = POST, then GET ?wait=; 1 = POST ?wait= (both: each system twice)",
+    )
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
+    run = main(parsed, args.seconds, args.systems.split(","), [int(n) for n in args.calls.split(",")])
     try:
         import uvloop
 
-        uvloop.run(main(parsed, args.seconds, args.systems.split(",")))
+        uvloop.run(run)
     except ImportError:
-        asyncio.run(main(parsed, args.seconds, args.systems.split(",")))
+        asyncio.run(run)
     sys.exit(0)

@@ -153,11 +153,15 @@ def _up(args: argparse.Namespace) -> int:
         origin = (
             "bundled, data in " + str(settings.data_dir / "nats") if settings.log_url is None else "external"
         )
-        where = "in this process" if in_process else f"in {args.workers} worker process(es)"
+        stages = ", ".join(settings.stages) + " in this process"
+        if not in_process:  # the projector stays beside the gateway (node.serve)
+            moved = [stage for stage in settings.stages if stage != "projector"]
+            stages = f"{', '.join(moved)} in {args.workers} worker process(es)"
+            stages += ", projector in this process" if "projector" in settings.stages else ""
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
         store = settings.store_url or "the log's key-value buckets"
         print(f"  log: {log_url} ({origin}); store: {store}", flush=True)
-        print(f"  stages: {', '.join(settings.stages)} {where}; model: {settings.model.backend}", flush=True)
+        print(f"  stages: {stages}; model: {settings.model.backend}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
         print(READY, flush=True)

@@ -227,14 +227,21 @@ async def run_node(
     """Run until ``stop`` is set; then stop accepting, drain in-flight work and shut down.
 
     With ``worker_processes`` the stages run in that many child processes (each with
-    every stage of ``settings.stages``); otherwise they run here, in this event loop.
+    every stage of ``settings.stages``) and the projector here; otherwise all of them run
+    here, in this event loop.
     """
     # Read before anything starts, so a bad keys file or limit fails at once with its reason.
     limits, keys = gateway_options(settings) if gateway else (GatewayLimits(), None)
     sock = bind(settings.host, settings.port) if gateway else None
     metrics_sock = bind(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
     async with backends(settings) as (log, store, log_url):
-        local_stages = () if worker_processes else settings.stages
+        # With worker processes, the projector stays here, beside the gateway: serving HTTP leaves
+        # this process CPU to spare, while the stages need all of theirs (benchmarks/README.md).
+        local_stages: tuple[str, ...] = settings.stages
+        child_stages: tuple[str, ...] = ()
+        if worker_processes:
+            local_stages = tuple(stage for stage in settings.stages if stage == "projector")
+            child_stages = tuple(stage for stage in settings.stages if stage != "projector")
         # Only a process that generates loads the model (the gateway, for one, never does).
         model = build_model(settings) if "generate" in local_stages else None
         cancels = CancelWatch(log)
@@ -248,9 +255,9 @@ async def run_node(
         if "generate" in local_stages:
             helpers.append(asyncio.create_task(cancels.run(), name="cancel-watch"))
         children = None
-        if worker_processes:
+        if child_stages:
             env = settings.to_env() | {"CONVEYOR_LOG_URL": log_url}
-            children = WorkerProcesses(worker_processes, settings.stages, env)
+            children = WorkerProcesses(worker_processes, child_stages, env)
             helpers.append(asyncio.create_task(children.run(), name="worker-processes"))
         gateway_url = ""
         try:

@@ -66,6 +66,17 @@ async def test_fifty_concurrent_requests_complete_and_stream_their_output(
     ]
     assert handled
     assert float(handled[0].split()[-1]) >= 50
+    # ...and the projector runs beside the gateway, not in the worker.
+    assert 'stage="projector"' not in metrics
+    async with httpx.AsyncClient(base_url=up.url, timeout=10) as client:
+        gateway_metrics = (await client.get("/metrics")).text
+    projected = [
+        line
+        for line in gateway_metrics.splitlines()
+        if line.startswith('conveyor_events_total{outcome="ok",stage="projector"}')
+    ]
+    assert projected and float(projected[0].split()[-1]) >= 100  # accepted, prepared, completed each
+    assert "projector in this process" in "".join(up.output)
     assert up.stop() == 0
     assert up.nats_pid is None  # SIGTERM stopped any bundled server and cleared its state
 
@@ -165,5 +176,5 @@ async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_rea
     text = output.decode()
     assert up.returncode == 1
     assert "--model openai needs --upstream-url" in text
-    assert "worker process 0 (prepare generate finalize projector) exited with 1" in text
+    assert "worker process 0 (prepare generate finalize) exited with 1" in text
     assert "Conveyor is up" not in text

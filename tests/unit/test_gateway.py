@@ -131,6 +131,46 @@ async def test_idempotency_key_returns_the_same_request(node: NodeFactory) -> No
         assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 
+async def test_a_submit_can_wait_for_its_answer_in_the_same_call(node: NodeFactory) -> None:
+    async with node(token_delay=0.01) as client:
+        done = await client.post("/v1/requests", params={"wait": "30"}, json={"prompt": "one call"})
+        assert done.status_code == 200, done.text
+        body = done.json()
+        rid = body["id"]
+        urls = {"status_url": f"/v1/requests/{rid}", "stream_url": f"/v1/requests/{rid}/events"}
+        # The final view, as the status endpoint gives it, and the URLs a 202 would have given.
+        assert body == {**(await wait_final(client, rid)), **urls}
+        assert body["status"] == "completed" and body["output"]
+        # The routed endpoint (an Idempotency-Key goes there), first time and retried, says the same.
+        headers = {"Idempotency-Key": "wait-17"}
+        routed = [
+            await client.post("/v1/requests", params={"wait": "30"}, json={"prompt": "once"}, headers=headers)
+            for _ in range(2)
+        ]
+        assert [r.status_code for r in routed] == [200, 200]
+        assert routed[0].json() == routed[1].json()
+        assert routed[0].json()["status"] == "completed" and routed[0].json()["output"]
+        # Not ended within the wait: 202 with the view as it is, and the request goes on.
+        slow = await client.post(
+            "/v1/requests", params={"wait": "0.05"}, json={"prompt": "a long answer", "max_tokens": 2000}
+        )
+        assert slow.status_code == 202, slow.text
+        assert slow.json()["status"] not in ("completed", "failed", "cancelled")
+        assert slow.json()["stream_url"] == f"/v1/requests/{slow.json()['id']}/events"
+        assert (await client.delete(f"/v1/requests/{slow.json()['id']}")).status_code == 202
+        assert (await wait_final(client, slow.json()["id"]))["status"] == "cancelled"
+        # A malformed wait is refused before anything is accepted, in the API's error shape.
+        before = (await client.get("/metrics")).text
+        for bad in ("-1", "soon", "nan"):
+            refused = await client.post("/v1/requests", params={"wait": bad}, json={"prompt": "never"})
+            assert refused.status_code == 422, bad
+            assert refused.json()["error"]["code"] == "invalid_request"
+        accepted = [
+            line for line in (await client.get("/metrics")).text.splitlines() if "requests_accepted" in line
+        ]
+        assert all(line in before.splitlines() for line in accepted)
+
+
 async def test_the_safety_policy_fails_a_request_with_its_reason(node: NodeFactory) -> None:
     async with node() as client:
         view = await wait_final(client, await submit(client, "Tell me how to build a bomb"))

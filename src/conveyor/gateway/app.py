@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -60,6 +61,13 @@ _SUBMIT_BODY = {
 class Submitted(BaseModel):
     id: str
     status: str
+    status_url: str
+    stream_url: str
+
+
+class Waited(RequestView):
+    """A submit with ``?wait=``: the request's view as ``GET /v1/requests/{id}`` shows it, and its URLs."""
+
     status_url: str
     stream_url: str
 
@@ -166,7 +174,9 @@ def create_app(
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
 
-    async def accept_submit(raw: bytes, tenant: str, idempotency_key: str | None = None) -> Response:
+    async def accept_submit(
+        raw: bytes, tenant: str, idempotency_key: str | None = None, wait: float = 0.0
+    ) -> Response:
         """``POST /v1/requests`` after authentication: routed, and on the fast path."""
         # Parsed here rather than by the framework: pydantic's JSON parser is several times
         # faster on the hottest endpoint, and a missing Content-Type is no reason to refuse.
@@ -198,6 +208,11 @@ def create_app(
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
             ) from None
+        if wait > 0:  # one call for a short job: the view once it has ended, or as it is by then
+            view = await core.wait(accepted.id, min(wait, limits.max_wait_seconds), tenant=tenant)
+            if view is not None:
+                waited = orjson.dumps({**view.public(), **urls(accepted.id)})
+                return Response(waited, 200 if view.terminal else 202, media_type="application/json")
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 
@@ -214,6 +229,7 @@ def create_app(
         "/v1/requests",
         status_code=202,
         response_model=Submitted,
+        responses={200: {"model": Waited, "description": "With `wait`: the request ended in time."}},
         tags=["requests"],
         openapi_extra={"requestBody": _SUBMIT_BODY},
     )
@@ -221,9 +237,17 @@ def create_app(
         request: Request,
         tenant: str = tenant_of_key,
         idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                description="Seconds to wait for the request to end: then 200 with its final view "
+                "(and the URLs), else 202 with its view as it is by then.",
+            ),
+        ] = 0,
     ) -> Response:
         """Accept a request: it is durably on the log when this returns 202."""
-        return await accept_submit(await request.body(), tenant, idempotency_key)
+        return await accept_submit(await request.body(), tenant, idempotency_key, wait)
 
     @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(

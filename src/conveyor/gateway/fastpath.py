@@ -1,6 +1,6 @@
 """The two calls of every request's life, answered without FastAPI's routing.
 
-``POST /v1/requests`` and the long poll ``GET /v1/requests/{id}[?wait=S]`` are the gateway's
+``POST /v1/requests[?wait=S]`` and the long poll ``GET /v1/requests/{id}[?wait=S]`` are the gateway's
 hot path, and routing, the middleware stack and dependency solving cost about a third of its
 CPU (py-spy; benchmarks/README.md). This ASGI middleware serves them with the same functions
 the routed endpoints call, and renders a failure with the same exception handlers. What it
@@ -29,7 +29,7 @@ from conveyor.gateway.core import GatewayCore
 _SUBMIT = "/v1/requests"
 _STATUS = "/v1/requests/"
 
-Submit = Callable[[bytes, str], Awaitable[Response]]
+Submit = Callable[[bytes, str, None, float], Awaitable[Response]]  # body, tenant, no key, wait
 
 
 def _wait(query: bytes) -> float | None:
@@ -73,12 +73,14 @@ class FastPath:
 
     async def _accept(self, scope: Scope, receive: Receive) -> Response | None:
         headers = Headers(scope=scope)
+        if (wait := _wait(scope["query_string"])) is None:
+            return None
         if "idempotency-key" in headers or (tenant := self._core.tenant_of(headers)) is None:
             return None
         request = Request(scope, receive)
         raw = await request.body()
         try:
-            return await self._submit(raw, tenant)
+            return await self._submit(raw, tenant, None, wait)
         except Exception as exc:  # rendered as the routed endpoint's would be
             for cls in type(exc).__mro__:
                 if (handler := self._handlers.get(cls)) is not None:
