@@ -8,8 +8,8 @@ proxy or a CloudEvents SDK can route and read events without knowing our schemas
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -144,8 +144,17 @@ class Envelope:
             raise InvalidEventError(f"malformed event header: {exc}") from exc
 
 
+_second: tuple[int, str] = (0, "")  # the last whole second formatted, and its text
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC now, e.g. ``2026-11-27T07:49:16.848573Z``. Every event is stamped: the date and time
+    of day are formatted once per second, not per call."""
+    global _second
+    whole, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{micros:06d}Z"
 
 
 def encode_payload(payload: BaseModel) -> bytes:

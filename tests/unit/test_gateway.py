@@ -140,7 +140,8 @@ async def test_a_submit_can_wait_for_its_answer_in_the_same_call(node: NodeFacto
         urls = {"status_url": f"/v1/requests/{rid}", "stream_url": f"/v1/requests/{rid}/events"}
         # The final view, as the status endpoint gives it, and the URLs a 202 would have given.
         assert body == {**(await wait_final(client, rid)), **urls}
-        assert body["status"] == "completed" and body["output"]
+        assert body["status"] == "completed"
+        assert body["output"]
         # The routed endpoint (an Idempotency-Key goes there), first time and retried, says the same.
         headers = {"Idempotency-Key": "wait-17"}
         routed = [
@@ -149,7 +150,8 @@ async def test_a_submit_can_wait_for_its_answer_in_the_same_call(node: NodeFacto
         ]
         assert [r.status_code for r in routed] == [200, 200]
         assert routed[0].json() == routed[1].json()
-        assert routed[0].json()["status"] == "completed" and routed[0].json()["output"]
+        assert routed[0].json()["status"] == "completed"
+        assert routed[0].json()["output"]
         # Not ended within the wait: 202 with the view as it is, and the request goes on.
         slow = await client.post(
             "/v1/requests", params={"wait": "0.05"}, json={"prompt": "a long answer", "max_tokens": 2000}

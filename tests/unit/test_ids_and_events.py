@@ -3,11 +3,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from conveyor.errors import InvalidEventError
-from conveyor.events import Envelope, new_event
+from conveyor.events import Envelope, new_event, now_rfc3339
 from conveyor.ids import derive_id, id_time_ms, new_id
 from conveyor.payloads import RequestAccepted
 
@@ -30,6 +31,19 @@ def test_derived_ids_are_deterministic_distinct_per_label_and_keep_the_parent_ti
     assert derive_id(parent, "prepare") != derive_id(parent, "generate")
     assert derive_id(parent, "prepare") != derive_id(new_id(), "prepare")
     assert id_time_ms(derive_id(parent, "x")) == id_time_ms(parent)
+
+
+def test_event_times_are_rfc3339_utc_with_microseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = datetime.now(UTC)
+    assert before <= datetime.fromisoformat(now_rfc3339()) <= datetime.now(UTC)
+    # The date and time of day are kept per second: across a boundary they must move on.
+    clock = iter([1_764_201_599_999_999_000, 1_764_201_600_000_001_000, 1_764_201_600_500_000_000])
+    monkeypatch.setattr(time, "time_ns", lambda: next(clock))
+    assert [now_rfc3339() for _ in range(3)] == [
+        "2025-11-26T23:59:59.999999Z",
+        "2025-11-27T00:00:00.000001Z",
+        "2025-11-27T00:00:00.500000Z",
+    ]
 
 
 def test_envelope_round_trips_through_headers() -> None:

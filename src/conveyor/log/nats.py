@@ -187,7 +187,7 @@ class NatsEventLog(JetStreamBackend):
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
-                position = msg.metadata.sequence.stream
+                position = _delivered(msg.reply)[1]
                 yield Tailed(position, Envelope.from_headers(msg.headers, msg.data))
                 if end is not None and position >= end:
                     return
@@ -312,7 +312,7 @@ class _PullConsumer:
         return out
 
     def _delivery(self, msg: Msg) -> Delivery:
-        meta = msg.metadata
+        attempt, position = _delivered(msg.reply)
 
         async def nak(delay: float) -> None:
             await msg.nak(delay=delay or None)
@@ -321,8 +321,8 @@ class _PullConsumer:
             topic=self._topic,
             headers=dict(msg.headers or {}),
             body=msg.data,
-            attempt=meta.num_delivered,
-            position=meta.sequence.stream,
+            attempt=attempt,
+            position=position,
             _ack=msg.ack,
             _nak=nak,
             _progress=msg.in_progress,
@@ -337,3 +337,12 @@ class _PullConsumer:
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak()
         self._buffer.clear()
+
+
+def _delivered(reply: str) -> tuple[int, int]:
+    """(times delivered, stream position) from a delivery's ack subject,
+    ``$JS.ACK[.<domain>.<account hash>].<stream>.<consumer>.<delivered>.<stream seq>...``:
+    read directly, as nats-py's ``Msg.metadata`` builds datetimes and dataclasses per message."""
+    tokens = reply.split(".")
+    first = 4 if len(tokens) == 9 else 6
+    return int(tokens[first]), int(tokens[first + 1])
