@@ -20,103 +20,119 @@ from conveyor.errors import ConveyorError
 from conveyor.log.base import EventLog
 
 
-def _server_options(parser: argparse.ArgumentParser) -> None:
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    """Where the log and the store are: every command that talks to them."""
     parser.add_argument(
         "--config", type=Path, help="a TOML file of settings (names as the CONVEYOR_* variables, lower case)"
     )
-    parser.add_argument("--host", help="gateway address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="gateway port (default 8000; 0 picks a free one)")
     parser.add_argument(
         "--data-dir", type=Path, help="where the bundled broker keeps its data (default .conveyor)"
     )
     parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
-    parser.add_argument(
+
+
+def _gateway_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the gateway")
+    group.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="gateway port (default 8000; 0 picks a free one)")
+    group.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="require API keys, one key=tenant[,rate=R,burst=B] line each (default: open)",
+    )
+    group.add_argument("--rate-limit", type=float, help="submits per second per tenant (default: no limit)")
+    group.add_argument(
+        "--rate-burst", type=float, help="submits a tenant may make at once (default: max(1, R))"
+    )
+    group.add_argument(
+        "--max-backlog",
+        type=int,
+        help="answer submits 503 while prepare has more than this many requests to take in",
+    )
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("the model")
+    group.add_argument(
         "--model", help="local (default, SmolLM2 on the CPU), openai (an upstream server), simulated"
     )
-    parser.add_argument("--model-name", help="the model's id in the API and on its events (default: its own)")
-    parser.add_argument("--model-version", help="the version recorded on every event the model produced")
-    parser.add_argument("--model-license", help="the license recorded on every event the model produced")
-    parser.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
-    parser.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
-    parser.add_argument(
+    group.add_argument("--model-name", help="the model's id in the API and on its events (default: its own)")
+    group.add_argument("--model-version", help="the version recorded on every event the model produced")
+    group.add_argument("--model-license", help="the license recorded on every event the model produced")
+    group.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
+    group.add_argument("--model-token-delay", type=float, help="simulated model: seconds per token")
+    group.add_argument(
         "--upstream-url", help="--model openai: the server's base URL, e.g. http://host:8080/v1"
     )
-    parser.add_argument("--upstream-model", help="--model openai: the model name on that server")
+    group.add_argument("--upstream-model", help="--model openai: the model name on that server")
     local = parser.add_argument_group("the local model (--model local)")
     local.add_argument("--model-slots", type=int, help="requests generated at once (default 16)")
     local.add_argument("--model-context", type=int, help="tokens per request, prompt + output (default 1024)")
     local.add_argument(
         "--no-prefix-cache", action="store_true", help="compute every prompt whole, never from a slot's cache"
     )
-    parser.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
-    parser.add_argument(
+
+
+def _stage_options(parser: argparse.ArgumentParser, *, generate: bool = True) -> None:
+    group = parser.add_argument_group("the stages")
+    group.add_argument(
+        "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
+    )
+    if not generate:
+        return
+    group.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
+    group.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
+    group.add_argument(
         "--batch-max-wait", type=float, help="generate: seconds a batch waits to fill (default 0: never)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--batch-target-latency",
         type=float,
         help="generate: adapt the batch size to keep a batch's time under this many seconds",
     )
-    parser.add_argument(
-        "--ack-wait", type=float, help="seconds before a silent worker's events are redelivered"
-    )
-    parser.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
-    parser.add_argument(
-        "--api-keys-file",
-        type=Path,
-        help="gateway: require API keys, one key=tenant[,rate=R,burst=B] line each (default: open)",
-    )
-    parser.add_argument(
-        "--rate-limit", type=float, help="gateway: submits per second per tenant (default: no limit)"
-    )
-    parser.add_argument(
-        "--rate-burst", type=float, help="gateway: submits a tenant may make at once (default: max(1, R))"
-    )
-    parser.add_argument(
-        "--max-backlog",
-        type=int,
-        help="gateway: answer submits 503 while prepare has more than this many requests to take in",
-    )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    base = Settings.load(args.config)
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings file and environment, with the command's flags over them (a command that
+    has no such flag leaves its setting as it is)."""
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    base = Settings.load(flags.get("config"))
     model = dataclasses.replace(
         base.model,
-        backend=args.model or base.model.backend,
-        name=args.model_name or base.model.name,
-        version=args.model_version or base.model.version,
-        license=args.model_license or base.model.license,
-        ttft=base.model.ttft if args.model_ttft is None else args.model_ttft,
-        token_delay=base.model.token_delay if args.model_token_delay is None else args.model_token_delay,
-        upstream_url=args.upstream_url or base.model.upstream_url,
-        upstream_model=args.upstream_model or base.model.upstream_model,
-        slots=args.model_slots or base.model.slots,
-        context=args.model_context or base.model.context,
-        prefix_cache=base.model.prefix_cache and not args.no_prefix_cache,
-        batch_max_size=args.batch_max_size or base.model.batch_max_size,
-        batch_max_wait=base.model.batch_max_wait if args.batch_max_wait is None else args.batch_max_wait,
-        batch_target_latency=args.batch_target_latency or base.model.batch_target_latency,
+        backend=flags.get("model") or base.model.backend,
+        name=flags.get("model_name") or base.model.name,
+        version=flags.get("model_version") or base.model.version,
+        license=flags.get("model_license") or base.model.license,
+        ttft=flags.get("model_ttft", base.model.ttft),
+        token_delay=flags.get("model_token_delay", base.model.token_delay),
+        upstream_url=flags.get("upstream_url") or base.model.upstream_url,
+        upstream_model=flags.get("upstream_model") or base.model.upstream_model,
+        slots=flags.get("model_slots") or base.model.slots,
+        context=flags.get("model_context") or base.model.context,
+        prefix_cache=base.model.prefix_cache and not flags.get("no_prefix_cache"),
+        batch_max_size=flags.get("batch_max_size") or base.model.batch_max_size,
+        batch_max_wait=flags.get("batch_max_wait", base.model.batch_max_wait),
+        batch_target_latency=flags.get("batch_target_latency") or base.model.batch_target_latency,
     )
     blocklist = base.blocklist
-    if args.blocklist_file:
-        lines = args.blocklist_file.read_text().splitlines()
+    if "blocklist_file" in flags:
+        lines = flags["blocklist_file"].read_text().splitlines()
         blocklist = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
     return dataclasses.replace(
         base,
-        host=args.host or base.host,
-        port=base.port if args.port is None else args.port,
-        data_dir=args.data_dir or base.data_dir,
-        log_url=args.log_url or base.log_url,
-        store_url=args.store_url or base.store_url,
-        ack_wait=args.ack_wait or base.ack_wait,
+        host=flags.get("host") or base.host,
+        port=flags.get("port", base.port),
+        data_dir=flags.get("data_dir") or base.data_dir,
+        log_url=flags.get("log_url") or base.log_url,
+        store_url=flags.get("store_url") or base.store_url,
+        ack_wait=flags.get("ack_wait") or base.ack_wait,
         model=model,
         blocklist=blocklist,
-        api_keys_file=args.api_keys_file or base.api_keys_file,
-        rate_limit=base.rate_limit if args.rate_limit is None else args.rate_limit,
-        rate_burst=base.rate_burst if args.rate_burst is None else args.rate_burst,
-        max_backlog=base.max_backlog if args.max_backlog is None else args.max_backlog,
+        api_keys_file=flags.get("api_keys_file") or base.api_keys_file,
+        rate_limit=flags.get("rate_limit", base.rate_limit),
+        rate_burst=flags.get("rate_burst", base.rate_burst),
+        max_backlog=flags.get("max_backlog", base.max_backlog),
     )
 
 
@@ -146,7 +162,7 @@ def _serve(
 
 
 def _up(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     in_process = args.workers == 0 or (settings.log_url or "").startswith("memory:")
 
     def ready(gateway_url: str, log_url: str, metrics_urls: list[str]) -> None:
@@ -178,7 +194,7 @@ def _worker(args: argparse.Namespace) -> int:
     from conveyor.supervisor import die_with_parent
 
     die_with_parent()
-    settings = _settings(args)
+    settings = settings_from(args)
     settings = dataclasses.replace(
         settings,
         stages=tuple(args.stages),
@@ -199,7 +215,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    settings = dataclasses.replace(_settings(args), stages=())
+    settings = dataclasses.replace(settings_from(args), stages=())
     if settings.log_url is None:
         print(
             "error: the gateway needs --log-url (or CONVEYOR_LOG_URL) naming the event log", file=sys.stderr
@@ -257,7 +273,7 @@ def _on_running_log(args: argparse.Namespace, action: Callable[[EventLog], Await
     from conveyor.backends import open_log
     from conveyor.embedded import running_url
 
-    settings = _settings(args)
+    settings = settings_from(args)
     url = settings.log_url or running_url(settings.data_dir / "nats")
     if url is None:
         print(f"error: no running conveyor up uses {settings.data_dir}; pass --log-url", file=sys.stderr)
@@ -344,11 +360,19 @@ def _run(coro: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+def command_line() -> argparse.ArgumentParser:
+    """Every command, each with the options it uses."""
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole pipeline with one command, on the bundled broker")
-    _server_options(up)
+    for options in (_connection_options, _gateway_options, _model_options, _stage_options):
+        options(up)
     up.add_argument(
         "--workers",
         type=int,
@@ -360,16 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     worker = commands.add_parser("worker", help="run pipeline stages against an existing log")
     worker.add_argument("stages", nargs="+", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
     worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port")
-    _server_options(worker)
+    for options in (_connection_options, _model_options, _stage_options):
+        options(worker)
     worker.set_defaults(func=_worker)
 
     projector = commands.add_parser("projector", help="run the projector (the status view) on its own")
     projector.add_argument("--metrics-port", type=int, help="serve this process's /metrics on this port")
-    _server_options(projector)
+    _connection_options(projector)
+    _stage_options(projector, generate=False)
     projector.set_defaults(func=_worker, stages=["projector"])
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway against an existing log")
-    _server_options(gateway)
+    for options in (_connection_options, _gateway_options, _model_options):  # the model: for /v1/models
+        options(gateway)
     gateway.set_defaults(func=_gateway)
 
     submit = commands.add_parser("submit", help="submit a prompt and print the output as it streams")
@@ -385,12 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     submit.set_defaults(func=_submit)
 
     dlq = commands.add_parser("dlq", help="list dead-lettered events with their errors")
-    _server_options(dlq)
+    _connection_options(dlq)
     dlq.add_argument("--json", action="store_true", help="one JSON object per line, with the original event")
     dlq.set_defaults(func=_dlq)
 
     lag = commands.add_parser("lag", help="how far each stage is behind on each topic")
-    _server_options(lag)
+    _connection_options(lag)
     lag.set_defaults(func=_lag)
 
     cluster = commands.add_parser("cluster", help="run a NATS JetStream cluster on loopback ports")
@@ -403,6 +430,4 @@ def main(argv: list[str] | None = None) -> int:
     schemas = commands.add_parser("schemas", help="print the JSON Schema of every event payload")
     schemas.set_defaults(func=_schemas)
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    return parser

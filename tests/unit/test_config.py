@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.cli import command_line, settings_from
 from conveyor.config import NAMES, ModelSettings, Settings
 from conveyor.gateway.ratelimit import Rate
 from conveyor.node import gateway_options
@@ -87,3 +88,31 @@ def test_the_gateway_settings_come_from_the_environment_and_bad_ones_stop_the_st
     ]:
         with pytest.raises(ValueError, match=error):
             gateway_options(dataclasses.replace(settings, **wrong))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("command", "foreign"),
+    [
+        (["lag"], ["--model", "local"]),
+        (["dlq"], ["--port", "9000"]),
+        (["projector"], ["--model-slots", "4"]),
+        (["worker", "generate"], ["--api-keys-file", "keys.txt"]),
+    ],
+)
+def test_each_command_takes_only_the_options_it_uses(
+    command: list[str], foreign: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = command_line()
+    where = ["--data-dir", "/srv/conveyor", "--log-url", "nats://127.0.0.1:4333"]
+    settings = settings_from(parser.parse_args([*command, *where]))
+    assert (settings.data_dir, settings.log_url) == (Path("/srv/conveyor"), "nats://127.0.0.1:4333")
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, *foreign])
+    assert f"unrecognized arguments: {' '.join(foreign)}" in capsys.readouterr().err
+
+
+def test_conveyor_up_takes_every_option() -> None:
+    args = ["up", "--port", "9000", "--model", "simulated", "--model-slots", "4", "--ack-wait", "3"]
+    settings = settings_from(command_line().parse_args([*args, "--max-backlog", "7"]))
+    assert (settings.port, settings.model.backend, settings.model.slots) == (9000, "simulated", 4)
+    assert (settings.ack_wait, settings.max_backlog) == (3.0, 7)

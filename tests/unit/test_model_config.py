@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from conveyor.cli import _server_options, _settings
+from conveyor.cli import command_line, settings_from
 from conveyor.config import ModelSettings, Settings
 from conveyor.events import Topic, new_event
 from conveyor.models.simulated import SimulatedModel
@@ -53,11 +51,10 @@ def test_model_settings_survive_the_trip_to_a_worker_process() -> None:
 def test_the_local_engine_is_sized_by_flags_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVEYOR_MODEL_SLOTS", "8")
     monkeypatch.setenv("CONVEYOR_MODEL_CONTEXT", "2048")
-    parser = argparse.ArgumentParser()
-    _server_options(parser)
-    from_env = _settings(parser.parse_args([])).model
+    parser = command_line()
+    from_env = settings_from(parser.parse_args(["up"])).model
     assert (from_env.slots, from_env.context, from_env.prefix_cache) == (8, 2048, True)
-    flags = _settings(parser.parse_args(["--model-slots", "4", "--no-prefix-cache"])).model
+    flags = settings_from(parser.parse_args(["up", "--model-slots", "4", "--no-prefix-cache"])).model
     assert (flags.slots, flags.context, flags.prefix_cache) == (4, 2048, False)
     monkeypatch.setenv("CONVEYOR_PREFIX_CACHE", "maybe")
     with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):

@@ -18,7 +18,8 @@ from conveyor.embedded import STATE_FILE, terminate
 
 
 class UpProcess:
-    """Starts ``conveyor up --port 0`` (or another ``command``) and learns its URLs from its banner."""
+    """Starts ``conveyor up --port 0`` (or another ``command``: the port is given to those that
+    serve HTTP) and learns its URLs from its banner."""
 
     def __init__(
         self, data_dir: Path, *args: str, command: str = "up", env: Mapping[str, str] | None = None
@@ -39,8 +40,8 @@ class UpProcess:
                 "-m",
                 "conveyor",
                 self.command,
-                "--port",
-                "0",
+                # a free port for whatever serves HTTP
+                *(("--port", "0") if self.command in ("up", "gateway") else ()),
                 "--data-dir",
                 str(self.data_dir),
                 *self.args,
