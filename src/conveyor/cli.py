@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -146,12 +147,18 @@ def _serve(
     """Run a node until SIGINT/SIGTERM, then drain; a clear message if it cannot start."""
     from conveyor.node import run_node
 
+    def ready(gateway_url: str, log_url: str, metrics_urls: list[str]) -> None:
+        # What start-up made (modules, schemas, the app) lives as long as the process: out of
+        # the collector's full passes, which stalled every request in flight for 30-80 ms.
+        gc.freeze()
+        on_ready(gateway_url, log_url, metrics_urls)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_node(settings, stop, gateway=gateway, worker_processes=worker_processes, on_ready=on_ready)
+        await run_node(settings, stop, gateway=gateway, worker_processes=worker_processes, on_ready=ready)
 
     try:
         _run(main())

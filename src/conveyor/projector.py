@@ -3,7 +3,7 @@
 It runs as a stage whose lane is the request id, so one request's events are folded
 one at a time; the store write is a compare-and-set, so a second projector, the
 gateway's initial write or a replay can run beside it and nothing is lost.
-A small cache of (view, revision) saves the read before each write.
+A small cache of (view, revision) of the requests under way saves the read before each write.
 
 A request's intermediate statuses (accepted, prepared, generating) are held up to
 ``LINGER`` seconds for the events that follow, and a terminal one is written at once:
@@ -72,9 +72,13 @@ class Projector:
                 result = (view, revision)
                 break
             cached = None  # someone else wrote it: read again and refold
-        self._cache[rid] = result
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        # Only requests still under way: a final view sees no more events but a rare late one
+        # (which reads it again), and a cache of thousands of views makes the garbage
+        # collector's full passes take tens of milliseconds.
+        if not result[0].terminal:
+            self._cache[rid] = result
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return result[0]
 
     @staticmethod

@@ -296,3 +296,18 @@ async def test_the_status_fast_path_answers_exactly_as_the_routed_endpoint(node:
             refused = await client.get(f"/v1/requests/{rid}", params=bad)
             assert refused.status_code == 422, bad  # the route's validation, in the API's error shape
             assert refused.json()["error"]["code"] == "invalid_request"
+
+
+async def test_an_accepted_request_is_known_before_the_projector_has_written_its_view() -> None:
+    log, store = MemoryEventLog(), MemoryStateStore()  # no projector runs: no view is ever written
+    here, elsewhere = GatewayCore(log, store), GatewayCore(log, store)
+    accepted = await here.accept(RequestAccepted(prompt="early"), tenant="acme")
+    # The gateway that took it knows it at once; another one (or this one after a restart)
+    # finds it on the log.
+    for core in (here, elsewhere):
+        view = await core.view(accepted.id, tenant="acme")
+        assert view is not None
+        assert (view.id, view.status, view.tenant) == (accepted.id, "accepted", "acme")
+        assert view.stages["gateway"]["accepted_at"]
+        assert await core.view(accepted.id, tenant="globex") is None  # another tenant's is unknown
+    assert await here.view("never-accepted", tenant="acme") is None

@@ -88,8 +88,9 @@ class GatewayCore:
         self.keys, self.limiter, self.admission = keys, limiter, admission
         self.watch = StatusWatch(store)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
-        # has written its view (a few milliseconds later).
-        self._recent: collections.OrderedDict[str, RequestView] = collections.OrderedDict()
+        # has written its view (a few milliseconds later). (tenant, accepted_at) rather than
+        # views: tuples of strings are no work for the garbage collector's full passes.
+        self._recent: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
 
     def tenant_of(self, headers: Mapping[str, str]) -> str | None:
         """The tenant of the request's API key, None if it has no valid one; without configured
@@ -191,8 +192,7 @@ class GatewayCore:
                     return await self._replay(orjson.loads(existing.value), digest, tenant)
         await self.log.publish(Topic.REQUESTS, [event])
         REQUESTS_ACCEPTED.inc()
-        stages = {"gateway": {"accepted_at": event.time}}
-        self._recent[rid] = RequestView(id=rid, tenant=tenant, stages=stages)
+        self._recent[rid] = (tenant, event.time)
         if len(self._recent) > 10_000:
             self._recent.popitem(last=False)
         return Accepted(rid, False, "accepted")
@@ -214,14 +214,14 @@ class GatewayCore:
         return view if view is not None and view.tenant == tenant else None
 
     async def _view(self, rid: str) -> RequestView | None:
-        view = await read_view(self.store, rid) or self._recent.get(rid)
+        view = await read_view(self.store, rid)
         if view is not None:
             return view
+        if (recent := self._recent.get(rid)) is not None:
+            return _accepted(rid, *recent)
         # Accepted (maybe by another gateway, maybe before a restart) but not projected yet?
         accepted = await self.log.find(Topic.REQUESTS, rid)
-        if accepted is None:
-            return None
-        return RequestView(id=rid, tenant=accepted.tenant, stages={"gateway": {"accepted_at": accepted.time}})
+        return None if accepted is None else _accepted(rid, accepted.tenant, accepted.time)
 
     async def wait(self, rid: str, seconds: float, *, tenant: str) -> RequestView | None:
         """The view once the request has ended, or as it is after ``seconds``; None if unknown."""
@@ -242,3 +242,8 @@ class GatewayCore:
             type=EventType.CANCEL, source=SOURCE, payload=CancelRequested(reason=reason), request_id=view.id
         )
         await self.log.publish(Topic.CONTROL, [dataclasses.replace(event, tenant=view.tenant)])
+
+
+def _accepted(rid: str, tenant: str, at: str) -> RequestView:
+    """The view of a request on the log that the projector has not written yet."""
+    return RequestView(id=rid, tenant=tenant, stages={"gateway": {"accepted_at": at}})
