@@ -171,6 +171,11 @@ async def test_a_submit_can_wait_for_its_answer_in_the_same_call(node: NodeFacto
             line for line in (await client.get("/metrics")).text.splitlines() if "requests_accepted" in line
         ]
         assert all(line in before.splitlines() for line in accepted)
+        # /docs tells of both answers.
+        post = (await client.get("/openapi.json")).json()["paths"]["/v1/requests"]["post"]
+        assert "wait" in [parameter["name"] for parameter in post["parameters"]]
+        answers = post["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+        assert {a["$ref"].rsplit("/", 1)[1] for a in answers} == {"Waited", "Submitted"}
 
 
 async def test_the_safety_policy_fails_a_request_with_its_reason(node: NodeFactory) -> None:

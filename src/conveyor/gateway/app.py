@@ -229,7 +229,13 @@ def create_app(
         "/v1/requests",
         status_code=202,
         response_model=Submitted,
-        responses={200: {"model": Waited, "description": "With `wait`: the request ended in time."}},
+        responses={
+            200: {
+                "model": Waited | Submitted,
+                "description": "With `wait`: the request ended in time (its view). A retry with an "
+                "`Idempotency-Key` (without `wait`): the request accepted the first time.",
+            }
+        },
         tags=["requests"],
         openapi_extra={"requestBody": _SUBMIT_BODY},
     )
