@@ -175,7 +175,7 @@ def create_app(
         return view
 
     async def accept_submit(
-        raw: bytes, tenant: str, idempotency_key: str | None = None, wait: float = 0.0
+        raw: bytes, tenant: str, idempotency_key: str | None = None, *, wait: float = 0.0
     ) -> Response:
         """``POST /v1/requests`` after authentication: routed, and on the fast path."""
         # Parsed here rather than by the framework: pydantic's JSON parser is several times
@@ -253,7 +253,7 @@ def create_app(
         ] = 0,
     ) -> Response:
         """Accept a request: it is durably on the log when this returns 202."""
-        return await accept_submit(await request.body(), tenant, idempotency_key, wait)
+        return await accept_submit(await request.body(), tenant, idempotency_key, wait=wait)
 
     @app.get("/v1/requests/{rid}", tags=["requests"], responses={200: {"model": RequestView}})
     async def status(

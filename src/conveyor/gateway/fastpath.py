@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
@@ -29,7 +29,9 @@ from conveyor.gateway.core import GatewayCore
 _SUBMIT = "/v1/requests"
 _STATUS = "/v1/requests/"
 
-Submit = Callable[[bytes, str, None, float], Awaitable[Response]]  # body, tenant, no key, wait
+
+class Submit(Protocol):
+    def __call__(self, raw: bytes, tenant: str, *, wait: float) -> Awaitable[Response]: ...
 
 
 def _wait(query: bytes) -> float | None:
@@ -80,7 +82,7 @@ class FastPath:
         request = Request(scope, receive)
         raw = await request.body()
         try:
-            return await self._submit(raw, tenant, None, wait)
+            return await self._submit(raw, tenant, wait=wait)
         except Exception as exc:  # rendered as the routed endpoint's would be
             for cls in type(exc).__mro__:
                 if (handler := self._handlers.get(cls)) is not None:
