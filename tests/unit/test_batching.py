@@ -17,6 +17,7 @@ from conveyor.payloads import (
     GenerationCompleted,
     RequestAccepted,
     RequestPrepared,
+    TokenChunk,
     decode,
 )
 from conveyor.pipeline import BatchPolicy, Output, RetryPolicy, Stage, StageContext
@@ -285,3 +286,50 @@ async def test_a_request_whose_chunk_cannot_be_published_stops_and_is_retried_al
     finished = [e.request_id for e in harness.published(Topic.GENERATED)]
     assert sorted(finished) == sorted(e.request_id for e in events)  # ...and its retry finished it
     assert Topic.DLQ not in log.topics()
+
+
+class _StreamStalls(MemoryEventLog):
+    """One request's chunks wait for ``release`` (a broker slow to answer that publish);
+    ``others_done`` is set once every other request's [generated] is on the log."""
+
+    def __init__(self, stalled: str, others: set[str]) -> None:
+        super().__init__()
+        self.stalled, self.others = stalled, others
+        self.release, self.others_done = asyncio.Event(), asyncio.Event()
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
+        if topic == Topic.STREAM and events[0].request_id == self.stalled:
+            await self.release.wait()
+        await super().publish(topic, events)
+        done = {e.request_id for e in self.events(Topic.GENERATED)}
+        if self.others <= done:
+            self.others_done.set()
+
+
+async def test_a_chunk_slow_to_publish_holds_up_only_its_own_request() -> None:
+    events = [
+        new_event(type=EventType.PREPARED, source="test", payload=RequestPrepared(prompt=p), key=p)
+        for p in ("alpha", "beta", "gamma")
+    ]
+    stalled = events[0].request_id
+    log = _StreamStalls(stalled, {e.request_id for e in events[1:]})
+    # The first token takes longer than ChunkPolicy.first_delay: each request's leaves alone.
+    model = SimulatedModel(ttft=0.02, token_delay=0.001)
+    stage = generate_stage(model, CancelWatch(log), batching=BatchPolicy(max_size=3, max_wait=0.05))
+    harness = StageHarness(stage, log=log)
+    async with harness.running() as worker:
+        await log.publish(Topic.PREPARED, events)
+        async with asyncio.timeout(10):
+            await log.others_done.wait()  # its batch mates finished while its first chunk hung
+        assert stalled not in {e.request_id for e in harness.published(Topic.GENERATED)}
+        log.release.set()
+        await worker.idle()
+    # Once the broker answers, the stalled request's chunks are on the log in order, whole,
+    # and its [generated] comes after the last of them.
+    chunks = [decode(TokenChunk, e.data) for e in harness.published(Topic.STREAM) if e.request_id == stalled]
+    tokens, _ = model.answer("alpha", 256)
+    assert [c.offset for c in chunks] == sorted(c.offset for c in chunks)
+    assert "".join(c.text for c in chunks) == "".join(tokens)
+    assert chunks[-1].final
+    generated = [e for e in harness.published(Topic.GENERATED) if e.request_id == stalled]
+    assert len(generated) == 1

@@ -120,6 +120,10 @@ class _Stream:
         self._pending = ""
         self._index = self._offset = self._produced = 0
         self._last_flush = time.monotonic()
+        # The chunks handed to the log so far, published one after another in the background:
+        # awaiting each in the batch's token loop made every request of the batch wait for
+        # every other's round trips (and the wait itself then cut more, smaller chunks).
+        self._sent: asyncio.Task[None] | None = None
 
     def _chunk(self, text: str, finish: FinishReason | None = None) -> Envelope:
         payload = TokenChunk(
@@ -130,10 +134,17 @@ class _Stream:
         out = self._ctx.derive(self._source, type=EventType.TOKEN, payload=payload, label=label)
         return dataclasses.replace(out, key=self._event.request_id)  # the stream is read per request
 
-    async def take(self, token: Token) -> Sequence[Output] | None:
-        """Add ``token``; the request's outputs once it is the last one."""
+    @property
+    def sent(self) -> asyncio.Task[None] | None:
+        """Done once every chunk cut so far is on the log (None: none was cut)."""
+        return self._sent
+
+    def take(self, token: Token) -> Sequence[Output] | None:
+        """Add ``token``; the request's outputs once it is the last one (to publish after ``sent``)."""
         if token.error is not None:
             raise token.error
+        if self._sent is not None and self._sent.done():
+            self._sent.result()  # a chunk could not be published: this request fails here
         if token.text:
             self._text.append(token.text)
             self._pending += token.text
@@ -147,24 +158,38 @@ class _Stream:
             or len(self._pending) >= policy.max_chars
             or (self._index == 0 and waited >= policy.first_delay)
         ):
-            await self._flush()
+            self._flush()
         return None
 
-    async def _flush(self) -> None:
-        publish = self._ctx.log.publish(Topic.STREAM, [self._chunk(self._pending)])
+    def _flush(self) -> None:
+        events = [Output(Topic.STREAM, self._chunk(self._pending))]
         if self._index == 0:
             # "generating" is announced with the first streamed chunk, not before: a request
             # answered in one chunk never needs the extra event (it goes straight to completed).
             started = self._ctx.derive(
                 self._source, type=EventType.STARTED, payload=GenerationStarted(worker=WORKER)
             )
-            await asyncio.gather(publish, self._ctx.log.publish(Topic.PROGRESS, [started]))
-        else:
-            await publish
+            events.append(Output(Topic.PROGRESS, started))
+        self._sent = asyncio.create_task(self._publish(self._sent, events))
         self._index += 1
         self._offset += len(self._pending)
         self._pending = ""
         self._last_flush = time.monotonic()
+
+    async def _publish(self, previous: asyncio.Task[None] | None, outputs: Sequence[Output]) -> None:
+        """Publish ``outputs`` once the chunks before them are on the log (the stream's order)."""
+        if previous is not None:
+            await previous
+        await asyncio.gather(*(self._ctx.log.publish(o.topic, [o.event]) for o in outputs))
+
+    def abandon(self) -> None:
+        """Stop publishing chunks of a request whose batch ended without it."""
+        if self._sent is None:
+            return
+        if not self._sent.done():
+            self._sent.cancel()
+        elif not self._sent.cancelled():
+            self._sent.exception()  # its failure was answered already (or is moot): mark it seen
 
     def _finish(self, finish: FinishReason, usage: Usage | None) -> Sequence[Output]:
         if finish == "cancelled" and _past(self._event.deadline):
@@ -208,22 +233,34 @@ def generate_stage(
         try:
             requests = [stream.request for _, stream in streams.values()]
             failed: set[str] = set()
+            # Answered by the model, waiting for their earlier chunks to be on the log: the last
+            # chunk and [generated] must follow them, and the other requests must not wait.
+            held: dict[asyncio.Task[None], tuple[int, Sequence[Output]]] = {}
             async with contextlib.aclosing(model.generate(requests)) as tokens:
                 async for token in tokens:
                     if token.request_id in failed:
                         continue  # already answered with its error; its last tokens drain
                     index, stream = streams[token.request_id]
                     try:
-                        outputs = await stream.take(token)
+                        outputs = stream.take(token)
                     except ConveyorError as exc:  # this request's own failure (the model's, or a publish)
                         failed.add(token.request_id)
                         stream.request.cancelled.set()  # it is retried alone: stop spending on it here
                         yield index, exc
                         continue
-                    if outputs is not None:
+                    if outputs is not None and (sent := stream.sent) is None:
                         yield index, outputs
+                    elif outputs is not None and sent is not None:
+                        held[sent] = (index, outputs)
+                    for sent in [task for task in held if task.done()]:
+                        yield _after(sent, *held.pop(sent))
+            while held:
+                await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+                for sent in [task for task in held if task.done()]:
+                    yield _after(sent, *held.pop(sent))
         finally:
             for _, stream in streams.values():
+                stream.abandon()
                 cancels.detach(stream.request)
                 if stream.deadline is not None:
                     stream.deadline.cancel()
@@ -245,6 +282,18 @@ def generate_stage(
         accepts=frozenset({EventType.PREPARED}),
         timeout=600.0,
     )
+
+
+def _after(
+    sent: asyncio.Task[None], index: int, outputs: Sequence[Output]
+) -> tuple[int, Sequence[Output] | Exception]:
+    """A held request's result once its earlier chunks were published (or failed to be)."""
+    error = sent.exception()
+    if error is None:
+        return index, outputs
+    if isinstance(error, ConveyorError):
+        return index, error  # it is retried alone
+    raise error
 
 
 def _past(deadline: float | None) -> bool:
