@@ -14,7 +14,9 @@ from conveyor.events import Envelope, Topic
 from conveyor.gateway.core import GatewayCore
 from conveyor.models.simulated import SimulatedModel
 from conveyor.payloads import RequestAccepted
+from conveyor.store.base import Entry, Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore
+from conveyor.view import RequestView
 from tests.conftest import NodeFactory
 from tests.helpers import read_sse, streamed_text, submit, wait_final
 
@@ -316,3 +318,47 @@ async def test_an_accepted_request_is_known_before_the_projector_has_written_its
         assert view.stages["gateway"]["accepted_at"]
         assert await core.view(accepted.id, tenant="globex") is None  # another tenant's is unknown
     assert await here.view("never-accepted", tenant="acme") is None
+
+
+class _EndsAtOnce(MemoryEventLog):
+    """Stores a submitted request and, before the publish returns, its final view (a pipeline
+    faster than the gateway's reply) in ``store``, which counts its reads."""
+
+    def __init__(self, store: MemoryStateStore) -> None:
+        super().__init__()
+        self.store = store
+
+    async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
+        await super().publish(topic, events)
+        for event in events:
+            view = RequestView(id=event.request_id, tenant=event.tenant, status="completed", output="done")
+            await self.store.put(Namespace.STATUS, event.request_id, view.model_dump_json().encode())
+
+
+class _CountingStore(MemoryStateStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, ns: Namespace, key: str) -> Entry | None:
+        self.reads += 1
+        return await super().get(ns, key)
+
+
+async def test_a_submit_that_waits_learns_the_end_from_the_watch_without_reading_the_store() -> None:
+    store = _CountingStore()
+    core = GatewayCore(_EndsAtOnce(store), store)
+    watching = asyncio.create_task(core.watch.run())
+    await asyncio.sleep(0)  # one loop pass: the watch task starts and registers with the store
+    try:
+        async with asyncio.timeout(5):
+            accepted = await core.accept(RequestAccepted(prompt="quick"), tenant="acme", wait=30)
+    finally:
+        watching.cancel()
+    assert accepted.view is not None
+    assert (accepted.view.id, accepted.view.status, accepted.view.output) == (
+        accepted.id,
+        "completed",
+        "done",
+    )
+    assert store.reads == 0  # watched before the publish: the end could not slip by unseen

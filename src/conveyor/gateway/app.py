@@ -203,16 +203,16 @@ def create_app(
                 timeout=body.timeout,
                 idempotency_key=idempotency_key,
                 fingerprint=body.model_dump() if idempotency_key else None,
+                # One call for a short job: the view once it has ended, or as it is by then.
+                wait=min(wait, limits.max_wait_seconds),
             )
         except IdempotencyConflict:
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
             ) from None
-        if wait > 0:  # one call for a short job: the view once it has ended, or as it is by then
-            view = await core.wait(accepted.id, min(wait, limits.max_wait_seconds), tenant=tenant)
-            if view is not None:
-                waited = orjson.dumps({**view.public(), **urls(accepted.id)})
-                return Response(waited, 200 if view.terminal else 202, media_type="application/json")
+        if (view := accepted.view) is not None:
+            waited = orjson.dumps({**view.public(), **urls(accepted.id)})
+            return Response(waited, 200 if view.terminal else 202, media_type="application/json")
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -72,6 +73,7 @@ class Accepted:
     id: str
     replayed: bool  # an Idempotency-Key retry: the request was accepted earlier
     status: str
+    view: RequestView | None = None  # with ``wait``: once the request ended, or as it was by then
 
 
 class GatewayCore:
@@ -158,8 +160,10 @@ class GatewayCore:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         fingerprint: Any = None,
+        wait: float = 0.0,
     ) -> Accepted:
-        """Put the request on the log (durably, when this returns); raises Refused if it may not."""
+        """Put the request on the log (durably, when this returns); raises Refused if it may not.
+        With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``)."""
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,
@@ -176,7 +180,7 @@ class GatewayCore:
             # A retry was admitted the first time: it takes no second token, nor a refusal now.
             existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
             if existing is not None:
-                return await self._replay(orjson.loads(existing.value), digest, tenant)
+                return await self._replay(orjson.loads(existing.value), digest, tenant, wait)
         # Before the key is recorded: a refused submit must leave nothing a retry could replay.
         await self._admit(tenant)
         if idem:
@@ -189,15 +193,21 @@ class GatewayCore:
             if await self.store.create(Namespace.IDEMPOTENCY, idem, record) is None:
                 existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
                 if existing is not None:
-                    return await self._replay(orjson.loads(existing.value), digest, tenant)
-        await self.log.publish(Topic.REQUESTS, [event])
-        REQUESTS_ACCEPTED.inc()
-        self._recent[rid] = (tenant, event.time)
-        if len(self._recent) > 10_000:
-            self._recent.popitem(last=False)
-        return Accepted(rid, False, "accepted")
+                    return await self._replay(orjson.loads(existing.value), digest, tenant, wait)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Watched before the event is on the log, so no change can slip by: the waiter starts
+        # from "accepted" without reading the store (where nothing is written yet).
+        with self.watch.subscribe(rid, queue) if wait > 0 else contextlib.nullcontext():
+            await self.log.publish(Topic.REQUESTS, [event])
+            REQUESTS_ACCEPTED.inc()
+            self._recent[rid] = (tenant, event.time)
+            if len(self._recent) > 10_000:
+                self._recent.popitem(last=False)
+            view = _accepted(rid, tenant, event.time)
+            ended = await self._until_ended(rid, queue, view, wait, tenant=tenant) if wait > 0 else None
+        return Accepted(rid, False, "accepted", ended)
 
-    async def _replay(self, previous: dict[str, Any], digest: str, tenant: str) -> Accepted:
+    async def _replay(self, previous: dict[str, Any], digest: str, tenant: str, wait: float) -> Accepted:
         """An Idempotency-Key seen before: the same request, published again unless it is known."""
         if previous["fingerprint"] != digest:
             raise IdempotencyConflict
@@ -205,7 +215,9 @@ class GatewayCore:
         if view is None:  # its publish failed or is in doubt: the same event again (deduplicated)
             event = Envelope.from_headers(previous["headers"], previous["body"].encode())
             await self.log.publish(Topic.REQUESTS, [event])
-        return Accepted(previous["id"], True, view.status if view else "accepted")
+        status = view.status if view else "accepted"
+        ended = await self.wait(previous["id"], wait, tenant=tenant) if wait > 0 else None
+        return Accepted(previous["id"], True, status, ended)
 
     async def view(self, rid: str, *, tenant: str) -> RequestView | None:
         """The request's view; None if it is unknown or another tenant's (which is not told apart,
@@ -225,16 +237,22 @@ class GatewayCore:
 
     async def wait(self, rid: str, seconds: float, *, tenant: str) -> RequestView | None:
         """The view once the request has ended, or as it is after ``seconds``; None if unknown."""
-        deadline = time.monotonic() + seconds
         queue: asyncio.Queue[Any] = asyncio.Queue()
         with self.watch.subscribe(rid, queue):  # before the read, so no change can slip between
             view = await self.view(rid, tenant=tenant)
-            while view is not None and not view.terminal and (left := deadline - time.monotonic()) > 0:
-                try:
-                    async with asyncio.timeout(min(left, 1.0)):
-                        _, view = await queue.get()
-                except TimeoutError:
-                    view = await self.view(rid, tenant=tenant)  # a safety net for a missed notification
+            return await self._until_ended(rid, queue, view, seconds, tenant=tenant)
+
+    async def _until_ended(
+        self, rid: str, queue: asyncio.Queue[Any], view: RequestView | None, seconds: float, *, tenant: str
+    ) -> RequestView | None:
+        """Follow ``view`` through the watch's ``queue`` until it is final or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        while view is not None and not view.terminal and (left := deadline - time.monotonic()) > 0:
+            try:
+                async with asyncio.timeout(min(left, 1.0)):
+                    _, view = await queue.get()
+            except TimeoutError:
+                view = await self.view(rid, tenant=tenant)  # a safety net for a missed notification
         return view
 
     async def cancel(self, view: RequestView, reason: str = "client") -> None:
