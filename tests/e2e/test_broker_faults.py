@@ -183,6 +183,7 @@ async def test_cluster_streams_and_buckets_keep_three_copies_and_survive_a_node(
         assert await store.create(Namespace.USAGE, "before", b"1") is not None
 
         js = nc.jetstream()
+        await acked_on_every_replica(js, log.stream_name("requests"), "workers", upto=5)
         streams = {
             "log": await js.stream_info(log.stream_name("requests")),
             "bucket": await js.stream_info(f"KV_{store.bucket_name(Namespace.USAGE)}"),
@@ -248,6 +249,24 @@ async def test_conveyor_cluster_serves_until_sigterm_then_stops_every_node(tmp_p
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def acked_on_every_replica(
+    js: nats.js.JetStreamContext, stream: str, consumer: str, *, upto: int, within: float = 10
+) -> None:
+    """Until the consumer's acks up to ``upto`` are on every replica. An ack is not confirmed to
+    the client: one still on its way when the leader dies is lost, and at-least-once delivery
+    then rightly delivers the message again, which is not what the test is about."""
+    deadline = time.monotonic() + within
+    while True:
+        info = await js.consumer_info(stream, consumer)
+        replicas = (info.cluster.replicas if info.cluster else None) or []
+        floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+        caught_up = all(r.current and not r.lag for r in replicas)
+        if floor >= upto and not info.num_ack_pending and caught_up:
+            return
+        assert time.monotonic() < deadline, info
+        await asyncio.sleep(0.05)  # a poll of the consumer's state, which sends no event
 
 
 async def retry_unavailable(call: Callable[[], Awaitable[T]], *, within: float = 20) -> T:
