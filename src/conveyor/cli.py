@@ -308,23 +308,44 @@ def _lag(args: argparse.Namespace) -> int:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from conveyor.events import Topic
-    from conveyor.payloads import DeadLetter, decode
+    from conveyor.deadletters import Letter, dead_letters, sent_back
+    from conveyor.errors import InvalidEventError
 
-    async def show(log: EventLog) -> None:
-        async for tailed in log.tail(Topic.DLQ, None, follow=False):
-            letter = decode(DeadLetter, tailed.envelope.data)
-            if args.json:
-                print(
-                    json.dumps({"request_id": tailed.envelope.request_id, **letter.model_dump(mode="json")})
-                )
-            else:
-                print(
-                    f"{tailed.envelope.time}  {letter.stage:<10} {letter.topic:<10} "
-                    f"{tailed.envelope.request_id}  {letter.error}"
-                )
+    redrive: set[str] | None = set(args.redrive) if args.redrive else None
+    unsent: list[str] = []
 
-    return _on_running_log(args, show)
+    def show(item: Letter) -> None:
+        letter, rid = item.letter, item.event.request_id
+        if args.json:
+            print(json.dumps({"request_id": rid, **letter.model_dump(mode="json")}))
+        else:
+            print(f"{item.event.time}  {letter.stage:<10} {letter.topic:<10} {rid}  {letter.error}")
+
+    async def send_back(log: EventLog, item: Letter) -> None:
+        letter, rid = item.letter, item.event.request_id
+        try:
+            event = sent_back(letter)
+        except InvalidEventError as exc:
+            unsent.append(rid)
+            print(f"not sent back: {rid} (dead-lettered by {letter.stage}): {exc}", file=sys.stderr)
+            return
+        await log.publish(letter.topic, [event])
+        print(f"sent back to {letter.stage} on [{letter.topic}]: {rid}")
+
+    async def each(log: EventLog) -> None:
+        found: set[str] = set()
+        async for item in dead_letters(log):
+            if args.redrive_all or (redrive is not None and item.event.request_id in redrive):
+                found.add(item.event.request_id)
+                await send_back(log, item)
+            elif redrive is None:
+                show(item)
+        for rid in sorted((redrive or set()) - found):
+            unsent.append(rid)
+            print(f"not sent back: {rid}: no dead letter of that request", file=sys.stderr)
+
+    code = _on_running_log(args, each)
+    return code or (1 if unsent else 0)
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -418,9 +439,20 @@ def command_line() -> argparse.ArgumentParser:
     )
     submit.set_defaults(func=_submit)
 
-    dlq = commands.add_parser("dlq", help="list dead-lettered events with their errors")
+    dlq = commands.add_parser(
+        "dlq", help="list dead-lettered events with their errors, or send them back once fixed"
+    )
     _connection_options(dlq)
     dlq.add_argument("--json", action="store_true", help="one JSON object per line, with the original event")
+    resend = dlq.add_mutually_exclusive_group()
+    resend.add_argument(
+        "--redrive",
+        nargs="+",
+        metavar="REQUEST_ID",
+        help="send these requests' dead-lettered events back to the stage that gave up on them "
+        "(once the cause is fixed; their deadlines are dropped)",
+    )
+    resend.add_argument("--redrive-all", action="store_true", help="send every dead-lettered event back")
     dlq.set_defaults(func=_dlq)
 
     lag = commands.add_parser("lag", help="how far each stage is behind on each topic")

@@ -56,6 +56,7 @@ class Envelope:
     model_version: str = ""
     model_license: str = ""
     traceparent: str = ""
+    redrive: str = ""  # sent back from the dead-letter topic: only this stage handles it
 
     @property
     def subject(self) -> str:
@@ -108,6 +109,7 @@ class Envelope:
             "ce-modelversion": self.model_version,
             "ce-modellicense": self.model_license,
             "traceparent": self.traceparent,
+            "ce-redrive": self.redrive,
         }
         headers.update({k: v for k, v in optional.items() if v})
         return headers
@@ -139,6 +141,7 @@ class Envelope:
                 model_version=h.get("ce-modelversion", ""),
                 model_license=h.get("ce-modellicense", ""),
                 traceparent=h.get("traceparent", ""),
+                redrive=h.get("ce-redrive", ""),
             )
         except ValueError as exc:
             raise InvalidEventError(f"malformed event header: {exc}") from exc

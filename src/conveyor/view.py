@@ -2,7 +2,8 @@
 
 ``fold`` applies one event to a view. It is idempotent and order-tolerant: status
 only moves forward (accepted < prepared < generating < terminal) and the first
-terminal status wins, so redeliveries and events from different topics arriving
+terminal status wins (but a completion wins over a dead letter: the request was
+sent back and finished), so redeliveries and events from different topics arriving
 in any order converge on the same view.
 """
 
@@ -103,6 +104,10 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
             v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason = completed.finish_reason
             v.model = event.model or v.model
+            if v.status == "failed" and v.error is not None and v.error.code == "dead_lettered":
+                # Redriven from the dead-letter topic and finished after all (in whichever order
+                # the two arrive, the completion stands; the dead letter stays in ``stages``).
+                v.status, v.error = "generating", None
             # Whether a cancel won the race with the last token is the generator's call.
             cancelled = completed.finish_reason in ("cancelled", "deadline")
             _advance(v, "cancelled" if cancelled else "completed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -13,11 +14,11 @@ import httpx
 import pytest
 
 from conveyor.backends import open_store
-from conveyor.events import Topic
+from conveyor.events import Topic, new_event
 from conveyor.log.kafka import KafkaEventLog
 from conveyor.log.nats import NatsEventLog
 from conveyor.models.simulated import SimulatedModel
-from conveyor.payloads import DeadLetter, EventType, RequestPrepared, decode
+from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestPrepared, decode
 from conveyor.store.base import Namespace
 from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
@@ -120,6 +121,17 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         rows = [json.loads(line) for line in stdout.splitlines()]
         assert {(r["stage"], r["topic"]) for r in rows} == expected
         assert {r["original_body"] for r in rows} == {"\\xff\\xfe not json", "{}"}
+        # Garbage cannot be sent back to a stage: said of each letter, and the command fails.
+        redrive = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "conveyor", "dlq", "--redrive-all", *where),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        async with asyncio.timeout(30):
+            sent, refused = await redrive.communicate()
+        assert redrive.returncode == 1
+        assert (sent, refused.decode().count("not sent back")) == (b"", len(expected))
         lag = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "conveyor", "lag", *where),
             stdout=asyncio.subprocess.PIPE,
@@ -153,6 +165,46 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
         assert [p.prompt for p in prepared] == ["email me at [EMAIL] or call [PHONE]"]
     finally:
         await log.close()
+
+
+async def test_a_dead_letter_sent_back_from_the_command_line_goes_to_its_stage_alone(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor().start()
+    log = await NatsEventLog.open(up.log_url)
+    try:
+        # A well-formed event whose payload prepare cannot read (a number for the prompt); the
+        # projector, which reads [requests] too, only needs the envelope and folds it.
+        valid = new_event(type=EventType.ACCEPTED, source="test", payload=RequestAccepted(prompt="x"))
+        await log.publish(Topic.REQUESTS, [dataclasses.replace(valid, data=b'{"prompt": 42}')])
+        letters = []
+        async with asyncio.timeout(30), contextlib.aclosing(log.tail(Topic.DLQ, None)) as dlq:
+            async for tailed in dlq:
+                letters.append(decode(DeadLetter, tailed.envelope.data))
+                if len(letters) == 1:
+                    # Fixed (say), it is sent back with `conveyor dlq --redrive REQUEST_ID`.
+                    redrive = await asyncio.create_subprocess_exec(
+                        *(sys.executable, "-m", "conveyor", "dlq", "--redrive", valid.request_id),
+                        *("--data-dir", str(up.data_dir)),
+                        stdout=asyncio.subprocess.PIPE,
+                    )
+                    sent, _ = await redrive.communicate()
+                    assert redrive.returncode == 0
+                    assert sent.decode() == f"sent back to prepare on [requests]: {valid.request_id}\n"
+                if len(letters) == 2:
+                    break
+        # Not fixed after all: prepare, and prepare alone, gave up on it again, as the copy sent
+        # back (its own id, marked for prepare) that its letter holds.
+        assert [(d.stage, d.topic) for d in letters] == [("prepare", "requests")] * 2
+        first, again = (d.original_headers for d in letters)
+        assert "ce-redrive" not in first
+        assert again["ce-redrive"] == "prepare"
+        assert again["ce-causationid"] == valid.id
+        assert again["ce-subject"] == valid.request_id
+        assert again["ce-id"] != valid.id
+    finally:
+        await log.close()
+    assert up.stop() == 0
 
 
 async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_reason(tmp_path: Path) -> None:

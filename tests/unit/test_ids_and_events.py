@@ -59,6 +59,7 @@ def test_envelope_round_trips_through_headers() -> None:
         model_version="3",
         model_license="MIT",
         traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        redrive="generate",
     )
     headers = event.to_headers()
     assert headers["ce-specversion"] == "1.0"
@@ -84,11 +85,12 @@ def test_a_derived_event_keeps_every_attribute_it_does_not_set() -> None:
     }
     parent = Envelope(**values, data=b"{}", attempt=3, deadline=12.5, priority=7)
     child = parent.derive(type="b", source="s2", payload=RequestAccepted(prompt="y"), label="stage")
-    changed = {"id", "type", "source", "data", "time", "dataschema", "causation_id", "attempt"}
+    changed = {"id", "type", "source", "data", "time", "dataschema", "causation_id", "attempt", "redrive"}
     for field in dataclasses.fields(Envelope):
         if field.name not in changed:
             assert getattr(child, field.name) == getattr(parent, field.name), field.name
     assert child.attempt == 0
+    assert child.redrive == ""  # what a stage makes of an event sent back to it goes to everyone
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import itertools
 from conveyor.events import Envelope, new_event
 from conveyor.payloads import (
     CancelRequested,
+    DeadLetter,
     EventType,
     GenerationCompleted,
     GenerationStarted,
@@ -90,3 +91,16 @@ def test_cancel_before_generation_is_final_and_during_generation_waits_for_the_g
     assert fold_all([ROOT, STARTED, cancel, stopped]).status == "cancelled"
     # The generator finished before it saw the cancel: the request completed.
     assert fold_all([ROOT, STARTED, cancel, COMPLETED]).status == "completed"
+
+
+def test_a_completion_wins_over_a_dead_letter_in_either_order() -> None:
+    # A request dead-lettered at generate, sent back once the model was fixed, and completed.
+    letter = child(EventType.DEAD_LETTER, DeadLetter(stage="generate", topic="prepared", error="model down"))
+    dead = fold_all([ROOT, PREPARED, letter])
+    assert dead.status == "failed"
+    assert dead.error is not None
+    assert dead.error.code == "dead_lettered"
+    for order in itertools.permutations([PREPARED, letter, COMPLETED]):
+        view = fold_all([ROOT, *order])
+        assert (view.status, view.error, view.output) == ("completed", None, "hi"), order
+        assert view.stages["generate"]["dead_lettered_at"] == letter.time  # what happened stays told

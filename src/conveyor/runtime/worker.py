@@ -263,7 +263,8 @@ class StageWorker:
         except InvalidEventError as exc:
             await self._dead_letter(delivery, None, str(exc), [])
             return None
-        if stage.accepts and event.type not in stage.accepts:
+        not_ours = bool(event.redrive) and event.redrive != stage.name  # sent back to another stage
+        if (stage.accepts and event.type not in stage.accepts) or not_ours:
             EVENTS_HANDLED.inc(stage=stage.name, outcome="skipped")
             await delivery.ack()
             return None
