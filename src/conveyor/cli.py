@@ -308,7 +308,7 @@ def _lag(args: argparse.Namespace) -> int:
 
 
 def _dlq(args: argparse.Namespace) -> int:
-    from conveyor.deadletters import Letter, dead_letters, sent_back
+    from conveyor.deadletters import Letter, dead_letters, latest, sent_back
     from conveyor.errors import InvalidEventError
 
     redrive: set[str] | None = set(args.redrive) if args.redrive else None
@@ -333,13 +333,15 @@ def _dlq(args: argparse.Namespace) -> int:
         print(f"sent back to {letter.stage} on [{letter.topic}]: {rid}")
 
     async def each(log: EventLog) -> None:
-        found: set[str] = set()
+        chosen: list[Letter] = []
         async for item in dead_letters(log):
             if args.redrive_all or (redrive is not None and item.event.request_id in redrive):
-                found.add(item.event.request_id)
-                await send_back(log, item)
+                chosen.append(item)
             elif redrive is None:
                 show(item)
+        for item in latest(chosen):
+            await send_back(log, item)
+        found = {item.event.request_id for item in chosen}
         for rid in sorted((redrive or set()) - found):
             unsent.append(rid)
             print(f"not sent back: {rid}: no dead letter of that request", file=sys.stderr)

@@ -10,8 +10,9 @@ it back has decided it should run now. A request that then completes shows as co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Iterable
 
 from conveyor.events import Envelope, Topic
 from conveyor.ids import derive_id
@@ -27,10 +28,23 @@ class Letter:
     letter: DeadLetter
 
 
-async def dead_letters(log: EventLog) -> AsyncIterator[Letter]:
-    """Every dead letter on the log so far, oldest first."""
-    async for tailed in log.tail(Topic.DLQ, None, follow=False):
-        yield Letter(tailed.envelope, decode(DeadLetter, tailed.envelope.data))
+async def dead_letters(log: EventLog, *, follow: bool = False) -> AsyncGenerator[Letter, None]:
+    """Every dead letter on the log so far, oldest first (with ``follow``, then new ones too)."""
+    async with contextlib.aclosing(log.tail(Topic.DLQ, None, follow=follow)) as tailed:
+        async for each in tailed:
+            yield Letter(each.envelope, decode(DeadLetter, each.envelope.data))
+
+
+def latest(letters: Iterable[Letter]) -> list[Letter]:
+    """The last letter of each request and stage, in log order. The earlier ones hold events that
+    were sent back already (the later letter holds the copy that failed again): sending them back
+    too would, once the log's duplicate window has passed, run the stage twice for one request."""
+    last: dict[tuple[str, str], Letter] = {}
+    for item in letters:
+        key = (item.event.request_id, item.letter.stage)
+        last.pop(key, None)  # so the result keeps the order of the latest ones
+        last[key] = item
+    return list(last.values())
 
 
 def sent_back(letter: DeadLetter) -> Envelope:
