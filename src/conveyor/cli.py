@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import gc
 import json
 import logging
@@ -350,6 +351,49 @@ def _dlq(args: argparse.Namespace) -> int:
     return code or (1 if unsent else 0)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from conveyor.node import build_model, build_pipeline
+    from conveyor.replay import Window, history, replay
+    from conveyor.stages import CancelWatch
+
+    settings = settings_from(args)
+    window = Window(since=args.since, until=args.until, tenant=args.tenant, limit=args.limit)
+
+    async def each(log: EventLog) -> None:
+        requests = await history(log, window)
+        model = build_model(settings)
+        statuses: dict[str, int] = {}
+        differ = 0
+        try:
+            pipeline = build_pipeline(settings, model, CancelWatch(log))
+            async with contextlib.aclosing(replay(log, requests, pipeline)) as results:
+                async for result in results:
+                    print(json.dumps(result.to_json()), flush=True)
+                    statuses[result.after.status] = statuses.get(result.after.status, 0) + 1
+                    differ += result.before is None or result.before.get("output") != result.after.output
+        finally:
+            await model.close()
+        ended = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "none"
+        print(
+            f"replayed {len(requests)} requests with {settings.model.backend}: {ended}; "
+            f"{differ} answers differ from the log's",
+            file=sys.stderr,
+        )
+
+    return _on_running_log(args, each)
+
+
+def _instant(text: str) -> datetime.datetime:
+    """An ISO 8601 date or time for --since/--until; UTC unless it says otherwise."""
+    try:
+        at = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=datetime.UTC)
+
+
 def _cluster(args: argparse.Namespace) -> int:
     from conveyor.cluster import NatsCluster
 
@@ -456,6 +500,23 @@ def command_line() -> argparse.ArgumentParser:
     )
     resend.add_argument("--redrive-all", action="store_true", help="send every dead-lettered event back")
     dlq.set_defaults(func=_dlq)
+
+    replayed = commands.add_parser(
+        "replay",
+        help="answer requests from the log's history again, with another model, beside their old "
+        "answers (JSON lines; the running pipeline is not touched)",
+    )
+    _connection_options(replayed)
+    _model_options(replayed)
+    _stage_options(replayed)
+    window = replayed.add_argument_group("which requests")
+    window.add_argument(
+        "--since", type=_instant, help="accepted at or after this ISO 8601 time (UTC by default)"
+    )
+    window.add_argument("--until", type=_instant, help="accepted before this ISO 8601 time")
+    window.add_argument("--tenant", help="only this tenant's requests")
+    window.add_argument("--limit", type=int, help="at most this many (the oldest first)")
+    replayed.set_defaults(func=_replay)
 
     lag = commands.add_parser("lag", help="how far each stage is behind on each topic")
     _connection_options(lag)

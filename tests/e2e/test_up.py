@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -204,6 +205,49 @@ async def test_a_dead_letter_sent_back_from_the_command_line_goes_to_its_stage_a
         assert again["ce-id"] != valid.id
     finally:
         await log.close()
+    assert up.stop() == 0
+
+
+async def test_conveyor_replay_answers_the_history_again_beside_the_old_answers(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor().start()
+    async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
+        rids = [await submit(client, f"replay me {i}", max_tokens=16) for i in range(3)]
+        for rid in rids:
+            assert (await wait_final(client, rid))["status"] == "completed"
+
+    async def replay(*options: str) -> tuple[list[dict[str, Any]], str]:
+        command = ("-m", "conveyor", "replay", "--data-dir", str(up.data_dir), "--model", "simulated")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *command, *options, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode == 0, err
+        return [json.loads(line) for line in out.splitlines()], err.decode()
+
+    lines, summary = await replay("--limit", "2")
+    assert sorted(line["id"] for line in lines) == sorted(rids[:2])  # the oldest two
+    for line in lines:
+        assert line["after"]["status"] == "completed"
+        assert line["before"] == {
+            "status": "completed",
+            "output": line["after"]["output"],
+            "model": "simulated",
+        }
+    assert "replayed 2 requests with simulated: 2 completed; 0 answers differ from the log's" in summary
+    assert await replay("--since", "2999-01-01") == (
+        [],
+        "replayed 0 requests with simulated: none; 0 answers differ from the log's\n",
+    )
+    # The history was only read: the running pipeline's [requests] holds the three requests alone.
+    log = await NatsEventLog.open(up.log_url)
+    try:
+        on_log = [t.envelope.request_id async for t in log.tail(Topic.REQUESTS, None, follow=False)]
+    finally:
+        await log.close()
+    assert on_log == rids
     assert up.stop() == 0
 
 
