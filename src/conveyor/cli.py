@@ -276,6 +276,15 @@ def _submit(args: argparse.Namespace) -> int:
         return 0 if final.get("status") == "completed" else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from conveyor.bench import Load, run
+
+    load = Load(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Load)})
+    outcome = asyncio.run(run(load))
+    print(outcome.report(load.concurrency))
+    return 1 if outcome.errors or not outcome.latency else 0
+
+
 def _on_running_log(args: argparse.Namespace, action: Callable[[EventLog], Awaitable[None]]) -> int:
     """Run ``action`` on the log given by --log-url, or the one of the ``conveyor up`` on the data dir."""
     from conveyor.backends import open_log
@@ -484,6 +493,31 @@ def command_line() -> argparse.ArgumentParser:
         help="the gateway's API key, if it needs one (default: $CONVEYOR_API_KEY)",
     )
     submit.set_defaults(func=_submit)
+
+    bench = commands.add_parser(
+        "bench", help="load a running gateway as its clients do: throughput, time to first token, latency"
+    )
+    bench.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
+    bench.add_argument("--requests", type=int, default=100, help="requests to send (default %(default)s)")
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="clients, each with one request at a time (default %(default)s)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=300.0, help="stop after this long in any case (default %(default)s)"
+    )
+    bench.add_argument(
+        "--prompt",
+        default="Explain what a message queue is.",
+        help="each request's prompt, after its number (default %(default)r)",
+    )
+    bench.add_argument("--max-tokens", type=int, default=64, help="per request (default %(default)s)")
+    bench.add_argument(
+        "--api-key", default=os.environ.get("CONVEYOR_API_KEY"), help="the gateway's API key, if it needs one"
+    )
+    bench.set_defaults(func=_bench)
 
     dlq = commands.add_parser(
         "dlq", help="list dead-lettered events with their errors, or send them back once fixed"

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,36 @@ async def test_conveyor_replay_answers_the_history_again_beside_the_old_answers(
     finally:
         await log.close()
     assert on_log == rids
+    assert up.stop() == 0
+
+
+async def test_conveyor_bench_loads_the_gateway_and_reports_what_clients_saw(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor("--model-token-delay", "0.002").start()
+
+    async def bench(*options: str) -> tuple[int, str]:
+        command = ("-m", "conveyor", "bench", "--url", up.url, "--concurrency", "4", *options)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *command, stdout=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, out.decode()
+
+    code, report = await bench("--requests", "20", "--max-tokens", "16")
+    assert code == 0, report
+    assert "requests: 20 sent, 20 completed, 0 not in" in report
+    tokens = re.search(r"([\d.]+) completion tokens/s", report)
+    assert tokens is not None, report
+    assert float(tokens.group(1)) > 0, report
+    assert re.search(r"time to first token  p50 \d+ ms  p90 \d+ ms  p99 \d+ ms", report), report
+    # Refused requests are counted with the gateway's reason, and the command fails.
+    code, report = await bench("--requests", "3", "--max-tokens", "100000")
+    assert code == 1
+    assert "requests: 3 sent, 0 completed, 3 not in" in report
+    assert "error: 3 x HTTP 422: max_tokens_too_large" in report
     assert up.stop() == 0
 
 

@@ -1,0 +1,128 @@
+"""``conveyor bench``: load a running gateway the way its clients do, and say how it held up.
+
+A closed loop: ``concurrency`` clients each submit a request, read its event stream to the
+final event and submit the next, until ``requests`` were sent or ``seconds`` passed (bounded
+both ways, so it always stops by itself). Time to first token, latency and tokens are
+measured on the client's side of the HTTP connection, as a user sees them. Each prompt starts
+with its request number, so that no request finds another's prompt in a model's prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import statistics
+import time
+
+import httpx
+
+_FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Load:
+    url: str = "http://127.0.0.1:8000"
+    requests: int = 100
+    concurrency: int = 8
+    seconds: float = 300.0
+    prompt: str = "Explain what a message queue is."
+    max_tokens: int = 64
+    api_key: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """What the clients saw: per completed request its time to first token and latency."""
+
+    sent: int = 0
+    ttft: list[float] = dataclasses.field(default_factory=list)
+    latency: list[float] = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    elapsed: float = 0.0
+
+    def report(self, concurrency: int) -> str:
+        done = len(self.latency)
+        lines = [
+            f"requests: {self.sent} sent, {done} completed, {sum(self.errors.values())} not "
+            f"in {self.elapsed:.1f} s ({concurrency} concurrent)",
+            f"throughput: {done / self.elapsed:.1f} requests/s, "
+            f"{self.tokens / self.elapsed:.1f} completion tokens/s",
+            f"time to first token  {_quantiles(self.ttft)}",
+            f"latency              {_quantiles(self.latency)}",
+        ]
+        lines += [f"error: {times} x {reason}" for reason, times in self.errors.most_common()]
+        return "\n".join(lines)
+
+
+def _quantiles(seconds: list[float]) -> str:
+    if not seconds:
+        return "-"
+    q = statistics.quantiles(seconds, n=100, method="inclusive") if len(seconds) > 1 else seconds * 99
+    return "  ".join(f"p{p} {q[p - 1] * 1000:.0f} ms" for p in (50, 90, 99))
+
+
+async def run(load: Load) -> Outcome:
+    outcome = Outcome()
+    numbers = iter(range(load.requests))
+    headers = {"Authorization": f"Bearer {load.api_key}"} if load.api_key else {}
+    limits = httpx.Limits(max_connections=2 * load.concurrency)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(
+        base_url=load.url.rstrip("/"), headers=headers, limits=limits, timeout=httpx.Timeout(30, read=None)
+    ) as client:
+
+        async def client_loop() -> None:
+            for i in numbers:
+                outcome.sent += 1
+                try:
+                    await _one(client, load, i, outcome)
+                except httpx.HTTPError as exc:
+                    outcome.errors[f"{type(exc).__name__}: {exc}"] += 1
+
+        loops = [asyncio.create_task(client_loop()) for _ in range(load.concurrency)]
+        _, late = await asyncio.wait(loops, timeout=load.seconds)
+        for task in late:  # past the time limit: what is still in flight is not counted
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+    outcome.elapsed = time.perf_counter() - start
+    return outcome
+
+
+async def _one(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome) -> None:
+    began = time.perf_counter()
+    body = {"prompt": f"Request {i}. {load.prompt}", "max_tokens": load.max_tokens}
+    submitted = await client.post("/v1/requests", json=body)
+    if submitted.status_code >= 400:
+        outcome.errors[f"HTTP {submitted.status_code}: {_reason(submitted)}"] += 1
+        return
+    first: float | None = None
+    final: dict[str, object] = {}
+    async with client.stream("GET", f"/v1/requests/{submitted.json()['id']}/events") as events:
+        event = ""
+        async for line in events.aiter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: ") and event == "token" and first is None:
+                first = time.perf_counter() - began
+            elif line.startswith("data: ") and event in _FINAL:
+                final = json.loads(line[len("data: ") :])
+                break
+    if final.get("status") != "completed":
+        outcome.errors[f"ended {final.get('status', 'without a final event')}"] += 1
+        return
+    outcome.latency.append(time.perf_counter() - began)
+    if first is not None:
+        outcome.ttft.append(first)
+    usage = final.get("usage")
+    outcome.tokens += int(usage.get("completion_tokens", 0)) if isinstance(usage, dict) else 0
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
