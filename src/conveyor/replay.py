@@ -63,15 +63,16 @@ class Replayed:
 
 
 async def history(log: EventLog, window: Window) -> list[Envelope]:
-    """The accepted requests of ``window``, oldest first."""
-    found: list[Envelope] = []
+    """The accepted requests of ``window``, oldest first, each once (a submit retried after the
+    log's duplicate window was stored twice)."""
+    found: dict[str, Envelope] = {}
     async with contextlib.aclosing(log.tail(Topic.REQUESTS, None, follow=False)) as requests:
         async for tailed in requests:
             if window.admits(tailed.envelope):
-                found.append(tailed.envelope)
+                found.setdefault(tailed.envelope.request_id, tailed.envelope)
                 if window.limit is not None and len(found) >= window.limit:
                     break
-    return found
+    return list(found.values())
 
 
 async def answer(log: EventLog, request_id: str) -> dict[str, Any] | None:

@@ -31,6 +31,8 @@ async def test_requests_of_a_window_are_answered_again_beside_their_old_answers(
     expired = accepted("a caller who gave up", "2026-11-02T01:00:00.000000Z", deadline=time.time() - 3600)
     other = accepted("someone else's", "2026-11-02T02:00:00.000000Z", tenant="globex")
     await source.publish(Topic.REQUESTS, [early, answered, expired, other])
+    # A submit retried past the log's duplicate window is stored twice; it is replayed once.
+    source.append_raw(Topic.REQUESTS, answered.key, answered.to_headers(), answered.data)
     old = RequestCompleted(output="the old answer", streamed_chars=14)
     completed = answered.derive(type=EventType.COMPLETED, source="test", payload=old, label="done")
     await source.publish(Topic.COMPLETED, [dataclasses.replace(completed, model="old-model")])
