@@ -44,10 +44,12 @@ class Outcome:
     elapsed: float = 0.0
 
     def report(self, concurrency: int) -> str:
-        done = len(self.latency)
+        done, failed = len(self.latency), sum(self.errors.values())
+        cut = self.sent - done - failed
         lines = [
-            f"requests: {self.sent} sent, {done} completed, {sum(self.errors.values())} not "
-            f"in {self.elapsed:.1f} s ({concurrency} concurrent)",
+            f"requests: {self.sent} sent, {done} completed, {failed} not"
+            + (f", {cut} cut off by the time limit" if cut else "")
+            + f" in {self.elapsed:.1f} s ({concurrency} concurrent)",
             f"throughput: {done / self.elapsed:.1f} requests/s, "
             f"{self.tokens / self.elapsed:.1f} completion tokens/s",
             f"time to first token  {_quantiles(self.ttft)}",

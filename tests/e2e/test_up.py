@@ -274,6 +274,10 @@ async def test_conveyor_bench_loads_the_gateway_and_reports_what_clients_saw(
     assert tokens is not None, report
     assert float(tokens.group(1)) > 0, report
     assert re.search(r"time to first token  p50 \d+ ms  p90 \d+ ms  p99 \d+ ms", report), report
+    # Bounded in time too: what is in flight then is cut off, and said so.
+    code, report = await bench("--requests", "100000", "--seconds", "1", "--max-tokens", "16")
+    assert code == 0, report
+    assert re.search(r"requests: \d+ sent, \d+ completed, 0 not, [1-4] cut off by the time limit in", report)
     # Refused requests are counted with the gateway's reason, and the command fails.
     code, report = await bench("--requests", "3", "--max-tokens", "100000")
     assert code == 1
