@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, urlsplit
@@ -209,6 +210,19 @@ class JetStreamBackend:
         target = parse_url(url)
         options.setdefault("replicas", target.replicas)
         return cls(await connect(target.servers, name=cls.client_name), **options)
+
+    async def _heard(self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None) -> Msg:
+        """The reply of the stream that takes ``subject``; sent again while none answers (then none
+        stored it: a stream or bucket just created on a cluster, or electing a leader, answers within
+        moments), for up to ``timeout``."""
+        give_up = time.monotonic() + self.timeout
+        while True:
+            try:
+                return await (await self._replies.request(subject, data, headers))
+            except nats.errors.NoRespondersError:
+                if time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def ping(self) -> None:
         try:
