@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import datetime
 import gc
@@ -373,14 +374,14 @@ def _replay(args: argparse.Namespace) -> int:
     async def each(log: EventLog) -> None:
         requests = await history(log, window)
         model = build_model(settings)
-        statuses: dict[str, int] = {}
+        statuses: collections.Counter[str] = collections.Counter()
         differ = 0
         try:
             pipeline = build_pipeline(settings, model, CancelWatch(log))
             async with contextlib.aclosing(replay(log, requests, pipeline)) as results:
                 async for result in results:
                     print(json.dumps(result.to_json()), flush=True)
-                    statuses[result.after.status] = statuses.get(result.after.status, 0) + 1
+                    statuses[result.after.status] += 1
                     differ += result.before is None or result.before.get("output") != result.after.output
         finally:
             await model.close()

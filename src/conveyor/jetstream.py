@@ -173,6 +173,9 @@ class Replies:
             reply.set_result(msg)
 
 
+Request = tuple[str, bytes, dict[str, str] | None]  # subject, body, headers
+
+
 def stored(ack: Msg) -> int:
     """The stream sequence a JetStream publish acknowledgement reports; raises PublishRefused."""
     try:
@@ -211,18 +214,44 @@ class JetStreamBackend:
         options.setdefault("replicas", target.replicas)
         return cls(await connect(target.servers, name=cls.client_name), **options)
 
-    async def _heard(self, subject: str, data: bytes = b"", headers: dict[str, str] | None = None) -> Msg:
-        """The reply of the stream that takes ``subject``; sent again while none answers (then none
-        stored it: a stream or bucket just created on a cluster, or electing a leader, answers within
-        moments), for up to ``timeout``."""
+    async def _heard(self, requests: Sequence[Request]) -> list[Msg]:
+        """The replies to ``requests``, each from the stream that took it. All are in flight at
+        once, sent in order. Those no stream answered were not stored (a stream or bucket just
+        created on a cluster, or electing a leader, answers within moments): they are sent again,
+        for up to ``timeout``."""
         give_up = time.monotonic() + self.timeout
+        replies: list[Msg | None] = [None] * len(requests)
+        unheard = list(range(len(requests)))
         while True:
-            try:
-                return await (await self._replies.request(subject, data, headers))
-            except nats.errors.NoRespondersError:
-                if time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(0.05)
+            unheard = await self._send(requests, unheard, replies)
+            if not unheard:
+                return [reply for reply in replies if reply is not None]
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"no stream answered {len(unheard)} request(s) within {self.timeout} s")
+            await asyncio.sleep(0.05)
+
+    async def _send(
+        self, requests: Sequence[Request], which: list[int], replies: list[Msg | None]
+    ) -> list[int]:
+        """Send ``requests[i]`` for each i of ``which`` and put their replies in ``replies``; the
+        ones no stream answered."""
+        pending = []
+        try:
+            for i in which:
+                pending.append(await self._replies.request(*requests[i]))
+            unheard = []
+            for i, reply in zip(which, pending, strict=False):  # all in flight: waiting in order is free
+                try:
+                    replies[i] = await reply
+                except nats.errors.NoRespondersError:
+                    unheard.append(i)
+            return unheard
+        finally:
+            for reply in pending:  # on failure, settle the rest so none is left unobserved
+                if not reply.done():
+                    reply.cancel()
+                elif not reply.cancelled():
+                    reply.exception()  # marks a failure as seen
 
     async def ping(self) -> None:
         try:

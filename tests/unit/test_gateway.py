@@ -336,20 +336,34 @@ class _EndsAtOnce(MemoryEventLog):
 
 
 class _CountingStore(MemoryStateStore):
+    """Counts reads. Its status watch keeps every change from the moment the store exists, so
+    none written before the watch task first runs is lost."""
+
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self._changes: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
     async def get(self, ns: Namespace, key: str) -> Entry | None:
         self.reads += 1
         return await super().get(ns, key)
+
+    async def put(self, ns: Namespace, key: str, value: bytes) -> int:
+        revision = await super().put(ns, key, value)
+        if ns == Namespace.STATUS:
+            self._changes.put_nowait((key, value))
+        return revision
+
+    async def watch(self, ns: Namespace) -> AsyncIterator[tuple[str, bytes]]:
+        assert ns == Namespace.STATUS
+        while True:
+            yield await self._changes.get()
 
 
 async def test_a_submit_that_waits_learns_the_end_from_the_watch_without_reading_the_store() -> None:
     store = _CountingStore()
     core = GatewayCore(_EndsAtOnce(store), store)
     watching = asyncio.create_task(core.watch.run())
-    await asyncio.sleep(0)  # one loop pass: the watch task starts and registers with the store
     try:
         async with asyncio.timeout(5):
             accepted = await core.accept(RequestAccepted(prompt="quick"), tenant="acme", wait=30)

@@ -112,42 +112,17 @@ class NatsEventLog(JetStreamBackend):
         try:
             # Each ack is awaited at most ``timeout`` (Replies): one lost with a dying server
             # must not hang the gateway's submit, or a stage's event, for good.
-            give_up = time.monotonic() + self.timeout
             stream = await self._ensure(topic)
-            unheard = await self._send(topic, stream, list(events))
-            while unheard:
-                # No stream listened (yet): nothing was stored. A stream just created on a
-                # cluster, or one electing a leader, answers within moments.
-                if time.monotonic() > give_up:
-                    raise TimeoutError(f"no stream took {len(unheard)} event(s) within {self.timeout} s")
-                await asyncio.sleep(0.05)
-                unheard = await self._send(topic, stream, unheard)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
-
-    async def _send(self, topic: str, stream: str, events: list[Envelope]) -> list[Envelope]:
-        """Publish ``events`` and wait for their acks; those that found no stream to take them."""
-        acks = []
-        try:
+            requests = []
             for event in events:
                 headers = event.to_headers()
                 headers["Nats-Msg-Id"] = event.id
                 headers["Nats-Expected-Stream"] = stream
-                subject = self.subject(topic, event.key, event.request_id)
-                acks.append(await self._replies.request(subject, event.data, headers))
-            unheard = []
-            for event, ack in zip(events, acks, strict=False):  # all in flight: waiting in order is free
-                try:
-                    stored(await ack)
-                except nats.errors.NoRespondersError:
-                    unheard.append(event)
-            return unheard
-        finally:
-            for ack in acks:  # on failure, settle the rest so none is left unobserved
-                if not ack.done():
-                    ack.cancel()
-                elif not ack.cancelled():
-                    ack.exception()  # marks a failure as seen
+                requests.append((self.subject(topic, event.key, event.request_id), event.data, headers))
+            for ack in await self._heard(requests):
+                stored(ack)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"publish to {topic} failed: {exc!r}") from exc
 
     async def publish_raw(self, topic: str, key: str, headers: dict[str, str] | None, body: bytes) -> None:
         """Publish bytes as any producer could (used to prove garbage cannot stall a stage)."""

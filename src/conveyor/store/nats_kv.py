@@ -62,7 +62,7 @@ class NatsStateStore(JetStreamBackend):
         bucket = self.bucket_name(ns)
         subject = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
         try:
-            reply = await self._heard(subject)
+            (reply,) = await self._heard([(subject, b"", None)])
         except (nats.errors.Error, TimeoutError) as exc:
             raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
         headers = reply.headers or {}
@@ -86,7 +86,8 @@ class NatsStateStore(JetStreamBackend):
         await self._kv(ns)
         headers = None if last is None else {"Nats-Expected-Last-Subject-Sequence": str(last)}
         try:
-            return stored(await self._heard(f"$KV.{self.bucket_name(ns)}.{key}", value, headers))
+            (ack,) = await self._heard([(f"$KV.{self.bucket_name(ns)}.{key}", value, headers)])
+            return stored(ack)
         except PublishRefused as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 return None
