@@ -6,12 +6,14 @@ in flight, so the engine runs near steady state rather than draining one wave. R
 aggregate completion tokens/s, time to first token and end-to-end latency (p50), as medians of
 ``ROUNDS`` rounds over all levels (each round's ratio against its own single stream). Through Conveyor,
 the first token is the first SSE ``token`` event and the count comes from the recorded usage.
-Run: ``.venv/bin/python benchmarks/local_model.py``.
+Each weight type of ``--weights`` (default: q8_0, the default, and f16) is run whole, one after the
+other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~5 min per type).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import tempfile
 import time
@@ -111,26 +113,37 @@ async def rounds(system: str, call: Call) -> None:
         )
 
 
-async def main() -> None:
-    print(f"Medians of {ROUNDS} rounds; the ratio is each round's against its own single stream.")
-    print("| system | concurrent | tokens/s | vs 1 at a time (range) | TTFT p50 ms | latency p50 ms |")
-    print("|---|---|---|---|---|---|")
+async def weight_type(weights: str) -> None:
+    """Both systems on one weight type: the engine called directly, then through ``conveyor up``."""
     with tempfile.TemporaryDirectory() as tmp:
-        model = LocalModel(cache_dir=Path(tmp) / "models")
+        model = LocalModel(cache_dir=Path(tmp) / "models", weights=weights)
         await direct_call(model, 0)  # warm up
-        await rounds("direct (same engine, no Conveyor)", lambda i: direct_call(model, i))
+        await rounds(f"{weights}: direct (same engine, no Conveyor)", functools.partial(direct_call, model))
         await model.close()
-        up = UpProcess(Path(tmp) / "data", "--model", "local").start(timeout=120)
+        up = UpProcess(Path(tmp) / "data", "--model", "local", "--model-weights", weights).start(timeout=120)
         try:
             async with aiohttp.ClientSession(up.url) as client:
                 await conveyor_call(client, 0)  # warm up (loads the model in the worker)
-                await rounds("conveyor up (HTTP + NATS + SSE)", lambda i: conveyor_call(client, i))
+                call = functools.partial(conveyor_call, client)
+                await rounds(f"{weights}: conveyor up (HTTP + NATS + SSE)", call)
         finally:
             up.stop()
             up.cleanup()
 
 
+async def main(weight_types: list[str]) -> None:
+    print(f"Medians of {ROUNDS} rounds; the ratio is each round's against its own single stream.")
+    print("| system | concurrent | tokens/s | vs 1 at a time (range) | TTFT p50 ms | latency p50 ms |")
+    print("|---|---|---|---|---|---|")
+    for weights in weight_types:
+        await weight_type(weights)
+
+
 if __name__ == "__main__":
+    import argparse
+
     import uvloop
 
-    uvloop.run(main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default="q8_0,f16", help="weight types, comma-separated")
+    uvloop.run(main(parser.parse_args().weights.split(",")))

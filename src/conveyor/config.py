@@ -11,6 +11,8 @@ from pathlib import Path
 from conveyor.stages.prepare import DEFAULT_BLOCKLIST
 
 STAGES = ("prepare", "generate", "finalize", "projector")
+# The local model's weight types (conveyor.models.local.WEIGHTS says what each one is).
+LOCAL_WEIGHTS = ("q8_0", "f16", "shipped")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,11 +27,18 @@ class ModelSettings:
     token_delay: float = 0.0
     upstream_url: str = ""  # --model openai: the server's /v1 base URL
     upstream_model: str = ""  # --model openai: the model name the server knows
-    # --model local: requests generated at once, tokens per request (prompt + output), and whether
-    # a freed slot's KV cache serves the next request with the same prompt start.
+    # --model local: requests generated at once, tokens per request (prompt + output), whether
+    # a freed slot's KV cache serves the next request with the same prompt start, and the weight
+    # type (conveyor.models.local.WEIGHTS).
     slots: int = 16
     context: int = 1024
     prefix_cache: bool = True
+    weights: str = "q8_0"
+
+    def __post_init__(self) -> None:
+        if self.weights not in LOCAL_WEIGHTS:
+            raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
+
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -88,6 +97,7 @@ class Settings:
             slots=int(get("MODEL_SLOTS") or base.model.slots),
             context=int(get("MODEL_CONTEXT") or base.model.context),
             prefix_cache=_flag(get("PREFIX_CACHE"), base.model.prefix_cache),
+            weights=get("MODEL_WEIGHTS") or base.model.weights,
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -132,6 +142,7 @@ class Settings:
             "CONVEYOR_MODEL_SLOTS": str(self.model.slots),
             "CONVEYOR_MODEL_CONTEXT": str(self.model.context),
             "CONVEYOR_PREFIX_CACHE": "true" if self.model.prefix_cache else "false",
+            "CONVEYOR_MODEL_WEIGHTS": self.model.weights,
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -175,6 +186,7 @@ NAMES = frozenset(
         "MODEL_SLOTS",
         "MODEL_CONTEXT",
         "PREFIX_CACHE",
+        "MODEL_WEIGHTS",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",

@@ -66,6 +66,7 @@ def build_model(settings: Settings) -> ModelBackend:
             slots=local.slots,
             context_per_slot=local.context,
             prefix_cache=local.prefix_cache,
+            weights=local.weights,
         )
     if settings.model.backend == "openai":
         from conveyor.models.openai_compat import OpenAICompatModel

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.config import LOCAL_WEIGHTS
 from conveyor.errors import PermanentError
 from conveyor.models.base import GenerationRequest, Token
-from conveyor.models.local import LocalModel
+from conveyor.models.local import WEIGHTS, LocalModel, shipped_gguf
 from conveyor.observability.metrics import PROMPT_TOKENS
 
 pytestmark = pytest.mark.model
@@ -192,6 +193,25 @@ def test_an_engine_sized_outside_its_limits_is_refused_before_loading(tmp_path: 
         LocalModel(cache_dir=tmp_path, slots=0)
     with pytest.raises(ValueError, match="got 4 slots and 16 tokens"):
         LocalModel(cache_dir=tmp_path, slots=4, context_per_slot=16)
+    with pytest.raises(ValueError, match="unknown weights 'q3'; available: q8_0, f16, shipped"):
+        LocalModel(cache_dir=tmp_path, weights="q3")
+    assert not list(tmp_path.iterdir())  # nothing was made
+
+
+@pytest.mark.parametrize("weights", ["f16", "shipped"])
+def test_each_weight_type_runs_from_its_own_file_and_answers(tmp_path: Path, weights: str) -> None:
+    assert tuple(WEIGHTS) == LOCAL_WEIGHTS  # what the settings accept is what the engine runs
+    other = LocalModel(cache_dir=tmp_path, slots=2, context_per_slot=256, weights=weights)
+    try:
+        expected = "SmolLM2-135M-Instruct.F16.gguf" if weights == "f16" else shipped_gguf().name
+        assert other.info.version.startswith(f"{expected}@")
+        assert [p.name for p in tmp_path.iterdir()] == ([expected] if weights == "f16" else [])
+        asked = [request(0, PROMPTS[0]), request(1, PROMPTS[3])]
+        answers = asyncio.run(asyncio.wait_for(run(other, asked), 60))
+        assert "Paris" in answers["r0"][0]
+        assert all(text.strip() and finish in ("stop", "length") for text, finish in answers.values())
+    finally:
+        asyncio.run(other.close())
 
 
 async def test_a_prompt_longer_than_the_context_fails_alone_and_for_good(model: LocalModel) -> None:

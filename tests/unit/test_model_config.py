@@ -43,6 +43,7 @@ def test_model_settings_survive_the_trip_to_a_worker_process() -> None:
             slots=4,
             context=512,
             prefix_cache=False,
+            weights="f16",
         )
     )
     assert Settings.from_env(settings.to_env()).model == settings.model
@@ -54,8 +55,16 @@ def test_the_local_engine_is_sized_by_flags_over_the_environment(monkeypatch: py
     parser = command_line()
     from_env = settings_from(parser.parse_args(["up"])).model
     assert (from_env.slots, from_env.context, from_env.prefix_cache) == (8, 2048, True)
+    assert from_env.weights == "q8_0"
+    monkeypatch.setenv("CONVEYOR_MODEL_WEIGHTS", "f16")
     flags = settings_from(parser.parse_args(["up", "--model-slots", "4", "--no-prefix-cache"])).model
-    assert (flags.slots, flags.context, flags.prefix_cache) == (4, 2048, False)
+    assert (flags.slots, flags.context, flags.prefix_cache, flags.weights) == (4, 2048, False, "f16")
+    flags = settings_from(parser.parse_args(["up", "--model-weights", "shipped"])).model
+    assert flags.weights == "shipped"
+    monkeypatch.setenv("CONVEYOR_MODEL_WEIGHTS", "q3")
+    with pytest.raises(ValueError, match="unknown model weights 'q3'; available: q8_0, f16, shipped"):
+        Settings.from_env()
+    monkeypatch.setenv("CONVEYOR_MODEL_WEIGHTS", "q8_0")
     monkeypatch.setenv("CONVEYOR_PREFIX_CACHE", "maybe")
     with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
         Settings.from_env()

