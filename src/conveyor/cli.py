@@ -371,8 +371,9 @@ def _dlq(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     import contextlib
 
+    from conveyor.history import Window
     from conveyor.node import build_model, build_pipeline
-    from conveyor.replay import Window, history, replay
+    from conveyor.replay import history, replay
     from conveyor.stages import CancelWatch
 
     settings = settings_from(args)
@@ -400,6 +401,38 @@ def _replay(args: argparse.Namespace) -> int:
         )
 
     return _on_running_log(args, each)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from conveyor.history import Window
+    from conveyor.usage import usage
+
+    window = Window(since=args.since, until=args.until, tenant=args.tenant)
+
+    async def show(log: EventLog) -> None:
+        tallies = await usage(log, window)
+        if args.json:
+            for tally in tallies:
+                print(json.dumps(tally.to_json()))
+            return
+        columns = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
+        print(f"{'tenant':<16} {'model':<28} " + " ".join(f"{c.replace('_tokens', ''):>10}" for c in columns))
+        for tally in tallies:
+            numbers = tally.to_json()
+            print(f"{tally.tenant:<16} {tally.model:<28} " + " ".join(f"{numbers[c]:>10}" for c in columns))
+
+    return _on_running_log(args, show)
+
+
+def _window_options(parser: argparse.ArgumentParser, happened: str) -> argparse._ArgumentGroup:
+    """--since, --until and --tenant: which part of the history (requests that ``happened`` then)."""
+    window = parser.add_argument_group("which requests")
+    window.add_argument(
+        "--since", type=_instant, help=f"{happened} at or after this ISO 8601 time (UTC by default)"
+    )
+    window.add_argument("--until", type=_instant, help=f"{happened} before this ISO 8601 time")
+    window.add_argument("--tenant", help="only this tenant's requests")
+    return window
 
 
 def _instant(text: str) -> datetime.datetime:
@@ -551,14 +584,19 @@ def command_line() -> argparse.ArgumentParser:
     _connection_options(replayed)
     _model_options(replayed)
     _stage_options(replayed)
-    window = replayed.add_argument_group("which requests")
-    window.add_argument(
-        "--since", type=_instant, help="accepted at or after this ISO 8601 time (UTC by default)"
-    )
-    window.add_argument("--until", type=_instant, help="accepted before this ISO 8601 time")
-    window.add_argument("--tenant", help="only this tenant's requests")
+    window = _window_options(replayed, "accepted")
     window.add_argument("--limit", type=int, help="at most this many (the oldest first)")
     replayed.set_defaults(func=_replay)
+
+    used = commands.add_parser(
+        "usage",
+        help="tokens used per tenant and model, by the requests that completed in a time window "
+        "(each request once, as the usage ledger counts it)",
+    )
+    _connection_options(used)
+    _window_options(used, "completed")
+    used.add_argument("--json", action="store_true", help="one JSON object per tenant and model")
+    used.set_defaults(func=_usage)
 
     lag = commands.add_parser("lag", help="how far each stage is behind on each topic")
     _connection_options(lag)

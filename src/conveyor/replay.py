@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, Sequence
-from datetime import datetime
 from typing import Any
 
 from conveyor.events import Envelope, Topic
 from conveyor.gateway.watch import StatusWatch
+from conveyor.history import Window, each_request
 from conveyor.log.base import EventLog
 from conveyor.log.memory import MemoryEventLog
 from conveyor.payloads import EventType, RequestCompleted, RequestFailed, RequestPrepared, decode
@@ -26,22 +26,6 @@ from conveyor.pipeline import Pipeline
 from conveyor.runtime.worker import StageWorker
 from conveyor.store.memory import MemoryStateStore
 from conveyor.view import RequestView
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class Window:
-    """Which requests of the history: accepted in [since, until), of ``tenant``, the first ``limit``."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    tenant: str | None = None
-    limit: int | None = None
-
-    def admits(self, event: Envelope) -> bool:
-        if event.type != EventType.ACCEPTED or (self.tenant is not None and event.tenant != self.tenant):
-            return False
-        at = datetime.fromisoformat(event.time)
-        return (self.since is None or at >= self.since) and (self.until is None or at < self.until)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,16 +47,8 @@ class Replayed:
 
 
 async def history(log: EventLog, window: Window) -> list[Envelope]:
-    """The accepted requests of ``window``, oldest first, each once (a submit retried after the
-    log's duplicate window was stored twice)."""
-    found: dict[str, Envelope] = {}
-    async with contextlib.aclosing(log.tail(Topic.REQUESTS, None, follow=False)) as requests:
-        async for tailed in requests:
-            if window.admits(tailed.envelope):
-                found.setdefault(tailed.envelope.request_id, tailed.envelope)
-                if window.limit is not None and len(found) >= window.limit:
-                    break
-    return list(found.values())
+    """The requests accepted in ``window``, oldest first, each once."""
+    return [e async for e in each_request(log, Topic.REQUESTS, EventType.ACCEPTED, window)]
 
 
 async def answer(log: EventLog, request_id: str) -> dict[str, Any] | None:

@@ -209,7 +209,7 @@ async def test_a_dead_letter_sent_back_from_the_command_line_goes_to_its_stage_a
     assert up.stop() == 0
 
 
-async def test_conveyor_replay_answers_the_history_again_beside_the_old_answers(
+async def test_conveyor_replay_answers_the_history_again_and_usage_shows_it_billed_nobody(
     conveyor: ConveyorFactory,
 ) -> None:
     up = conveyor().start()
@@ -249,6 +249,28 @@ async def test_conveyor_replay_answers_the_history_again_beside_the_old_answers(
     finally:
         await log.close()
     assert on_log == rids
+    # What the tenant used: the three requests as their views count them, each once; the replay
+    # billed nobody.
+    async with httpx.AsyncClient(base_url=up.url, timeout=30) as client:
+        views = [(await client.get(f"/v1/requests/{rid}")).json() for rid in rids]
+
+    async def usage(*options: str) -> list[str]:
+        command = (sys.executable, "-m", "conveyor", "usage", "--data-dir", str(up.data_dir), *options)
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate()
+        assert process.returncode == 0
+        return out.decode().splitlines()
+
+    (used,) = [json.loads(line) for line in await usage("--json")]
+    assert (used["tenant"], used["model"], used["requests"]) == ("default", "simulated", 3)
+    for count in ("prompt_tokens", "completion_tokens"):
+        assert used[count] == sum(view["usage"][count] for view in views) > 0
+    header, row = await usage("--tenant", "default")
+    assert header.split() == ["tenant", "model", "requests", "prompt", "cached", "completion", "total"]
+    numbers = ("prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
+    assert row.split() == ["default", "simulated", "3", *(str(used[c]) for c in numbers)]
+    assert await usage("--tenant", "globex") == [header]
     assert up.stop() == 0
 
 

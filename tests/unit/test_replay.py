@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 
 from conveyor.config import ModelSettings, Settings
 from conveyor.events import Envelope, Topic, new_event
+from conveyor.history import Window
 from conveyor.models.simulated import SimulatedModel
 from conveyor.node import build_pipeline
 from conveyor.payloads import EventType, RequestAccepted, RequestCompleted
-from conveyor.replay import Replayed, Window, history, replay
+from conveyor.replay import Replayed, history, replay
 from conveyor.stages import CancelWatch
 from conveyor.testing import MemoryEventLog
 

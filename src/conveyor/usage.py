@@ -1,0 +1,51 @@
+"""What each tenant used of each model over a time window: the bill, read from the log.
+
+The usage ledger is written once per request (create-only, by finalize); every such write comes
+from a generation whose ``request.completed`` is on [completed], with the same counts. So the
+window's completions, each request's first one, add up to what the ledger holds for requests that
+finished in that window, without reading the ledger key by key. Cancelled requests and those past
+their deadline count too (their tokens were made); failed ones made no usage record and do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from conveyor.events import Topic
+from conveyor.history import Window, each_request
+from conveyor.log.base import EventLog
+from conveyor.payloads import EventType, RequestCompleted, decode
+
+
+@dataclasses.dataclass(slots=True)
+class Tally:
+    """One tenant's use of one model."""
+
+    tenant: str
+    model: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those read from the model's cache
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total_tokens": self.total_tokens}
+
+
+async def usage(log: EventLog, window: Window) -> list[Tally]:
+    """Per tenant and model, the requests that completed in ``window`` and their tokens, sorted."""
+    tallies: dict[tuple[str, str], Tally] = {}
+    async for event in each_request(log, Topic.COMPLETED, EventType.COMPLETED, window):
+        counts = decode(RequestCompleted, event.data).usage
+        key = (event.tenant, event.model or "")
+        tally = tallies.get(key) or tallies.setdefault(key, Tally(*key))
+        tally.requests += 1
+        tally.prompt_tokens += counts.prompt_tokens
+        tally.cached_tokens += counts.cached_tokens
+        tally.completion_tokens += counts.completion_tokens
+    return [tallies[key] for key in sorted(tallies)]

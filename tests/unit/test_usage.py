@@ -1,0 +1,113 @@
+"""Usage per tenant and model over a window, read from the log: it must add up to the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+import orjson
+
+from conveyor.events import Envelope, Topic, new_event
+from conveyor.history import Window
+from conveyor.payloads import EventType, FinishReason, GenerationCompleted, RequestFailed, Usage
+from conveyor.stages import finalize_stage
+from conveyor.store.base import Namespace
+from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
+from conveyor.usage import Tally, usage
+
+
+def generated(
+    tenant: str, model: str, prompt: int, completion: int, finish: FinishReason = "stop"
+) -> Envelope:
+    counts = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=prompt // 2)
+    payload = GenerationCompleted(text="x" * completion, finish_reason=finish, usage=counts)
+    return new_event(type=EventType.GENERATED, source="test", payload=payload, tenant=tenant, model=model)
+
+
+async def ledger(store: MemoryStateStore) -> list[Tally]:
+    """The usage ledger summed per tenant and model, straight from its records."""
+    sums: dict[tuple[str, str], Tally] = {}
+    for rid in await store.keys(Namespace.USAGE):
+        entry = await store.get(Namespace.USAGE, rid)
+        assert entry is not None
+        record = orjson.loads(entry.value)
+        key = (record["tenant"], record["model"])
+        tally = sums.setdefault(key, Tally(*key))
+        tally.requests += 1
+        tally.prompt_tokens += record["prompt_tokens"]
+        tally.cached_tokens += record["cached_tokens"]
+        tally.completion_tokens += record["completion_tokens"]
+    return [sums[key] for key in sorted(sums)]
+
+
+async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_the_ledger_does() -> None:
+    log, store = MemoryEventLog(), MemoryStateStore()
+    finalize = StageHarness(finalize_stage(), log=log, store=store)
+    events = [
+        generated("acme", "small", 10, 20),
+        generated("acme", "small", 7, 3, "length"),
+        generated("acme", "large", 12, 30),
+        generated("globex", "small", 5, 4, "cancelled"),  # its tokens were made: billed
+    ]
+    for event in events:
+        await finalize.handle(event)
+    await finalize.handle(events[0])  # redelivered: the ledger bills it once
+    # A completion stored again past the log's duplicate window counts once too.
+    copy = log.events(Topic.COMPLETED)[0]
+    log.append_raw(Topic.COMPLETED, copy.key, copy.to_headers(), copy.data)
+    refused = new_event(
+        type=EventType.FAILED,
+        source="test",
+        payload=RequestFailed(code="policy", message="blocked", stage="prepare"),
+        tenant="acme",
+    )
+    await log.publish(Topic.COMPLETED, [refused])  # no tokens made, no ledger record
+
+    tallies = await usage(log, Window())
+    assert tallies == await ledger(store)
+    assert [t.to_json() for t in tallies] == [
+        {
+            "tenant": "acme",
+            "model": "large",
+            "requests": 1,
+            "prompt_tokens": 12,
+            "cached_tokens": 6,
+            "completion_tokens": 30,
+            "total_tokens": 42,
+        },
+        {
+            "tenant": "acme",
+            "model": "small",
+            "requests": 2,
+            "prompt_tokens": 17,
+            "cached_tokens": 8,
+            "completion_tokens": 23,
+            "total_tokens": 40,
+        },
+        {
+            "tenant": "globex",
+            "model": "small",
+            "requests": 1,
+            "prompt_tokens": 5,
+            "cached_tokens": 2,
+            "completion_tokens": 4,
+            "total_tokens": 9,
+        },
+    ]
+    assert [t.tenant for t in await usage(log, Window(tenant="globex"))] == ["globex"]
+
+
+async def test_usage_of_a_window_counts_the_requests_that_completed_in_it() -> None:
+    log = MemoryEventLog()
+    finalize = StageHarness(finalize_stage(), log=log)
+    await finalize.handle(generated("acme", "small", 10, 20))
+    (recent,) = log.events(Topic.COMPLETED)
+    old = dataclasses.replace(recent, id="old", request_id="old-request", time="2026-01-05T00:00:00.000000Z")
+    await log.publish(Topic.COMPLETED, [old])
+
+    january = Window(since=datetime(2026, 1, 1, tzinfo=UTC), until=datetime(2026, 2, 1, tzinfo=UTC))
+    assert [(t.requests, t.total_tokens) for t in await usage(log, january)] == [(1, 30)]
+    since_february = Window(since=datetime(2026, 2, 1, tzinfo=UTC))
+    assert [(t.requests, t.total_tokens) for t in await usage(log, since_february)] == [(1, 30)]
+    assert [(t.requests, t.total_tokens) for t in await usage(log, Window())] == [(2, 60)]
+    assert await usage(log, Window(until=datetime(2026, 1, 1, tzinfo=UTC))) == []
