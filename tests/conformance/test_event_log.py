@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.events import Envelope, new_event
@@ -125,6 +126,41 @@ async def test_tail_reads_one_key_in_order_and_resumes_after_a_position(log: Eve
     await log.publish("stream", [mine[3]])
     async with asyncio.timeout(10):
         assert await waiting == [mine[3].id]
+
+
+async def a_moment_later() -> datetime:
+    """A time after every timestamp the log gave so far and before any it gives next. Log
+    timestamps come from the wall clock (Kafka's to the millisecond), so what this waits for is
+    the clock itself to move on, a few milliseconds each side, not any event."""
+    await asyncio.sleep(0.005)
+    moment = datetime.now(UTC)
+    await asyncio.sleep(0.005)
+    return moment
+
+
+async def test_tail_since_a_time_skips_what_the_log_stored_before_it(log: EventLog) -> None:
+    await log.publish("control", [event(f"old{i}", key=f"k{i}") for i in range(3)])
+    since = await a_moment_later()
+    recent = [event(f"new{i}", key=f"k{i}") for i in range(3)]
+    await log.publish("control", recent)
+
+    read = [t.envelope.id async for t in log.tail("control", None, follow=False, since=since)]
+    assert sorted(read) == sorted(e.id for e in recent)
+    keyed = [t.envelope.id async for t in log.tail("control", "k1", follow=False, since=since)]
+    assert keyed == [recent[1].id]
+    later = await a_moment_later()
+    assert [t async for t in log.tail("control", None, follow=False, since=later)] == []
+
+    async def first_after(moment: datetime) -> str:
+        async for t in log.tail("control", None, since=moment):
+            return t.envelope.id
+        raise AssertionError("a followed tail ended")
+
+    waiting = asyncio.create_task(first_after(later))  # nothing is that recent yet: it waits
+    late = event("late", key="k2")
+    await log.publish("control", [late])
+    async with asyncio.timeout(10):
+        assert await waiting == late.id
 
 
 async def test_tail_without_a_key_reads_every_key_and_an_empty_topic_ends(log: EventLog) -> None:

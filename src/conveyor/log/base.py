@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from conveyor.errors import InvalidEventError
@@ -98,7 +99,9 @@ class EventLog(Protocol):
       its ack deadline passes; ``in_progress`` restarts that deadline.
     * ``tail`` reads the events of one key (or of all keys, for None), in order, from
       just after position ``after``, without joining any group; with ``follow`` it
-      waits for new events, without it it stops at the current end.
+      waits for new events, without it it stops at the current end. With ``since`` it
+      starts at the first event the log stored at or after that time (by the log's own
+      timestamps), found by lookup rather than by reading what came before.
     * ``find`` returns a request's latest event on a topic (or None) by direct lookup.
     """
 
@@ -107,7 +110,13 @@ class EventLog(Protocol):
     async def subscribe(self, topic: str, group: str) -> Subscription: ...
 
     def tail(
-        self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
+        self,
+        topic: str,
+        key: str | None,
+        *,
+        after: int = 0,
+        follow: bool = True,
+        since: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]: ...
 
     async def find(self, topic: str, request_id: str) -> Envelope | None:

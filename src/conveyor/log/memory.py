@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, Sequence
+from datetime import datetime
 
 from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
@@ -19,6 +21,7 @@ class _Record:
     key: str
     headers: dict[str, str]
     body: bytes
+    stored: float  # the log's timestamp (time.time())
 
 
 @dataclasses.dataclass(slots=True)
@@ -65,7 +68,7 @@ class MemoryEventLog:
             return
         if dedupe_id:
             t.ids.add(dedupe_id)
-        t.records.append(_Record(len(t.records) + 1, key, dict(headers), body))
+        t.records.append(_Record(len(t.records) + 1, key, dict(headers), body, time.time()))
 
     def topics(self) -> list[str]:
         return list(self._topics)
@@ -83,10 +86,18 @@ class MemoryEventLog:
         return _MemorySubscription(topic, t, t.groups.setdefault(group, _Group()), self._ack_wait)
 
     async def tail(
-        self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
+        self,
+        topic: str,
+        key: str | None,
+        *,
+        after: int = 0,
+        follow: bool = True,
+        since: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]:
         t = self._topic(topic)
         index = after
+        if since is not None:
+            index = max(index, bisect.bisect_left(t.records, since.timestamp(), key=lambda r: r.stored))
         while True:
             while index < len(t.records):
                 record = t.records[index]

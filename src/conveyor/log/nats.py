@@ -20,6 +20,7 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
 
 import nats
 import orjson
@@ -148,15 +149,24 @@ class NatsEventLog(JetStreamBackend):
         return consumer
 
     async def tail(
-        self, topic: str, key: str | None, *, after: int = 0, follow: bool = True
+        self,
+        topic: str,
+        key: str | None,
+        *,
+        after: int = 0,
+        follow: bool = True,
+        since: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]:
         stream = await self._ensure(topic)
         subject = self._filter(topic, key)
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
-        )
+        start = after + 1
+        if since is not None:
+            newest = await self._last_position(stream, None, subject)  # first: no event slips between
+            first = await self._first_stored(stream, since)
+            start = max(start, newest + 1 if first is None else first)
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
         end = None if follow else await self._last_position(stream, key, subject)
-        if end is not None and end <= after:
+        if end is not None and end < start:
             return
         sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
         try:
@@ -168,6 +178,22 @@ class NatsEventLog(JetStreamBackend):
                     return
         finally:
             await sub.unsubscribe()
+
+    async def _first_stored(self, stream: str, since: datetime) -> int | None:
+        """The position of the stream's first message stored at or after ``since``; None if none is.
+        One direct get by time: the server finds it without reading the messages before it."""
+        body = orjson.dumps({"start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")})
+        try:
+            (reply,) = await self._heard([(f"$JS.API.DIRECT.GET.{stream}", body, None)])
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"looking up {stream} by time failed: {exc!r}") from exc
+        headers = reply.headers or {}
+        if "Nats-Sequence" not in headers:
+            return None  # 404: the stream is empty
+        # Asked for a time after its last message, the server answers with its first one.
+        if datetime.fromisoformat(headers["Nats-Time-Stamp"]) < since:
+            return None
+        return int(headers["Nats-Sequence"])
 
     async def _last_position(self, stream: str, key: str | None, subject: str) -> int:
         """The position of the last event of ``key`` (of any key for None); 0 if there is none."""
