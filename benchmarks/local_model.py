@@ -1,13 +1,14 @@
 """The local model (SmolLM2 on llama.cpp, continuous batching) at 1, 4, 8 and 16 concurrent requests:
 called directly, and through ``conveyor up`` over HTTP + SSE, in one run.
 
-Per level: 4 * ``concurrency`` requests (at least 8; 64 new tokens at most, greedy), ``concurrency``
-in flight, so the engine runs near steady state rather than draining one wave. Reported:
+Per level: 4 * ``concurrency`` requests, at least 16 (one at a time then gives 48 first tokens over
+the rounds; 64 new tokens at most, greedy), ``concurrency`` in flight, so the engine runs near steady
+state rather than draining one wave. Reported:
 aggregate completion tokens/s, time to first token and end-to-end latency (p50), as medians of
 ``ROUNDS`` rounds over all levels (each round's ratio against its own single stream). Through Conveyor,
 the first token is the first SSE ``token`` event and the count comes from the recorded usage.
 Each weight type of ``--weights`` (default: q8_0, the default, and f16) is run whole, one after the
-other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~5 min per type).
+other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~6 min per type).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ async def level(call: Call, concurrency: int) -> dict[str, float]:
             return await call(i)
 
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(max(8, 4 * concurrency))))
+    results = await asyncio.gather(*(one(i) for i in range(max(16, 4 * concurrency))))
     wall = time.perf_counter() - start
     return {
         "tok_s": sum(r[2] for r in results) / wall,

@@ -424,15 +424,17 @@ def _usage(args: argparse.Namespace) -> int:
     return _on_running_log(args, show)
 
 
-def _window_options(parser: argparse.ArgumentParser, happened: str) -> argparse._ArgumentGroup:
-    """--since, --until and --tenant: which part of the history (requests that ``happened`` then)."""
+def _window_options(parser: argparse.ArgumentParser, happened: str, *, limit: bool = False) -> None:
+    """--since, --until, --tenant (and --limit): which part of the history, by when requests
+    ``happened``."""
     window = parser.add_argument_group("which requests")
     window.add_argument(
         "--since", type=_instant, help=f"{happened} at or after this ISO 8601 time (UTC by default)"
     )
     window.add_argument("--until", type=_instant, help=f"{happened} before this ISO 8601 time")
     window.add_argument("--tenant", help="only this tenant's requests")
-    return window
+    if limit:
+        window.add_argument("--limit", type=int, help="at most this many (the oldest first)")
 
 
 def _instant(text: str) -> datetime.datetime:
@@ -584,8 +586,7 @@ def command_line() -> argparse.ArgumentParser:
     _connection_options(replayed)
     _model_options(replayed)
     _stage_options(replayed)
-    window = _window_options(replayed, "accepted")
-    window.add_argument("--limit", type=int, help="at most this many (the oldest first)")
+    _window_options(replayed, "accepted", limit=True)
     replayed.set_defaults(func=_replay)
 
     used = commands.add_parser(

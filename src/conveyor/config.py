@@ -34,15 +34,14 @@ class ModelSettings:
     context: int = 1024
     prefix_cache: bool = True
     weights: str = "q8_0"
-
-    def __post_init__(self) -> None:
-        if self.weights not in LOCAL_WEIGHTS:
-            raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
-
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
     batch_target_latency: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in LOCAL_WEIGHTS:
+            raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
