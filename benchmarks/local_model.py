@@ -1,5 +1,5 @@
 """The local model (SmolLM2 on llama.cpp, continuous batching) at 1, 4, 8 and 16 concurrent requests:
-called directly, and through ``conveyor up`` over HTTP + SSE, in one run.
+called directly, and through ``conveyor up`` (its own API over HTTP + SSE, and the OpenAI API), in one run.
 
 Per level: 4 * ``concurrency`` requests, at least 16 (one at a time then gives 48 first tokens over
 the rounds; 64 new tokens at most, greedy), ``concurrency`` in flight, so the engine runs near steady
@@ -8,7 +8,7 @@ aggregate completion tokens/s, time to first token and end-to-end latency (p50),
 ``ROUNDS`` rounds over all levels (each round's ratio against its own single stream). Through Conveyor,
 the first token is the first SSE ``token`` event and the count comes from the recorded usage.
 Each weight type of ``--weights`` (default: q8_0, the default, and f16) is run whole, one after the
-other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~6 min per type).
+other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~8 min per type).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from conveyor.models.base import GenerationRequest
+from conveyor.models.base import MODEL_IDS, GenerationRequest
 from conveyor.models.local import LocalModel
 from conveyor.testing import UpProcess
 
@@ -80,6 +80,29 @@ async def conveyor_call(client: aiohttp.ClientSession, i: int) -> tuple[float, f
     raise RuntimeError(f"stream of {rid} ended without a final event")
 
 
+async def openai_call(client: aiohttp.ClientSession, i: int) -> tuple[float, float, int]:
+    """The same request as an OpenAI SDK user sends it: one streamed chat completion."""
+    body = {
+        "model": MODEL_IDS["local"],
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = 0.0
+    async with client.post("/v1/chat/completions", json=body) as response:
+        async for raw in response.content:
+            if not raw.startswith(b"data: {"):
+                continue
+            chunk = orjson.loads(raw[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - start
+            if chunk.get("usage"):
+                return first, time.perf_counter() - start, int(chunk["usage"]["completion_tokens"])
+    raise RuntimeError("a chat completion stream ended without its usage")
+
+
 async def level(call: Call, concurrency: int) -> dict[str, float]:
     gate = asyncio.Semaphore(concurrency)
 
@@ -115,7 +138,8 @@ async def rounds(system: str, call: Call) -> None:
 
 
 async def weight_type(weights: str) -> None:
-    """Both systems on one weight type: the engine called directly, then through ``conveyor up``."""
+    """One weight type: the engine called directly, then through ``conveyor up`` by its own API
+    (POST, then SSE) and by the OpenAI API (one streamed chat completion)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = LocalModel(cache_dir=Path(tmp) / "models", weights=weights)
         await direct_call(model, 0)  # warm up
@@ -127,6 +151,8 @@ async def weight_type(weights: str) -> None:
                 await conveyor_call(client, 0)  # warm up (loads the model in the worker)
                 call = functools.partial(conveyor_call, client)
                 await rounds(f"{weights}: conveyor up (HTTP + NATS + SSE)", call)
+                call = functools.partial(openai_call, client)
+                await rounds(f"{weights}: conveyor up (OpenAI API, streamed)", call)
         finally:
             up.stop()
             up.cleanup()
