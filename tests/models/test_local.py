@@ -51,12 +51,24 @@ def request(i: int, prompt: str, *, max_tokens: int = 48, stop: tuple[str, ...] 
     return GenerationRequest(id=f"r{i}", prompt=prompt, max_tokens=max_tokens, stop=stop)
 
 
-async def test_greedy_output_alone_equals_output_inside_a_batch_of_8(model: LocalModel) -> None:
+async def greedy_alone_equals_inside_a_batch_of_8(model: LocalModel) -> None:
     alone = [(await run(model, [request(i, p)]))[f"r{i}"] for i, p in enumerate(PROMPTS)]
     together = await run(model, [request(i, p) for i, p in enumerate(PROMPTS)])
     assert [together[f"r{i}"] for i in range(len(PROMPTS))] == alone
     assert "Paris" in alone[0][0]
     assert all(text.strip() for text, _ in alone)
+
+
+async def test_greedy_output_alone_equals_output_inside_a_batch_of_8(model: LocalModel) -> None:
+    await greedy_alone_equals_inside_a_batch_of_8(model)
+
+
+async def test_greedy_output_alone_equals_output_inside_a_batch_of_8_with_f16_weights(tmp_path: Path) -> None:
+    f16 = LocalModel(cache_dir=tmp_path, slots=8, context_per_slot=512, weights="f16")
+    try:
+        await greedy_alone_equals_inside_a_batch_of_8(f16)
+    finally:
+        await f16.close()
 
 
 async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answers_the_same(
