@@ -2,8 +2,10 @@
 
 A closed loop: ``concurrency`` clients each submit a request, read its event stream to the
 final event and submit the next, until ``requests`` were sent or ``seconds`` passed (bounded
-both ways, so it always stops by itself). Time to first token, latency and tokens are
-measured on the client's side of the HTTP connection, as a user sees them. Each prompt starts
+both ways, so it always stops by itself). ``api`` picks how: Conveyor's own (a submit, then
+its SSE stream) or the OpenAI API (one streamed chat completion, as an OpenAI SDK sends it).
+Time to first token, latency and tokens are measured on the client's side of the HTTP
+connection, as a user sees them. Each prompt starts
 with its request number, so that no request finds another's prompt in a model's prefix cache.
 """
 
@@ -12,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -30,6 +34,7 @@ class Load:
     prompt: str = "Explain what a message queue is."
     max_tokens: int = 64
     api_key: str | None = None
+    api: str = "conveyor"  # or "openai"
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,12 +80,16 @@ async def run(load: Load) -> Outcome:
     async with httpx.AsyncClient(
         base_url=load.url.rstrip("/"), headers=headers, limits=limits, timeout=httpx.Timeout(30, read=None)
     ) as client:
+        one: Callable[[httpx.AsyncClient, Load, int, Outcome], Awaitable[None]] = _one
+        if load.api == "openai":
+            models = (await client.get("/v1/models")).raise_for_status().json()["data"]
+            one = functools.partial(_one_chat, model=models[0]["id"])
 
         async def client_loop() -> None:
             for i in numbers:
                 outcome.sent += 1
                 try:
-                    await _one(client, load, i, outcome)
+                    await one(client, load, i, outcome)
                 except httpx.HTTPError as exc:
                     outcome.errors[f"{type(exc).__name__}: {exc}"] += 1
 
@@ -120,6 +129,39 @@ async def _one(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome) 
         outcome.ttft.append(first)
     usage = final.get("usage")
     outcome.tokens += int(usage.get("completion_tokens", 0)) if isinstance(usage, dict) else 0
+
+
+async def _one_chat(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome, *, model: str) -> None:
+    began = time.perf_counter()
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Request {i}. {load.prompt}"}],
+        "max_tokens": load.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    first: float | None = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code >= 400:
+            await response.aread()
+            outcome.errors[f"HTTP {response.status_code}: {_reason(response)}"] += 1
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                outcome.errors[f"failed: {chunk['error'].get('code')}: {chunk['error'].get('message')}"] += 1
+                return
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - began
+            if chunk.get("usage"):  # the last chunk
+                outcome.latency.append(time.perf_counter() - began)
+                if first is not None:
+                    outcome.ttft.append(first)
+                outcome.tokens += int(chunk["usage"].get("completion_tokens", 0))
+                return
+    outcome.errors["ended without a final chunk"] += 1
 
 
 def _reason(response: httpx.Response) -> str:

@@ -560,6 +560,12 @@ def command_line() -> argparse.ArgumentParser:
     bench.add_argument(
         "--api-key", default=os.environ.get("CONVEYOR_API_KEY"), help="the gateway's API key, if it needs one"
     )
+    bench.add_argument(
+        "--api",
+        choices=("conveyor", "openai"),
+        default="conveyor",
+        help="a submit and its event stream (default), or one streamed OpenAI chat completion",
+    )
     bench.set_defaults(func=_bench)
 
     dlq = commands.add_parser(

@@ -305,6 +305,17 @@ async def test_conveyor_bench_loads_the_gateway_and_reports_what_clients_saw(
     assert code == 1
     assert "requests: 3 sent, 0 completed, 3 not in" in report
     assert "error: 3 x HTTP 422: max_tokens_too_large" in report
+    # The same load through the OpenAI API, as an OpenAI SDK user sends it.
+    code, report = await bench("--requests", "10", "--max-tokens", "16", "--api", "openai")
+    assert code == 0, report
+    assert "requests: 10 sent, 10 completed, 0 not in" in report
+    tokens = re.search(r"([\d.]+) completion tokens/s", report)
+    assert tokens is not None, report
+    assert float(tokens.group(1)) > 0, report
+    assert re.search(r"time to first token  p50 \d+ ms", report), report
+    code, report = await bench("--requests", "2", "--max-tokens", "100000", "--api", "openai")
+    assert code == 1
+    assert re.search(r"error: 2 x HTTP 4\d\d: \S+: .*max_tokens", report), report
     assert up.stop() == 0
 
 
