@@ -181,19 +181,20 @@ class NatsEventLog(JetStreamBackend):
 
     async def _first_stored(self, stream: str, since: datetime) -> int | None:
         """The position of the stream's first message stored at or after ``since``; None if none is.
-        One direct get by time: the server finds it without reading the messages before it."""
+        One lookup by time, answered by the stream's leader (a replica may lag behind it) without
+        reading the messages before it."""
         body = orjson.dumps({"start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")})
         try:
-            (reply,) = await self._heard([(f"$JS.API.DIRECT.GET.{stream}", body, None)])
-        except (nats.errors.Error, TimeoutError) as exc:
+            (reply,) = await self._heard([(f"$JS.API.STREAM.MSG.GET.{stream}", body, None)])
+            found = orjson.loads(reply.data).get("message")
+        except (nats.errors.Error, TimeoutError, orjson.JSONDecodeError) as exc:
             raise UnavailableError(f"looking up {stream} by time failed: {exc!r}") from exc
-        headers = reply.headers or {}
-        if "Nats-Sequence" not in headers:
-            return None  # 404: the stream is empty
+        if found is None:
+            return None  # an error answer: no message (the stream is empty)
         # Asked for a time after its last message, the server answers with its first one.
-        if datetime.fromisoformat(headers["Nats-Time-Stamp"]) < since:
+        if datetime.fromisoformat(found["time"]) < since:
             return None
-        return int(headers["Nats-Sequence"])
+        return int(found["seq"])
 
     async def _last_position(self, stream: str, key: str | None, subject: str) -> int:
         """The position of the last event of ``key`` (of any key for None); 0 if there is none."""
