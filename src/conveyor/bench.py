@@ -5,8 +5,8 @@ final event and submit the next, until ``requests`` were sent or ``seconds`` pas
 both ways, so it always stops by itself). ``api`` picks how: Conveyor's own (a submit, then
 its SSE stream) or the OpenAI API (one streamed chat completion, as an OpenAI SDK sends it).
 Time to first token, latency and tokens are measured on the client's side of the HTTP
-connection, as a user sees them. Each prompt starts
-with its request number, so that no request finds another's prompt in a model's prefix cache.
+connection, as a user sees them. Each prompt starts with its request number, so that no request
+finds another's prompt in a model's prefix cache.
 """
 
 from __future__ import annotations
