@@ -5,7 +5,8 @@ one token of every running sequence (per-sequence KV streams, as the engine sets
 step is timed alone, with no Conveyor and no Python sampling, for 1-16 sequences and several weight
 types re-quantized from the shipped Q4_1 file. ``16 steps / step(16)`` over ``1 / step(1)`` is the
 most tokens/s that 16 concurrent requests can gain over one at a time on this CPU, before any
-prompt is prefilled. Run: ``.venv/bin/python benchmarks/decode_steps.py`` (~1 min).
+prompt is prefilled. Run: ``.venv/bin/python benchmarks/decode_steps.py [--types Q8_0,F16,...]``
+(~20 s per type; any ``LLAMA_FTYPE_MOSTLY_*`` name, e.g. Q4_K_M, Q6_K, IQ4_NL, BF16).
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ def step_times(llama: Any, path: Path, threads: int = 2) -> dict[int, float]:
     return out
 
 
-def main() -> None:
+def main(types: list[str]) -> None:
     llama = _llama()
     llama.llama_backend_init()
     print("| weights | sequences per step | ms per step | tokens/s | vs 1 sequence |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for ftype in TYPES:
+        for ftype in types:
             times = step_times(llama, weights(llama, ftype, Path(tmp)))
             for n, seconds in times.items():
                 gain = n * times[1] / seconds
@@ -84,4 +85,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default=",".join(TYPES), help="weight types, comma-separated")
+    main(parser.parse_args().types.split(","))
