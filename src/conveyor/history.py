@@ -1,8 +1,7 @@
 """A slice of the log's history: the events of a time window and a tenant, each request's once.
 
-The window's start is looked up by time in the log (``EventLog.tail(since=…)``), so a report on
-last week reads last week, not the whole topic before it; its end is not (a topic is read on to
-its current end: the events after the window are skipped).
+The window's start and end are looked up by time in the log (``EventLog.tail(since=…,
+until=…)``), so a report on last week reads last week, not the whole topic around it.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from datetime import datetime, timedelta
 from conveyor.events import Envelope
 from conveyor.log.base import EventLog
 
-CLOCK_SKEW = timedelta(minutes=5)  # how far a producer's clock may run ahead of the log's
+CLOCK_SKEW = timedelta(minutes=5)  # how far a producer's clock may be from the log's
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,10 +40,11 @@ async def each_request(
     published again after the log's duplicate window (a retried submit, a redone stage) is stored
     twice, and only the first counts."""
     seen: set[str] = set()
-    # The log finds where the window starts by its own timestamps; an event's time is its
-    # producer's clock, which may run ahead of the log's: start a little earlier.
+    # The log finds the window's bounds by its own timestamps; an event's time is its producer's
+    # clock, which may run ahead of the log's or behind it: read a little more on both sides.
     start = None if window.since is None else window.since - CLOCK_SKEW
-    async with contextlib.aclosing(log.tail(topic, None, follow=False, since=start)) as tailed:
+    end = None if window.until is None else window.until + CLOCK_SKEW
+    async with contextlib.aclosing(log.tail(topic, None, follow=False, since=start, until=end)) as tailed:
         async for item in tailed:
             event = item.envelope
             if event.type != event_type or event.request_id in seen or not window.admits(event):

@@ -7,6 +7,8 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from conveyor.events import Envelope, new_event
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.payloads import RequestAccepted
@@ -138,8 +140,9 @@ async def a_moment_later() -> datetime:
     return moment
 
 
-async def test_tail_since_a_time_skips_what_the_log_stored_before_it(log: EventLog) -> None:
-    await log.publish("control", [event(f"old{i}", key=f"k{i}") for i in range(3)])
+async def test_tail_since_and_until_a_time_reads_only_what_the_log_stored_in_between(log: EventLog) -> None:
+    old = [event(f"old{i}", key=f"k{i}") for i in range(3)]
+    await log.publish("control", old)
     since = await a_moment_later()
     recent = [event(f"new{i}", key=f"k{i}") for i in range(3)]
     await log.publish("control", recent)
@@ -161,6 +164,18 @@ async def test_tail_since_a_time_skips_what_the_log_stored_before_it(log: EventL
     await log.publish("control", [late])
     async with asyncio.timeout(10):
         assert await waiting == late.id
+
+    # Bounded at the other end too: what the log stamped from ``until`` on is not read.
+    between = [t.envelope.id async for t in log.tail("control", None, follow=False, since=since, until=later)]
+    assert sorted(between) == sorted(e.id for e in recent)
+    before = [t.envelope.id async for t in log.tail("control", "k2", follow=False, until=since)]
+    assert before == [old[2].id]
+    assert [t.envelope.id async for t in log.tail("control", "k2", follow=False, until=later)] == [
+        old[2].id,
+        recent[2].id,
+    ]
+    with pytest.raises(ValueError, match="until ends a tail that does not follow"):
+        await anext(log.tail("control", None, until=later))
 
 
 async def test_tail_without_a_key_reads_every_key_and_an_empty_topic_ends(log: EventLog) -> None:

@@ -26,12 +26,16 @@ def accepted(prompt: str, at: str, **attributes: object) -> Envelope:
 
 
 async def test_requests_of_a_window_are_answered_again_beside_their_old_answers() -> None:
-    source = MemoryEventLog()
+    clock = [0.0]  # the log stamps each event as it was stored, on the days of this history
+    source = MemoryEventLog(clock=lambda: clock[0])
     early = accepted("too early", "2026-11-01T00:00:00.000000Z")
     answered = accepted("write to jane@example.com", "2026-11-02T00:00:00.000000Z")
     expired = accepted("a caller who gave up", "2026-11-02T01:00:00.000000Z", deadline=time.time() - 3600)
     other = accepted("someone else's", "2026-11-02T02:00:00.000000Z", tenant="globex")
-    await source.publish(Topic.REQUESTS, [early, answered, expired, other])
+    for event in (early, answered, expired, other):
+        clock[0] = datetime.fromisoformat(event.time).timestamp()
+        await source.publish(Topic.REQUESTS, [event])
+    clock[0] = time.time()
     # A submit retried past the log's duplicate window is stored twice; it is replayed once.
     source.append_raw(Topic.REQUESTS, answered.key, answered.to_headers(), answered.data)
     old = RequestCompleted(output="the old answer", streamed_chars=14)

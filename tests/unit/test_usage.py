@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime
 
 import orjson
 
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.history import Window
-from conveyor.payloads import EventType, FinishReason, GenerationCompleted, RequestFailed, Usage
+from conveyor.payloads import (
+    EventType,
+    FinishReason,
+    GenerationCompleted,
+    RequestCompleted,
+    RequestFailed,
+    Usage,
+)
 from conveyor.stages import finalize_stage
 from conveyor.store.base import Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
@@ -98,12 +106,14 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
 
 
 async def test_usage_of_a_window_counts_the_requests_that_completed_in_it() -> None:
-    log = MemoryEventLog()
-    finalize = StageHarness(finalize_stage(), log=log)
-    await finalize.handle(generated("acme", "small", 10, 20))
-    (recent,) = log.events(Topic.COMPLETED)
-    old = dataclasses.replace(recent, id="old", request_id="old-request", time="2026-01-05T00:00:00.000000Z")
-    await log.publish(Topic.COMPLETED, [old])
+    clock = [datetime(2026, 1, 5, tzinfo=UTC).timestamp()]  # when the log stores what follows
+    log = MemoryEventLog(clock=lambda: clock[0])
+    counts = Usage(prompt_tokens=10, completion_tokens=20)
+    payload = RequestCompleted(output="x" * 20, streamed_chars=20, usage=counts)
+    old = new_event(type=EventType.COMPLETED, source="test", payload=payload, tenant="acme", model="small")
+    await log.publish(Topic.COMPLETED, [dataclasses.replace(old, time="2026-01-05T00:00:00.000000Z")])
+    clock[0] = time.time()
+    await StageHarness(finalize_stage(), log=log).handle(generated("acme", "small", 10, 20))
 
     january = Window(since=datetime(2026, 1, 1, tzinfo=UTC), until=datetime(2026, 2, 1, tzinfo=UTC))
     assert [(t.requests, t.total_tokens) for t in await usage(log, january)] == [(1, 30)]

@@ -78,6 +78,12 @@ class Lag:
     partition: int | None = None  # set by partitioned logs (Kafka), which report each partition
 
 
+def check_bounds(follow: bool, until: datetime | None) -> None:
+    """A tail that follows waits for new events and has no end: ``until`` is refused there."""
+    if follow and until is not None:
+        raise ValueError("until ends a tail that does not follow; pass follow=False")
+
+
 class Subscription(Protocol):
     """A member of a durable consumer group on one topic."""
 
@@ -101,7 +107,8 @@ class EventLog(Protocol):
       just after position ``after``, without joining any group; with ``follow`` it
       waits for new events, without it it stops at the current end. With ``since`` it
       starts at the first event the log stored at or after that time (by the log's own
-      timestamps), found by lookup rather than by reading what came before.
+      timestamps), found by lookup rather than by reading what came before; with ``until``
+      (not following) it stops before the first one stored at or after that time.
     * ``find`` returns a request's latest event on a topic (or None) by direct lookup.
     """
 
@@ -117,6 +124,7 @@ class EventLog(Protocol):
         after: int = 0,
         follow: bool = True,
         since: datetime | None = None,
+        until: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]: ...
 
     async def find(self, topic: str, request_id: str) -> Envelope | None:

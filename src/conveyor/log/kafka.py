@@ -60,7 +60,7 @@ from urllib.parse import parse_qs, urlsplit
 from conveyor.errors import MissingExtraError, UnavailableError
 from conveyor.events import Envelope
 from conveyor.ids import id_time_ms
-from conveyor.log.base import Delivery, Lag, Tailed
+from conveyor.log.base import Delivery, Lag, Tailed, check_bounds
 
 try:
     import confluent_kafka
@@ -316,13 +316,16 @@ class KafkaEventLog:
         after: int = 0,
         follow: bool = True,
         since: datetime | None = None,
+        until: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]:
+        check_bounds(follow, until)
         if key is None and after:
             raise ValueError("tail of every key starts at the beginning: resume a position with its key")
         count = await self._topic(topic)
         name = self.topic_name(topic)
         wanted = key.encode() if key is not None else None
         since_ms = None if since is None else int(since.timestamp() * 1000)
+        until_ms = None if until is None else int(until.timestamp() * 1000)
         reader = self._reader()
         try:
             if key is None:
@@ -343,13 +346,21 @@ class KafkaEventLog:
                 starts = [start]
             await reader.assign([TopicPartition(name, p, o) for p, o in zip(partitions, starts, strict=True)])
             ended: set[int] = set()
+            past: set[int] = set()  # partitions read up to ``until``
             seen: collections.OrderedDict[str, int] = collections.OrderedDict()
             while follow or len(ended) < len(partitions):
                 for message in await reader.read(500, 0.5):
                     error = message.error()
+                    partition = message.partition() or 0
                     if error is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            ended.add(message.partition() or 0)
+                            ended.add(partition)
+                        continue
+                    if until_ms is not None and (partition in past or message.timestamp()[1] >= until_ms):
+                        if partition not in past:  # the partition's end: later records are not read
+                            past.add(partition)
+                            ended.add(partition)
+                            await reader.pause([TopicPartition(name, partition)])
                         continue
                     if wanted is not None and message.key() != wanted:
                         continue  # another key of the same partition

@@ -7,12 +7,12 @@ import bisect
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime
 
 from conveyor.errors import InvalidEventError
 from conveyor.events import Envelope
-from conveyor.log.base import Delivery, Lag, Subscription, Tailed
+from conveyor.log.base import Delivery, Lag, Subscription, Tailed, check_bounds
 
 
 @dataclasses.dataclass(slots=True)
@@ -21,7 +21,7 @@ class _Record:
     key: str
     headers: dict[str, str]
     body: bytes
-    stored: float  # the log's timestamp (time.time())
+    stored: float  # the log's timestamp
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,9 +42,10 @@ class _Topic:
 class MemoryEventLog:
     """Every topic is a list; groups keep a cursor and an ack deadline per delivered message."""
 
-    def __init__(self, *, ack_wait: float = 30.0) -> None:
+    def __init__(self, *, ack_wait: float = 30.0, clock: Callable[[], float] = time.time) -> None:
         self._topics: dict[str, _Topic] = {}
         self._ack_wait = ack_wait
+        self._clock = clock  # the log's timestamps (a test builds a history of past days with it)
 
     def _topic(self, name: str) -> _Topic:
         topic = self._topics.get(name)
@@ -68,7 +69,7 @@ class MemoryEventLog:
             return
         if dedupe_id:
             t.ids.add(dedupe_id)
-        t.records.append(_Record(len(t.records) + 1, key, dict(headers), body, time.time()))
+        t.records.append(_Record(len(t.records) + 1, key, dict(headers), body, self._clock()))
 
     def topics(self) -> list[str]:
         return list(self._topics)
@@ -93,13 +94,18 @@ class MemoryEventLog:
         after: int = 0,
         follow: bool = True,
         since: datetime | None = None,
+        until: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]:
+        check_bounds(follow, until)
         t = self._topic(topic)
         index = after
         if since is not None:
             index = max(index, bisect.bisect_left(t.records, since.timestamp(), key=lambda r: r.stored))
         while True:
-            while index < len(t.records):
+            end = len(t.records)
+            if until is not None:
+                end = bisect.bisect_left(t.records, until.timestamp(), key=lambda r: r.stored)
+            while index < end:
                 record = t.records[index]
                 index += 1
                 if key is None or record.key == key:

@@ -33,7 +33,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
 from conveyor.jetstream import JetStreamBackend, stored
-from conveyor.log.base import Delivery, Lag, Tailed
+from conveyor.log.base import Delivery, Lag, Tailed, check_bounds
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DAY = 86_400.0
@@ -156,7 +156,9 @@ class NatsEventLog(JetStreamBackend):
         after: int = 0,
         follow: bool = True,
         since: datetime | None = None,
+        until: datetime | None = None,
     ) -> AsyncGenerator[Tailed, None]:
+        check_bounds(follow, until)
         stream = await self._ensure(topic)
         subject = self._filter(topic, key)
         start = after + 1
@@ -166,6 +168,10 @@ class NatsEventLog(JetStreamBackend):
             start = max(start, newest + 1 if first is None else first)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
         end = None if follow else await self._last_position(stream, key, subject)
+        if end is not None and until is not None:
+            beyond = await self._first_stored(stream, until)
+            # Cut short by the bound, the key still has a later event: its delivery ends the read.
+            end = end if beyond is None else min(end, beyond - 1)
         if end is not None and end < start:
             return
         sub = await self._js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
@@ -173,6 +179,8 @@ class NatsEventLog(JetStreamBackend):
             while True:
                 msg = await sub.next_msg(timeout=None)
                 position = _delivered(msg.reply)[1]
+                if end is not None and position > end:
+                    return
                 yield Tailed(position, Envelope.from_headers(msg.headers, msg.data))
                 if end is not None and position >= end:
                     return
