@@ -5,8 +5,10 @@ Per level: 4 * ``concurrency`` requests, at least 16 (one at a time then gives 4
 the rounds; 64 new tokens at most, greedy), ``concurrency`` in flight, so the engine runs near steady
 state rather than draining one wave. Reported:
 aggregate completion tokens/s, time to first token and end-to-end latency (p50), as medians of
-``ROUNDS`` rounds over all levels (each round's ratio against its own single stream). Through Conveyor,
-the first token is the first SSE ``token`` event and the count comes from the recorded usage.
+``ROUNDS`` rounds; each round runs every system over all levels, one system after the other, and each
+ratio is against the same round's single stream, each TTFT overhead against the same round's direct
+call. Through Conveyor, the first token is the first SSE ``token`` event (the first content chunk of
+the OpenAI stream) and the count comes from the recorded usage.
 Each weight type of ``--weights`` (default: q8_0, the default, and f16) is run whole, one after the
 other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~8 min per type).
 """
@@ -120,42 +122,52 @@ async def level(call: Call, concurrency: int) -> dict[str, float]:
     }
 
 
-async def rounds(system: str, call: Call) -> None:
-    """Every level ``ROUNDS`` times, one round after the other, so that each round's ratio to one
-    request at a time compares runs minutes apart at most: this VM has slow spells."""
-    runs: dict[int, list[dict[str, float]]] = {c: [] for c in LEVELS}
+async def rounds(weights: str, systems: dict[str, Call]) -> None:
+    """Every level of every system, ``ROUNDS`` times: each round runs the systems one after the
+    other, so that both a round's ratios to one request at a time and its TTFT overhead compare
+    runs minutes apart at most (this VM has slow spells)."""
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {c: [] for c in LEVELS} for s in systems}
     for _ in range(ROUNDS):
+        for system, call in systems.items():
+            for c in LEVELS:
+                runs[system][c].append(await level(call, c))
+    for system, by_level in runs.items():
+        alone = by_level[LEVELS[0]]
         for c in LEVELS:
-            runs[c].append(await level(call, c))
-    for c in LEVELS:
-        ratios = [r["tok_s"] / one["tok_s"] for r, one in zip(runs[c], runs[LEVELS[0]], strict=True)]
-        cell = {k: statistics.median(r[k] for r in runs[c]) for k in ("tok_s", "ttft", "latency")}
-        print(
-            f"| {system} | {c} | {cell['tok_s']:.0f} | {statistics.median(ratios):.2f}x "
-            f"({min(ratios):.2f}-{max(ratios):.2f}) | {cell['ttft']:.0f} | {cell['latency']:.0f} |",
-            flush=True,
-        )
+            ratios = [r["tok_s"] / one["tok_s"] for r, one in zip(by_level[c], alone, strict=True)]
+            cell = {k: statistics.median(r[k] for r in by_level[c]) for k in ("tok_s", "ttft", "latency")}
+            print(
+                f"| {weights}: {system} | {c} | {cell['tok_s']:.0f} | {statistics.median(ratios):.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) | {cell['ttft']:.0f} | {cell['latency']:.0f} |",
+                flush=True,
+            )
+    direct, *through = (by_level[LEVELS[0]] for by_level in runs.values())
+    for system, alone in zip(list(systems)[1:], through, strict=True):
+        overheads = [r["ttft"] - d["ttft"] for r, d in zip(alone, direct, strict=True)]
+        each = ", ".join(f"{o:.0f}" for o in overheads)
+        print(f"{weights}, {system}: TTFT overhead one at a time, per round: {each} ms", flush=True)
 
 
 async def weight_type(weights: str) -> None:
-    """One weight type: the engine called directly, then through ``conveyor up`` by its own API
-    (POST, then SSE) and by the OpenAI API (one streamed chat completion)."""
+    """One weight type: the engine called directly, and through ``conveyor up`` by its own API
+    (POST, then SSE) and by the OpenAI API (one streamed chat completion), round by round."""
     with tempfile.TemporaryDirectory() as tmp:
         model = LocalModel(cache_dir=Path(tmp) / "models", weights=weights)
-        await direct_call(model, 0)  # warm up
-        await rounds(f"{weights}: direct (same engine, no Conveyor)", functools.partial(direct_call, model))
-        await model.close()
         up = UpProcess(Path(tmp) / "data", "--model", "local", "--model-weights", weights).start(timeout=120)
         try:
             async with aiohttp.ClientSession(up.url) as client:
-                await conveyor_call(client, 0)  # warm up (loads the model in the worker)
-                call = functools.partial(conveyor_call, client)
-                await rounds(f"{weights}: conveyor up (HTTP + NATS + SSE)", call)
-                call = functools.partial(openai_call, client)
-                await rounds(f"{weights}: conveyor up (OpenAI API, streamed)", call)
+                await direct_call(model, 0)  # warm up both engines
+                await conveyor_call(client, 0)
+                systems: dict[str, Call] = {
+                    "direct (same engine, no Conveyor)": functools.partial(direct_call, model),
+                    "conveyor up (HTTP + NATS + SSE)": functools.partial(conveyor_call, client),
+                    "conveyor up (OpenAI API, streamed)": functools.partial(openai_call, client),
+                }
+                await rounds(weights, systems)
         finally:
             up.stop()
             up.cleanup()
+            await model.close()
 
 
 async def main(weight_types: list[str]) -> None:
