@@ -193,7 +193,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
         store = settings.store_url or "the log's key-value buckets"
         print(f"  log: {log_url} ({origin}); store: {store}", flush=True)
-        print(f"  stages: {stages}; model: {settings.model.backend}", flush=True)
+        print(f"  stages: {stages}; model: {_model_label(settings)}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
         print(READY, flush=True)
@@ -204,6 +204,11 @@ def _up(args: argparse.Namespace) -> int:
 
 
 READY = "  Ctrl-C drains in-flight work and stops."  # the last line of every banner
+
+
+def _model_label(settings: Settings) -> str:
+    local = settings.model.backend == "local"
+    return f"local ({settings.model.weights} weights)" if local else settings.model.backend
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -221,7 +226,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
     def ready(_: str, log_url: str, metrics_urls: list[str]) -> None:
-        model = f"; model: {settings.model.backend}" if "generate" in settings.stages else ""
+        model = f"; model: {_model_label(settings)}" if "generate" in settings.stages else ""
         print(f"Conveyor worker: stages {', '.join(settings.stages)}{model}; log {log_url}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)

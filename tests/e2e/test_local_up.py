@@ -20,6 +20,7 @@ async def test_the_default_model_answers_in_english_and_streams_what_it_answers(
     conveyor: ConveyorFactory,
 ) -> None:
     up = conveyor(model="local").start(timeout=120)
+    assert any("model: local (q8_0 weights)" in line for line in up.output), up.output
     prompts = ["What is the capital of France?", "Write one sentence about the sea."]
     async with httpx.AsyncClient(base_url=up.url, timeout=120) as client:
         rids = await asyncio.gather(*(submit(client, p, max_tokens=48) for p in prompts))
