@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -29,9 +31,13 @@ from conveyor.projector import read_view
 from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
+logger = logging.getLogger("conveyor.gateway")
+
 _ACCEPTED, _PREPARED, _GENERATING, _FIRST_TOKEN = 1, 2, 3, 4
 Event = tuple[int, str, dict[str, Any]]  # (SSE id, event name, data)
 KEEPALIVE_SECONDS = 15.0
+TAIL_RETRY_SECONDS = 30.0  # a broker node's failover takes seconds; a stream rides it out
+TAIL_RETRY_PAUSE = 0.25
 
 
 def format_event(event_id: int, event: str, data: Any) -> str:
@@ -112,13 +118,29 @@ class Sequencer:
         return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, data)
 
 
-async def _pump_chunks(log: EventLog, request_id: str, queue: asyncio.Queue[Any]) -> None:
-    try:
-        async for tailed in log.tail(Topic.STREAM, request_id):
-            if tailed.envelope.type == EventType.TOKEN:
-                queue.put_nowait(("chunk", decode(TokenChunk, tailed.envelope.data)))
-    except Exception as exc:  # hand it to the response, which ends the stream with the error
-        queue.put_nowait(("error", exc))
+async def _pump_chunks(
+    log: EventLog, request_id: str, queue: asyncio.Queue[Any], *, retry_for: float = TAIL_RETRY_SECONDS
+) -> None:
+    """Tail the request's chunks into ``queue``. A tail that fails (the broker fails over to another
+    node, a connection drops) is opened again after the last chunk read, for up to ``retry_for``
+    seconds without progress; only then does the stream end with the error."""
+    after = 0
+    failing_since: float | None = None
+    while True:
+        try:
+            async for tailed in log.tail(Topic.STREAM, request_id, after=after):
+                after, failing_since = tailed.position, None
+                if tailed.envelope.type == EventType.TOKEN:
+                    queue.put_nowait(("chunk", decode(TokenChunk, tailed.envelope.data)))
+            return
+        except Exception as exc:
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since >= retry_for:  # hand it to the response, which ends with it
+                queue.put_nowait(("error", exc))
+                return
+            logger.warning("the token stream of %s failed (%r); reading it again", request_id, exc)
+            await asyncio.sleep(TAIL_RETRY_PAUSE)
 
 
 async def request_events(

@@ -1,0 +1,67 @@
+"""A request's event stream rides out a token tail that fails, as during a broker node's failover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncGenerator
+from datetime import datetime
+
+from conveyor.errors import UnavailableError
+from conveyor.events import Topic, new_event
+from conveyor.gateway.sse import request_events
+from conveyor.gateway.watch import StatusWatch
+from conveyor.log.base import Tailed
+from conveyor.payloads import EventType, TokenChunk
+from conveyor.store.base import Namespace
+from conveyor.testing import MemoryEventLog, MemoryStateStore
+from conveyor.view import RequestView
+
+
+class BrokenOnce(MemoryEventLog):
+    """A memory log whose first tail breaks after its first event (a stream leader gone); later
+    tails work, and are told where to resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resumed_after: list[int] = []
+
+    async def tail(
+        self,
+        topic: str,
+        key: str | None,
+        *,
+        after: int = 0,
+        follow: bool = True,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> AsyncGenerator[Tailed, None]:
+        self.resumed_after.append(after)
+        async with contextlib.aclosing(super().tail(topic, key, after=after, follow=follow)) as tailed:
+            async for item in tailed:
+                yield item
+                if len(self.resumed_after) == 1:
+                    raise UnavailableError("the stream's leader is gone")
+
+
+async def test_a_token_tail_that_fails_is_opened_again_after_the_last_chunk_read() -> None:
+    log, store = BrokenOnce(), MemoryStateStore()
+    rid = "r1"
+    pieces = ["Hel", "lo ", "world"]
+    offset = 0
+    for i, piece in enumerate(pieces):
+        chunk = TokenChunk(index=i, offset=offset, text=piece, final=i == len(pieces) - 1)
+        offset += len(piece)
+        event = new_event(type=EventType.TOKEN, source="test", payload=chunk, request_id=rid)
+        await log.publish(Topic.STREAM, [dataclasses.replace(event, key=rid)])
+    done = RequestView(id=rid, status="completed", output="Hello world", streamed_chars=offset)
+    await store.put(Namespace.STATUS, rid, done.public_json())
+
+    async with asyncio.timeout(10):
+        events = [e async for e in request_events(rid, 0, log, store, StatusWatch(store)) if e is not None]
+
+    tokens = "".join(data["text"] for _, name, data in events if name == "token")
+    assert tokens == "Hello world"  # each character once, none lost at the break
+    assert [name for _, name, _ in events][-1] == "completed"
+    assert log.resumed_after == [0, 1]  # opened again after the chunk it had read
