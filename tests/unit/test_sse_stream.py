@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator
-from datetime import datetime
+from typing import Any
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Topic, new_event
@@ -27,18 +27,9 @@ class BrokenOnce(MemoryEventLog):
         super().__init__()
         self.resumed_after: list[int] = []
 
-    async def tail(
-        self,
-        topic: str,
-        key: str | None,
-        *,
-        after: int = 0,
-        follow: bool = True,
-        since: datetime | None = None,
-        until: datetime | None = None,
-    ) -> AsyncGenerator[Tailed, None]:
-        self.resumed_after.append(after)
-        async with contextlib.aclosing(super().tail(topic, key, after=after, follow=follow)) as tailed:
+    async def tail(self, topic: str, key: str | None, **options: Any) -> AsyncGenerator[Tailed, None]:
+        self.resumed_after.append(options.get("after", 0))
+        async with contextlib.aclosing(super().tail(topic, key, **options)) as tailed:
             async for item in tailed:
                 yield item
                 if len(self.resumed_after) == 1:
