@@ -162,12 +162,17 @@ class NatsEventLog(JetStreamBackend):
         stream = await self._ensure(topic)
         subject = self._filter(topic, key)
         start = after + 1
+        newest = None
         if since is not None:
             newest = await self._last_position(stream, None, subject)  # first: no event slips between
             first = await self._first_stored(stream, since)
             start = max(start, newest + 1 if first is None else first)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        end = None if follow else await self._last_position(stream, key, subject)
+        end = None
+        if not follow and key is None and newest is not None:
+            end = newest  # the stream's end, read just now for ``since``
+        elif not follow:
+            end = await self._last_position(stream, key, subject)
         if end is not None and until is not None:
             beyond = await self._first_stored(stream, until)
             # Cut short by the bound, the key still has a later event: its delivery ends the read.
