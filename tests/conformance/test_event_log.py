@@ -130,6 +130,33 @@ async def test_tail_reads_one_key_in_order_and_resumes_after_a_position(log: Eve
         assert await waiting == [mine[3].id]
 
 
+async def test_followers_that_join_while_their_keys_are_written_read_every_event_once(log: EventLog) -> None:
+    """An SSE stream opens while its request is generating: whenever a follower of one key
+    joins, it reads that key's events from the first, then each new one, once and in order."""
+    keys = [f"req-{i}" for i in range(6)]
+    rounds = 4
+    published: dict[str, list[str]] = {key: [] for key in keys}
+
+    async def follow(key: str) -> list[str]:
+        ids: list[str] = []
+        async for t in log.tail("stream", key):
+            ids.append(t.envelope.id)
+            if len(ids) == rounds:
+                break
+        return ids
+
+    followers: dict[str, asyncio.Task[list[str]]] = {}
+    for n in range(rounds):
+        for i, key in enumerate(keys):
+            if i == n or (n == rounds - 1 and key not in followers):  # joins before its n-th event
+                followers[key] = asyncio.create_task(follow(key))
+            written = event(f"{key}-{n}", key=key)
+            await log.publish("stream", [written])
+            published[key].append(written.id)
+    async with asyncio.timeout(20):
+        assert {key: await task for key, task in followers.items()} == published
+
+
 async def a_moment_later() -> datetime:
     """A time after every timestamp the log gave so far and before any it gives next. Log
     timestamps come from the wall clock (Kafka's to the millisecond), so what this waits for is

@@ -14,20 +14,22 @@ the log keeps serving when one node dies; the client moves to another node by it
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import hashlib
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import nats
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError as JsNotFound
 
 from conveyor.errors import UnavailableError
@@ -70,6 +72,7 @@ class NatsEventLog(JetStreamBackend):
         self._retention = retention
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
+        self._followers: dict[str, _Followers] = {}
 
     def stream_name(self, topic: str) -> str:
         return f"{self._prefix}_{topic}".upper().replace("-", "_").replace(".", "_")
@@ -161,6 +164,10 @@ class NatsEventLog(JetStreamBackend):
         check_bounds(follow, until)
         stream = await self._ensure(topic)
         subject = self._filter(topic, key)
+        if follow and key is not None and since is None:
+            async for tailed in self._follow_key(topic, stream, key, subject, after):
+                yield tailed
+            return
         start = after + 1
         newest = None
         if since is not None:
@@ -192,20 +199,69 @@ class NatsEventLog(JetStreamBackend):
         finally:
             await sub.unsubscribe()
 
+    async def _follow_key(
+        self, topic: str, stream: str, key: str, subject: str, after: int
+    ) -> AsyncGenerator[Tailed, None]:
+        """Follow one key (an SSE stream follows its request's chunks) through the topic's shared
+        consumer: its history first, one lookup an event, then what the consumer brings.
+
+        The tail listens before it reads where the key's history ends, and the shared consumer
+        already runs then: an event stored after that read reaches the listener, one stored
+        before it is in the history, and one that is both is sent once (by position)."""
+        followers = await self._followers_of(topic, stream)
+        with followers.listen(key_token(key)) as arrivals:
+            end = await self._last_position(stream, key, subject)
+            position = after
+            while position < end:
+                found = await self._stored(stream, {"seq": position + 1, "next_by_subj": subject})
+                if found is None or int(found["seq"]) > end:
+                    break
+                position = int(found["seq"])
+                data = base64.b64decode(found.get("data") or "")
+                yield Tailed(position, Envelope.from_headers(_header_block(found.get("hdrs")), data))
+            while True:
+                arrived, headers, data = await arrivals.get()
+                if arrived > position:
+                    position = arrived
+                    yield Tailed(position, Envelope.from_headers(headers, data))
+
+    async def _followers_of(self, topic: str, stream: str) -> _Followers:
+        async with self._lock:
+            followers = self._followers.get(topic)
+            if followers is None:
+                try:
+                    last = await self._last_position(stream, None, "")
+                    followers = await _Followers.start(self._js, stream, f"{self._prefix}.{topic}.>", last)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    raise UnavailableError(f"following {topic} failed: {exc!r}") from exc
+                self._followers[topic] = followers
+        return followers
+
+    async def _stored(self, stream: str, query: dict[str, Any]) -> dict[str, Any] | None:
+        """The message of ``stream`` that ``query`` names (by ``seq``, ``next_by_subj``,
+        ``last_by_subj`` or ``start_time``) as the stream's leader has it (a replica may lag behind
+        it); None if there is none."""
+        try:
+            (reply,) = await self._heard([(f"$JS.API.STREAM.MSG.GET.{stream}", orjson.dumps(query), None)])
+            answer = orjson.loads(reply.data)
+        except (nats.errors.Error, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise UnavailableError(f"reading {stream} failed: {exc!r}") from exc
+        error = answer.get("error")
+        if error is not None and error.get("code") == 404:
+            return None
+        if error is not None or not isinstance(answer.get("message"), dict):
+            raise UnavailableError(f"reading {stream} failed: {error or answer}")
+        found: dict[str, Any] = answer["message"]
+        return found
+
     async def _first_stored(self, stream: str, since: datetime) -> int | None:
         """The position of the stream's first message stored at or after ``since``; None if none is.
-        One lookup by time, answered by the stream's leader (a replica may lag behind it) without
-        reading the messages before it."""
-        body = orjson.dumps({"start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")})
-        try:
-            (reply,) = await self._heard([(f"$JS.API.STREAM.MSG.GET.{stream}", body, None)])
-            found = orjson.loads(reply.data).get("message")
-        except (nats.errors.Error, TimeoutError, orjson.JSONDecodeError) as exc:
-            raise UnavailableError(f"looking up {stream} by time failed: {exc!r}") from exc
-        if found is None:
-            return None  # an error answer: no message (the stream is empty)
+        One lookup by time, without reading the messages before it."""
+        found = await self._stored(
+            stream, {"start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+        )
         # Asked for a time after its last message, the server answers with its first one.
-        if datetime.fromisoformat(found["time"]) < since:
+        if found is None or datetime.fromisoformat(found["time"]) < since:
             return None
         return int(found["seq"])
 
@@ -213,10 +269,8 @@ class NatsEventLog(JetStreamBackend):
         """The position of the last event of ``key`` (of any key for None); 0 if there is none."""
         if key is None:
             return int((await self._js.stream_info(stream)).state.last_seq)
-        try:
-            return int((await self._js.get_last_msg(stream, subject)).seq or 0)
-        except JsNotFound:
-            return 0
+        found = await self._stored(stream, {"last_by_subj": subject})
+        return 0 if found is None else int(found["seq"])
 
     async def find(self, topic: str, request_id: str) -> Envelope | None:
         stream = await self._ensure(topic)
@@ -247,10 +301,80 @@ class NatsEventLog(JetStreamBackend):
 
     async def delete_streams(self) -> None:
         """Remove every stream of this prefix (test isolation)."""
+        for followers in self._followers.values():
+            await followers.close()
+        self._followers.clear()
         for topic in list(self._ready):
             with contextlib.suppress(JsNotFound):
                 await self._js.delete_stream(self.stream_name(topic))
         self._ready.clear()
+
+
+_Arrival = tuple[int, dict[str, str] | None, bytes]  # position, headers, body
+_FOLLOWERS_HEARTBEAT = 1.0
+
+
+class _Followers:
+    """Every event of one topic from a single ordered consumer, handed to the tails that follow
+    its keys. A consumer per followed key cost the server a consumer created, fed and expired per
+    SSE stream, and the gateway a subscription with its own timers (benchmarks/README.md)."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, set[asyncio.Queue[_Arrival]]] = {}
+        self._sub: JetStreamContext.PushSubscription | None = None
+
+    @classmethod
+    async def start(cls, js: JetStreamContext, stream: str, subject: str, last: int) -> _Followers:
+        followers = cls()
+        # From the last stored event rather than after it: the first delivery then tells nats-py's
+        # ordered consumer where to resume after a reset (before any, it would start at 1).
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, last)
+        )
+        followers._sub = await js.subscribe(
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            config=config,
+            cb=followers._on_msg,
+            # Missing two in a row, the client starts the consumer again (a restarted server has
+            # lost it): one shared consumer can afford frequent ones, and streams resume sooner.
+            idle_heartbeat=_FOLLOWERS_HEARTBEAT,
+        )
+        return followers
+
+    @contextlib.contextmanager
+    def listen(self, token: str) -> Iterator[asyncio.Queue[_Arrival]]:
+        """The events of the key with subject token ``token`` delivered while inside."""
+        queue: asyncio.Queue[_Arrival] = asyncio.Queue()
+        self._listeners.setdefault(token, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            listeners = self._listeners[token]
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[token]
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        listeners = self._listeners.get(msg.subject.rsplit(".", 2)[-2])  # <prefix>.<topic>.<key>.<id>
+        if listeners:
+            arrival = (_delivered(msg.reply)[1], msg.headers, msg.data)
+            for queue in listeners:
+                queue.put_nowait(arrival)
+
+
+def _header_block(encoded: str | None) -> dict[str, str]:
+    """Headers as the stream stores them: base64 of a ``NATS/1.0`` line, then ``Name: value`` lines."""
+    if not encoded:
+        return {}
+    fields = (line.partition(":") for line in base64.b64decode(encoded).decode().split("\r\n")[1:])
+    return {name: value.removeprefix(" ") for name, sep, value in fields if sep}
 
 
 class _PullConsumer:
