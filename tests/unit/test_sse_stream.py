@@ -50,7 +50,8 @@ async def test_a_token_tail_that_fails_is_opened_again_after_the_last_chunk_read
     await store.put(Namespace.STATUS, rid, done.public_json())
 
     async with asyncio.timeout(10):
-        events = [e async for e in request_events(rid, 0, log, store, StatusWatch(store)) if e is not None]
+        updates = request_events(rid, 0, log, store, StatusWatch(store))
+        events = [event async for batch in updates for event in batch or []]
 
     tokens = "".join(data["text"] for _, name, data in events if name == "token")
     assert tokens == "Hello world"  # each character once, none lost at the break

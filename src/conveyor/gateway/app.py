@@ -216,11 +216,20 @@ def create_app(
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 
+    def event_stream(rid: str, last_id: int) -> StreamingResponse:
+        """``GET /v1/requests/{id}/events`` of a request known to the caller: routed, and on the fast path."""
+        return StreamingResponse(
+            stream_request(rid, last_id, log, store, core.watch),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     app.add_middleware(
         FastPath,
         core=core,
         max_wait=limits.max_wait_seconds,
         submit=accept_submit,
+        stream=event_stream,
         handlers=app.exception_handlers,
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)  # outermost: before anything reads
@@ -279,11 +288,7 @@ def create_app(
         raw = last_event_id or last_id or "0"
         if not raw.isdigit():
             raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be an event id from this stream")
-        return StreamingResponse(
-            stream_request(rid, int(raw), log, store, core.watch),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(rid, int(raw))
 
     @app.websocket("/v1/requests/{rid}/ws")
     async def events_ws(websocket: WebSocket, rid: str, last_event_id: int = 0) -> None:
@@ -312,10 +317,9 @@ def create_app(
         try:
             async with contextlib.aclosing(
                 request_events(rid, last_event_id, log, store, core.watch)
-            ) as events:
-                async for event in events:
-                    if event is not None:
-                        event_id, name, data = event
+            ) as updates:
+                async for events in updates:
+                    for event_id, name, data in events or []:
                         await websocket.send_json({"id": event_id, "event": name, "data": data})
             await websocket.close()
         except WebSocketDisconnect:

@@ -1,12 +1,13 @@
-"""The two calls of every request's life, answered without FastAPI's routing.
+"""The calls of every request's life, answered without FastAPI's routing.
 
-``POST /v1/requests[?wait=S]`` and the long poll ``GET /v1/requests/{id}[?wait=S]`` are the gateway's
-hot path, and routing, the middleware stack and dependency solving cost about a third of its
-CPU (py-spy; benchmarks/README.md). This ASGI middleware serves them with the same functions
-the routed endpoints call, and renders a failure with the same exception handlers. What it
-does not recognise as the plain case (a missing or unknown API key, an Idempotency-Key, an
-unknown id, a malformed ``wait``, any other path or method) goes on to the routed endpoint,
-untouched, before anything was read or counted.
+``POST /v1/requests[?wait=S]``, the long poll ``GET /v1/requests/{id}[?wait=S]`` and the event
+stream ``GET /v1/requests/{id}/events`` are the gateway's hot path, and routing, the middleware
+stack and dependency solving cost about a third of its CPU (py-spy; benchmarks/README.md). This
+ASGI middleware serves them with the same functions the routed endpoints call, and renders a
+failure with the same exception handlers. What it does not recognise as the plain case (a missing
+or unknown API key, an Idempotency-Key, an unknown id, a malformed ``wait`` or ``Last-Event-ID``, a
+query, any other path or method) goes on to the routed endpoint, untouched, before anything was
+read or counted.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ from conveyor.gateway.core import GatewayCore
 
 _SUBMIT = "/v1/requests"
 _STATUS = "/v1/requests/"
+_EVENTS = "/events"
 
 
 class Submit(Protocol):
     def __call__(self, raw: bytes, tenant: str, *, wait: float) -> Awaitable[Response]: ...
+
+
+class Stream(Protocol):
+    def __call__(self, rid: str, last_id: int) -> Response: ...
 
 
 def _wait(query: bytes) -> float | None:
@@ -56,10 +62,11 @@ class FastPath:
         core: GatewayCore,
         max_wait: float,
         submit: Submit,
+        stream: Stream,
         handlers: Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]],
     ) -> None:
         self.app, self._core, self._max_wait = app, core, max_wait
-        self._submit, self._handlers = submit, handlers
+        self._submit, self._stream, self._handlers = submit, stream, handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = None
@@ -67,7 +74,8 @@ class FastPath:
             if scope["method"] == "POST" and scope["path"] == _SUBMIT:
                 response = await self._accept(scope, receive)
             elif scope["method"] == "GET" and scope["path"].startswith(_STATUS):
-                response = await self._status(scope)
+                events = scope["path"].endswith(_EVENTS)
+                response = await (self._events(scope) if events else self._status(scope))
         if response is None:
             await self.app(scope, receive, send)
         else:
@@ -101,3 +109,16 @@ class FastPath:
         with contextlib.suppress(UnavailableError):
             view = await self._core.wait(rid, min(wait, self._max_wait), tenant=tenant)
         return None if view is None else Response(view.public_json(), media_type="application/json")
+
+    async def _events(self, scope: Scope) -> Response | None:
+        rid = scope["path"][len(_STATUS) : -len(_EVENTS)]
+        headers = Headers(scope=scope)
+        last_id = headers.get("last-event-id", "0")
+        if not rid or "/" in rid or scope["query_string"] or not last_id.isdigit():
+            return None
+        if (tenant := self._core.tenant_of(headers)) is None:
+            return None
+        view = None
+        with contextlib.suppress(UnavailableError):
+            view = await self._core.view(rid, tenant=tenant)
+        return None if view is None else self._stream(rid, int(last_id))

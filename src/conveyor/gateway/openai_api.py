@@ -217,40 +217,46 @@ async def _stream(
         }
         return f"data: {orjson.dumps(data).decode()}\n\n"
 
+    def ending(kind: str, data: dict[str, Any]) -> str:
+        """The stream's last chunks: the error, or the finish reason and (if asked for) the usage."""
+        if kind == "failed":
+            failure = data["error"]
+            error = {"message": failure["message"], "type": "server_error", "code": failure["code"]}
+            return f"data: {orjson.dumps({'error': error}).decode()}\n\n"
+        view = RequestView.model_validate(data)
+        last = chunk({}, _FINISH.get(view.finish_reason or "stop", "stop"))
+        if not include_usage:
+            return last
+        usage = {
+            "id": f"chatcmpl-{rid}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(view),
+        }
+        return f"{last}data: {orjson.dumps(usage).decode()}\n\n"
+
     finished = False
     try:
         yield chunk({"role": "assistant", "content": ""})
-        events = request_events(rid, 0, core.log, core.store, core.watch)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if event is None:
+        updates = request_events(rid, 0, core.log, core.store, core.watch)
+        async with contextlib.aclosing(updates):
+            async for events in updates:
+                if events is None:
                     yield ": keepalive\n\n"
                     continue
-                _, kind, data = event
-                if kind == "token" and data["text"]:
-                    yield chunk({"content": data["text"]})
-                elif kind in ("completed", "cancelled", "failed"):
-                    finished = True
-                    view = RequestView.model_validate(data)
-                    if kind == "failed":
-                        error = {
-                            "message": data["error"]["message"],
-                            "type": "server_error",
-                            "code": data["error"]["code"],
-                        }
-                        yield f"data: {orjson.dumps({'error': error}).decode()}\n\n"
-                    else:
-                        yield chunk({}, _FINISH.get(view.finish_reason or "stop", "stop"))
-                        if include_usage:
-                            data_usage = {
-                                "id": f"chatcmpl-{rid}",
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": model,
-                                "choices": [],
-                                "usage": _usage(view),
-                            }
-                            yield f"data: {orjson.dumps(data_usage).decode()}\n\n"
+                pieces = []  # the events that came together leave in one write
+                for _, kind, data in events:
+                    if kind == "token" and data["text"]:
+                        pieces.append(chunk({"content": data["text"]}))
+                    elif kind in ("completed", "cancelled", "failed"):
+                        finished = True
+                        pieces.append(ending(kind, data))
+                        break
+                if pieces:
+                    yield "".join(pieces)
+                if finished:
                     break
         yield "data: [DONE]\n\n"
     finally:

@@ -145,31 +145,37 @@ async def _pump_chunks(
 
 async def request_events(
     request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
-) -> AsyncGenerator[Event | None, None]:
-    """The request's events after ``last_id``, as they happen; None when a keepalive is due."""
+) -> AsyncGenerator[list[Event] | None, None]:
+    """The request's events after ``last_id`` as they happen, those ready together in one list
+    (one write to the client, not one each); None when a keepalive is due."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     seq = Sequencer(request_id, last_id)
     with watch.subscribe(request_id, queue):
         pump = asyncio.create_task(_pump_chunks(log, request_id, queue))
         try:
             view = await read_view(store, request_id)
-            for event in seq.on_view(view) if view is not None else []:
-                yield event
+            if view is not None and (events := seq.on_view(view)):
+                yield events
             while not seq.done:
                 try:
                     async with asyncio.timeout(KEEPALIVE_SECONDS):
-                        kind, item = await queue.get()
+                        updates = [await queue.get()]
                 except TimeoutError:
                     # Also a safety net for a missed watch notification: re-read the view.
                     view = await read_view(store, request_id)
-                    refreshed: list[Event | None] = [*seq.on_view(view)] if view else []
-                    for tick in refreshed or [None]:
-                        yield tick
+                    yield (seq.on_view(view) if view else []) or None
                     continue
-                if kind == "error":
-                    raise item
-                for event in seq.on_view(item) if kind == "view" else seq.on_chunk(item):
-                    yield event
+                while not queue.empty():
+                    updates.append(queue.get_nowait())
+                events = []
+                for kind, item in updates:
+                    if kind == "error":
+                        if events:
+                            yield events  # what came before the failure
+                        raise item
+                    events += seq.on_view(item) if kind == "view" else seq.on_chunk(item)
+                if events:
+                    yield events
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -180,6 +186,6 @@ async def stream_request(
     request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
 ) -> AsyncIterator[str]:
     """The job API's SSE body."""
-    async with contextlib.aclosing(request_events(request_id, last_id, log, store, watch)) as events:
-        async for event in events:
-            yield ": keepalive\n\n" if event is None else format_event(*event)
+    async with contextlib.aclosing(request_events(request_id, last_id, log, store, watch)) as updates:
+        async for events in updates:
+            yield ": keepalive\n\n" if events is None else "".join(format_event(*event) for event in events)
