@@ -7,6 +7,10 @@ its SSE stream) or the OpenAI API (one streamed chat completion, as an OpenAI SD
 Time to first token, latency and tokens are measured on the client's side of the HTTP
 connection, as a user sees them. Each prompt starts with its request number, so that no request
 finds another's prompt in a model's prefix cache.
+
+The client is aiohttp: with httpx, this process itself took 6-10 ms of CPU per request (a submit
+and its stream) and capped a run at ~85-120 requests/s whatever the gateway could do; aiohttp
+takes ~1 ms (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
+import aiohttp
 
 _FINAL = ("completed", "failed", "cancelled")
 
@@ -75,14 +79,18 @@ async def run(load: Load) -> Outcome:
     outcome = Outcome()
     numbers = iter(range(load.requests))
     headers = {"Authorization": f"Bearer {load.api_key}"} if load.api_key else {}
-    limits = httpx.Limits(max_connections=2 * load.concurrency)
+    connector = aiohttp.TCPConnector(limit=2 * load.concurrency)
+    # Connecting and each read are bounded; a whole stream is not (a long generation is no failure).
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300)
     start = time.perf_counter()
-    async with httpx.AsyncClient(
-        base_url=load.url.rstrip("/"), headers=headers, limits=limits, timeout=httpx.Timeout(30, read=None)
+    # A large read buffer: the final event's line carries the whole output.
+    async with aiohttp.ClientSession(
+        headers=headers, connector=connector, timeout=timeout, read_bufsize=2**20
     ) as client:
-        one: Callable[[httpx.AsyncClient, Load, int, Outcome], Awaitable[None]] = _one
+        one: Callable[[aiohttp.ClientSession, Load, int, Outcome], Awaitable[None]] = _one
         if load.api == "openai":
-            models = (await client.get("/v1/models")).raise_for_status().json()["data"]
+            async with client.get(_url(load, "/v1/models"), raise_for_status=True) as listed:
+                models = (await listed.json())["data"]
             one = functools.partial(_one_chat, model=models[0]["id"])
 
         async def client_loop() -> None:
@@ -90,7 +98,7 @@ async def run(load: Load) -> Outcome:
                 outcome.sent += 1
                 try:
                     await one(client, load, i, outcome)
-                except httpx.HTTPError as exc:
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     outcome.errors[f"{type(exc).__name__}: {exc}"] += 1
 
         loops = [asyncio.create_task(client_loop()) for _ in range(load.concurrency)]
@@ -102,18 +110,24 @@ async def run(load: Load) -> Outcome:
     return outcome
 
 
-async def _one(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome) -> None:
+def _url(load: Load, path: str) -> str:
+    return load.url.rstrip("/") + path
+
+
+async def _one(client: aiohttp.ClientSession, load: Load, i: int, outcome: Outcome) -> None:
     began = time.perf_counter()
     body = {"prompt": f"Request {i}. {load.prompt}", "max_tokens": load.max_tokens}
-    submitted = await client.post("/v1/requests", json=body)
-    if submitted.status_code >= 400:
-        outcome.errors[f"HTTP {submitted.status_code}: {_reason(submitted)}"] += 1
-        return
+    async with client.post(_url(load, "/v1/requests"), json=body) as submitted:
+        if submitted.status >= 400:
+            outcome.errors[f"HTTP {submitted.status}: {await _reason(submitted)}"] += 1
+            return
+        rid = (await submitted.json())["id"]
     first: float | None = None
     final: dict[str, object] = {}
-    async with client.stream("GET", f"/v1/requests/{submitted.json()['id']}/events") as events:
+    async with client.get(_url(load, f"/v1/requests/{rid}/events")) as events:
         event = ""
-        async for line in events.aiter_lines():
+        async for raw in events.content:
+            line = raw.decode().rstrip("\r\n")
             if line.startswith("event: "):
                 event = line[len("event: ") :]
             elif line.startswith("data: ") and event == "token" and first is None:
@@ -131,7 +145,9 @@ async def _one(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome) 
     outcome.tokens += int(usage.get("completion_tokens", 0)) if isinstance(usage, dict) else 0
 
 
-async def _one_chat(client: httpx.AsyncClient, load: Load, i: int, outcome: Outcome, *, model: str) -> None:
+async def _one_chat(
+    client: aiohttp.ClientSession, load: Load, i: int, outcome: Outcome, *, model: str
+) -> None:
     began = time.perf_counter()
     body = {
         "model": model,
@@ -141,12 +157,12 @@ async def _one_chat(client: httpx.AsyncClient, load: Load, i: int, outcome: Outc
         "stream_options": {"include_usage": True},
     }
     first: float | None = None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code >= 400:
-            await response.aread()
-            outcome.errors[f"HTTP {response.status_code}: {_reason(response)}"] += 1
+    async with client.post(_url(load, "/v1/chat/completions"), json=body) as response:
+        if response.status >= 400:
+            outcome.errors[f"HTTP {response.status}: {await _reason(response)}"] += 1
             return
-        async for line in response.aiter_lines():
+        async for raw in response.content:
+            line = raw.decode()
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[len("data: ") :])
@@ -164,9 +180,10 @@ async def _one_chat(client: httpx.AsyncClient, load: Load, i: int, outcome: Outc
     outcome.errors["ended without a final chunk"] += 1
 
 
-def _reason(response: httpx.Response) -> str:
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    text = await response.text()
     try:
-        error = response.json()["error"]
+        error = json.loads(text)["error"]
         return f"{error['code']}: {error['message']}"
     except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+        return text[:200]

@@ -290,10 +290,16 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import aiohttp
+
     from conveyor.bench import Load, run
 
     load = Load(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Load)})
-    outcome = asyncio.run(run(load))
+    try:
+        outcome = asyncio.run(run(load))
+    except aiohttp.ClientError as exc:  # the model list of --api openai: nothing was loaded yet
+        print(f"error: {load.url} did not answer: {exc}", file=sys.stderr)
+        return 2
     print(outcome.report(load.concurrency))
     return 1 if outcome.errors or not outcome.latency else 0
 
