@@ -95,10 +95,11 @@ async def over_http(client: aiohttp.ClientSession, i: int, *, calls: str = "2") 
     elif calls == "sse":
         async with client.get(f"/v1/requests/{view['id']}/events") as response:
             view = {"status": "unfinished stream"}
+            # To its end, which comes right after the final event: a body left unread would cost
+            # the connection (aiohttp closes it rather than reuse it).
             async for line in response.content:
                 if line.startswith(b"event: ") and line[7:].strip() in FINAL_EVENTS:
                     view = {"status": line[7:].strip().decode()}
-                    break
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")
 

@@ -133,8 +133,8 @@ async def _one(client: aiohttp.ClientSession, load: Load, i: int, outcome: Outco
             elif line.startswith("data: ") and event == "token" and first is None:
                 first = time.perf_counter() - began
             elif line.startswith("data: ") and event in _FINAL:
+                # Read on to the body's end, right after this: one left unread costs the connection.
                 final = json.loads(line[len("data: ") :])
-                break
     if final.get("status") != "completed":
         outcome.errors[f"ended {final.get('status', 'without a final event')}"] += 1
         return
@@ -157,6 +157,7 @@ async def _one_chat(
         "stream_options": {"include_usage": True},
     }
     first: float | None = None
+    ended = False
     async with client.post(_url(load, "/v1/chat/completions"), json=body) as response:
         if response.status >= 400:
             outcome.errors[f"HTTP {response.status}: {await _reason(response)}"] += 1
@@ -171,13 +172,14 @@ async def _one_chat(
                 return
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
                 first = time.perf_counter() - began
-            if chunk.get("usage"):  # the last chunk
+            if chunk.get("usage"):  # the last chunk; [DONE] and the body's end follow it
+                ended = True
                 outcome.latency.append(time.perf_counter() - began)
                 if first is not None:
                     outcome.ttft.append(first)
                 outcome.tokens += int(chunk["usage"].get("completion_tokens", 0))
-                return
-    outcome.errors["ended without a final chunk"] += 1
+    if not ended:
+        outcome.errors["ended without a final chunk"] += 1
 
 
 async def _reason(response: aiohttp.ClientResponse) -> str:
