@@ -1,0 +1,89 @@
+"""The upstream backend's failures and cancellation, against a scripted OpenAI-compatible server
+(the real one, llama-cpp-python's, is in tests/models/test_openai_compat.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from aiohttp import web
+
+from conveyor.errors import PermanentError, RetryableError
+from conveyor.models.base import GenerationRequest
+from conveyor.models.openai_compat import OpenAICompatModel
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def first_failure(url: str) -> Exception | None:
+    model = OpenAICompatModel(base_url=url, model="m")
+    try:
+        async for token in model.generate([GenerationRequest(id="r", prompt="hi", max_tokens=4)]):
+            if token.error is not None:
+                return token.error
+        return None
+    finally:
+        await model.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(429, RetryableError), (503, RetryableError), (400, PermanentError), (401, PermanentError)],
+)
+async def test_a_refusal_is_retryable_only_when_the_server_may_take_it_later(
+    status: int, kind: type[Exception]
+) -> None:
+    async def refuse(_: web.Request) -> web.Response:
+        body = {"error": {"message": f"refused with {status}", "type": "test"}}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+    async with serving(refuse) as url:
+        failure = await first_failure(url)
+    assert isinstance(failure, kind)
+    assert f"model server answered {status}: refused with {status}" in str(failure)
+
+
+async def test_a_cancelled_request_closes_its_stream_so_the_server_stops_too() -> None:
+    hung_up = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:  # until the client goes away
+                await response.write(b'data: {"choices": [{"delta": {"content": "tok "}}]}\n\n')
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            hung_up.set()
+        return response
+
+    async with serving(endless) as url:
+        model = OpenAICompatModel(base_url=url, model="m")
+        request = GenerationRequest(id="r", prompt="hi", max_tokens=1000)
+        finish = None
+        async with asyncio.timeout(10):
+            async for token in model.generate([request]):
+                if token.text:
+                    request.cancelled.set()
+                finish = token.finish_reason or finish
+            await hung_up.wait()
+        await model.close()
+    assert finish == "cancelled"
