@@ -19,6 +19,7 @@ import aiohttp
 import httpx
 import orjson
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 CHUNKS, COUNT, CONCURRENCY = 16, 600, 16
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -51,16 +52,13 @@ async def measure(label: str, one: Callable[[], Awaitable[None]]) -> str:
 async def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completion)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/chat/completions"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
     async with (
+        TestServer(app, host="127.0.0.1") as server,
         httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as hx,
         aiohttp.ClientSession(timeout=timeout) as aio,
     ):
+        url = str(server.make_url("/v1/chat/completions"))
 
         async def with_httpx() -> None:
             async with hx.stream("POST", url, json=BODY) as response:
@@ -79,7 +77,6 @@ async def main() -> None:
         for _ in range(2):
             for label, one in (("httpx", with_httpx), ("aiohttp", with_aiohttp)):
                 print(await measure(label, one), flush=True)
-    await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.models.base import GenerationRequest
@@ -22,15 +23,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def serving(handler: Handler) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("/v1"))
 
 
 async def first_failure(url: str) -> Exception | None:
@@ -68,22 +62,23 @@ async def test_a_cancelled_request_closes_its_stream_so_the_server_stops_too() -
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
-            while True:  # until the client goes away
+            while True:  # until the client goes away: a write fails, or the server cancels this
                 await response.write(b'data: {"choices": [{"delta": {"content": "tok "}}]}\n\n')
                 await asyncio.sleep(0.01)
-        except ConnectionError:
+        finally:
             hung_up.set()
-        return response
 
     async with serving(endless) as url:
         model = OpenAICompatModel(base_url=url, model="m")
         request = GenerationRequest(id="r", prompt="hi", max_tokens=1000)
         finish = None
-        async with asyncio.timeout(10):
-            async for token in model.generate([request]):
-                if token.text:
-                    request.cancelled.set()
-                finish = token.finish_reason or finish
-            await hung_up.wait()
-        await model.close()
+        try:
+            async with asyncio.timeout(10):
+                async for token in model.generate([request]):
+                    if token.text:
+                        request.cancelled.set()
+                    finish = token.finish_reason or finish
+                await hung_up.wait()
+        finally:
+            await model.close()
     assert finish == "cancelled"
