@@ -32,21 +32,29 @@ async def read_sse(
 ) -> list[tuple[int, str, dict[str, Any]]]:
     """(id, event, data) of every SSE event until the final one (or ``stop_after`` events)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    events: list[tuple[int, str, dict[str, Any]]] = []
     async with client.stream("GET", f"/v1/requests/{rid}/events", headers=headers) as response:
         assert response.status_code == 200
-        fields: dict[str, str] = {}
-        async for line in response.aiter_lines():
-            if line.startswith(":"):
-                continue
-            if line:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-                continue
-            events.append((int(fields["id"]), fields["event"], orjson.loads(fields["data"])))
-            fields = {}
-            if events[-1][1] in ("completed", "failed", "cancelled") or len(events) == stop_after:
-                break
+        return await sse_events(response, stop_after=stop_after)
+
+
+async def sse_events(
+    response: httpx.Response, *, stop_after: int | None = None
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """(id, event, data) of every event of an SSE response until the final one (or ``stop_after``)."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events: list[tuple[int, str, dict[str, Any]]] = []
+    fields: dict[str, str] = {}
+    async for line in response.aiter_lines():
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+            continue
+        events.append((int(fields["id"]), fields["event"], orjson.loads(fields["data"])))
+        fields = {}
+        if events[-1][1] in ("completed", "failed", "cancelled") or len(events) == stop_after:
+            break
     return events
 
 

@@ -258,35 +258,33 @@ def _submit(args: argparse.Namespace) -> int:
     if args.key:
         body["key"] = args.key
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    final: dict[str, object] = {}
     with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10, read=None)) as client:
-        try:
-            response = client.post("/v1/requests", json=body)
+        try:  # submitted and streamed in one call
+            with client.stream("POST", "/v1/requests", json={**body, "stream": True}) as events:
+                if events.status_code >= 400:
+                    print(f"error: {events.status_code} {events.read().decode()}", file=sys.stderr)
+                    return 1
+                event = ""
+                for line in events.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event == "accepted":
+                        print(f"request {json.loads(line[6:])['id']}", file=sys.stderr)
+                    elif line.startswith("data: ") and event == "token":
+                        print(json.loads(line[6:])["text"], end="", flush=True)
+                    elif line.startswith("data: ") and event in ("completed", "failed", "cancelled"):
+                        final = json.loads(line[6:])
         except httpx.TransportError as exc:
             print(f"error: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
             return 2
-        if response.status_code >= 400:
-            print(f"error: {response.status_code} {response.text}", file=sys.stderr)
-            return 1
-        rid = response.json()["id"]
-        print(f"request {rid}", file=sys.stderr)
-        final: dict[str, object] = {}
-        with client.stream("GET", f"/v1/requests/{rid}/events") as events:
-            event = ""
-            for line in events.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: ") and event == "token":
-                    print(json.loads(line[6:])["text"], end="", flush=True)
-                elif line.startswith("data: ") and event in ("completed", "failed", "cancelled"):
-                    final = json.loads(line[6:])
-                    break
-        print()
-        print(f"status: {final.get('status')}", file=sys.stderr)
-        if final.get("error"):
-            print(f"error: {json.dumps(final['error'])}", file=sys.stderr)
-        if final.get("usage"):
-            print(f"usage: {json.dumps(final['usage'])}", file=sys.stderr)
-        return 0 if final.get("status") == "completed" else 1
+    print()
+    print(f"status: {final.get('status')}", file=sys.stderr)
+    if final.get("error"):
+        print(f"error: {json.dumps(final['error'])}", file=sys.stderr)
+    if final.get("usage"):
+        print(f"usage: {json.dumps(final['usage'])}", file=sys.stderr)
+    return 0 if final.get("status") == "completed" else 1
 
 
 def _bench(args: argparse.Namespace) -> int:

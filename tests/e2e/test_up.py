@@ -274,6 +274,44 @@ async def test_conveyor_replay_answers_the_history_again_and_usage_shows_it_bill
     assert up.stop() == 0
 
 
+async def test_conveyor_submit_prints_the_output_as_it_streams_then_the_final_status(
+    conveyor: ConveyorFactory,
+) -> None:
+    up = conveyor("--model-token-delay", "0.002").start()
+
+    async def submit_command(*arguments: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "conveyor", "submit", "--url", up.url, *arguments),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    prompt = "Write a haiku about queues"
+    tokens, _ = SimulatedModel().answer(prompt, 24)
+    code, out, err = await submit_command("--max-tokens", "24", prompt)
+    assert code == 0, err
+    assert out == "".join(tokens) + "\n"
+    rid = re.search(r"^request (\S+)$", err, re.MULTILINE)
+    assert rid is not None, err
+    assert "status: completed" in err
+    usage = re.search(r"^usage: (.+)$", err, re.MULTILINE)
+    assert usage is not None, err
+    assert json.loads(usage.group(1))["completion_tokens"] == len(tokens)
+    async with httpx.AsyncClient(base_url=up.url) as client:
+        assert (await wait_final(client, rid.group(1)))["output"] == out.strip()
+    # A refusal is said with the gateway's reason, and the command fails.
+    code, out, err = await submit_command("--max-tokens", "100000", prompt)
+    assert (code, out) == (1, "")
+    assert "error: 422" in err
+    assert "max_tokens_too_large" in err
+    assert up.stop() == 0
+
+
 async def test_conveyor_bench_loads_the_gateway_and_reports_what_clients_saw(
     conveyor: ConveyorFactory,
 ) -> None:

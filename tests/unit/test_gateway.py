@@ -18,7 +18,7 @@ from conveyor.store.base import Entry, Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore
 from conveyor.view import RequestView
 from tests.conftest import NodeFactory
-from tests.helpers import read_sse, streamed_text, submit, wait_final
+from tests.helpers import read_sse, sse_events, streamed_text, submit, wait_final
 
 
 async def test_a_request_completes_with_the_models_answer(node: NodeFactory) -> None:
@@ -48,6 +48,31 @@ async def test_sse_streams_the_output_and_resumes_after_last_event_id(node: Node
         # Reconnect after the 4th event: the rest, no gaps, no repeats.
         resumed = await read_sse(client, rid, last_event_id=str(ids[3]))
         assert resumed == events[4:]
+
+
+async def test_a_submit_with_stream_answers_with_the_requests_event_stream(node: NodeFactory) -> None:
+    async with node(token_delay=0.002) as client:
+        prompt = "submit and stream"
+        body = {"prompt": prompt, "max_tokens": 30}
+        async with client.stream("POST", "/v1/requests", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = await sse_events(response)
+        (_, first, accepted), *_ = events
+        assert (first, accepted["status"]) == ("accepted", "accepted")  # the id, before anything else
+        rid = accepted["id"]
+        assert events == await read_sse(client, rid)  # the stream GET /events gives
+        assert events[-1][1] == "completed"
+        assert streamed_text(events) == "".join(SimulatedModel().answer(prompt, 30)[0])
+        # A retry with the same Idempotency-Key streams the same request, however the first asked.
+        key = {"Idempotency-Key": "stream-once"}
+        first_try = await client.post("/v1/requests", json=body, headers=key)
+        async with client.stream("POST", "/v1/requests", json={**body, "stream": True}, headers=key) as retry:
+            assert retry.status_code == 200
+            again = await sse_events(retry)
+        assert again[0][2]["id"] == first_try.json()["id"]
+        assert again[-1][1] == "completed"
+        both = await client.post("/v1/requests", params={"wait": "5"}, json={**body, "stream": True})
+        assert (both.status_code, both.json()["error"]["code"]) == (422, "invalid_request")
 
 
 async def test_a_client_can_follow_a_request_from_the_middle_of_its_stream(node: NodeFactory) -> None:

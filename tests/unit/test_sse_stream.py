@@ -10,8 +10,8 @@ from typing import Any
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Topic, new_event
+from conveyor.gateway.core import GatewayCore
 from conveyor.gateway.sse import request_events
-from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import Tailed
 from conveyor.payloads import EventType, TokenChunk
 from conveyor.store.base import Namespace
@@ -50,7 +50,7 @@ async def test_a_token_tail_that_fails_is_opened_again_after_the_last_chunk_read
     await store.put(Namespace.STATUS, rid, done.public_json())
 
     async with asyncio.timeout(10):
-        updates = request_events(rid, 0, log, store, StatusWatch(store))
+        updates = request_events(GatewayCore(log, store), rid, 0, tenant="default")
         events = [event async for batch in updates for event in batch or []]
 
     tokens = "".join(data["text"] for _, name, data in events if name == "token")

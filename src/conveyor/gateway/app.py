@@ -50,6 +50,11 @@ class SubmitRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, max_length=4, description="Text that ends the answer.")
+    stream: bool = Field(
+        False,
+        description="Answer with the request's event stream (as `GET /v1/requests/{id}/events` gives it, "
+        "from `accepted` with the id) instead of 202: submit and stream in one call.",
+    )
 
 
 _SUBMIT_BODY = {
@@ -174,6 +179,15 @@ def create_app(
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
 
+    def event_stream(rid: str, last_id: int, tenant: str) -> StreamingResponse:
+        """The events of a request known to its tenant: ``GET /v1/requests/{id}/events`` (routed, and
+        on the fast path), and a submit with ``stream``."""
+        return StreamingResponse(
+            stream_request(core, rid, last_id, tenant=tenant),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     async def accept_submit(
         raw: bytes, tenant: str, idempotency_key: str | None = None, *, wait: float = 0.0
     ) -> Response:
@@ -189,6 +203,8 @@ def create_app(
         max_tokens = body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise ApiError(422, "max_tokens_too_large", f"max_tokens exceeds {limits.max_tokens}")
+        if body.stream and wait:
+            raise ApiError(422, "invalid_request", "stream and wait exclude each other: use one")
         payload = RequestAccepted(
             prompt=body.prompt,
             max_tokens=max_tokens,
@@ -202,7 +218,8 @@ def create_app(
                 key=body.key,
                 timeout=body.timeout,
                 idempotency_key=idempotency_key,
-                fingerprint=body.model_dump() if idempotency_key else None,
+                # How the answer is delivered is no part of the request.
+                fingerprint=body.model_dump(exclude={"stream"}) if idempotency_key else None,
                 # One call for a short job: the view once it has ended, or as it is by then.
                 wait=min(wait, limits.max_wait_seconds),
             )
@@ -210,19 +227,13 @@ def create_app(
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used with a different body"
             ) from None
+        if body.stream:
+            return event_stream(accepted.id, 0, tenant)
         if (view := accepted.view) is not None:
             waited = orjson.dumps({**view.public(), **urls(accepted.id)})
             return Response(waited, 200 if view.terminal else 202, media_type="application/json")
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
-
-    def event_stream(rid: str, last_id: int) -> StreamingResponse:
-        """``GET /v1/requests/{id}/events`` of a request known to the caller: routed, and on the fast path."""
-        return StreamingResponse(
-            stream_request(rid, last_id, log, store, core.watch),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
 
     app.add_middleware(
         FastPath,
@@ -288,7 +299,7 @@ def create_app(
         raw = last_event_id or last_id or "0"
         if not raw.isdigit():
             raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be an event id from this stream")
-        return event_stream(rid, int(raw))
+        return event_stream(rid, int(raw), tenant)
 
     @app.websocket("/v1/requests/{rid}/ws")
     async def events_ws(websocket: WebSocket, rid: str, last_event_id: int = 0) -> None:
@@ -316,7 +327,7 @@ def create_app(
         listener = asyncio.create_task(listen())
         try:
             async with contextlib.aclosing(
-                request_events(rid, last_event_id, log, store, core.watch)
+                request_events(core, rid, last_event_id, tenant=tenant)
             ) as updates:
                 async for events in updates:
                     for event_id, name, data in events or []:

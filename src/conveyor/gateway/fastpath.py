@@ -37,7 +37,7 @@ class Submit(Protocol):
 
 
 class Stream(Protocol):
-    def __call__(self, rid: str, last_id: int) -> Response: ...
+    def __call__(self, rid: str, last_id: int, tenant: str) -> Response: ...
 
 
 def _wait(query: bytes) -> float | None:
@@ -121,4 +121,4 @@ class FastPath:
         view = None
         with contextlib.suppress(UnavailableError):
             view = await self._core.view(rid, tenant=tenant)
-        return None if view is None else self._stream(rid, int(last_id))
+        return None if view is None else self._stream(rid, int(last_id), tenant)

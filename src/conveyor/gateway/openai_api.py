@@ -240,7 +240,7 @@ async def _stream(
     finished = False
     try:
         yield chunk({"role": "assistant", "content": ""})
-        updates = request_events(rid, 0, core.log, core.store, core.watch)
+        updates = request_events(core, rid, 0, tenant=tenant)
         async with contextlib.aclosing(updates):
             async for events in updates:
                 if events is None:

@@ -6,10 +6,12 @@ regenerated on reconnect and everything up to the client's last id skipped:
     id 1  accepted           id 2  prepared           id 3  generating
     id 4+e  token (text up to character e)       id 5+n  completed | failed | cancelled
 
-Tokens come from the stream topic (tailed for this request only), progress and the
-final event from the status view. Chunks are placed by character offset, so when a
-generation is redone after a crash (with differently cut chunks) each character is
-still sent once, and ``n``, the streamed length, is known from the final view.
+Tokens come from the stream topic (tailed for this request only), progress and the final
+event from the status view: the gateway's, so a request it has just accepted is "accepted" at
+once, before the projector wrote anything, and a stream starts with the request's id. Chunks are
+placed by character offset, so when a generation is redone after a crash (with differently cut
+chunks) each character is still sent once, and ``n``, the streamed length, is known from the
+final view.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from typing import Any
 import orjson
 
 from conveyor.events import Topic
-from conveyor.gateway.watch import StatusWatch
+from conveyor.gateway.core import GatewayCore
 from conveyor.log.base import EventLog
 from conveyor.payloads import EventType, TokenChunk, decode
-from conveyor.projector import read_view
-from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
 logger = logging.getLogger("conveyor.gateway")
@@ -144,16 +144,16 @@ async def _pump_chunks(
 
 
 async def request_events(
-    request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
+    core: GatewayCore, request_id: str, last_id: int, *, tenant: str
 ) -> AsyncGenerator[list[Event] | None, None]:
-    """The request's events after ``last_id`` as they happen, those ready together in one list
-    (one write to the client, not one each); None when a keepalive is due."""
+    """The tenant's request's events after ``last_id`` as they happen, those ready together in one
+    list (one write to the client, not one each); None when a keepalive is due."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     seq = Sequencer(request_id, last_id)
-    with watch.subscribe(request_id, queue):
-        pump = asyncio.create_task(_pump_chunks(log, request_id, queue))
+    with core.watch.subscribe(request_id, queue):
+        pump = asyncio.create_task(_pump_chunks(core.log, request_id, queue))
         try:
-            view = await read_view(store, request_id)
+            view = await core.view(request_id, tenant=tenant)
             if view is not None and (events := seq.on_view(view)):
                 yield events
             while not seq.done:
@@ -162,7 +162,7 @@ async def request_events(
                         updates = [await queue.get()]
                 except TimeoutError:
                     # Also a safety net for a missed watch notification: re-read the view.
-                    view = await read_view(store, request_id)
+                    view = await core.view(request_id, tenant=tenant)
                     yield (seq.on_view(view) if view else []) or None
                     continue
                 while not queue.empty():
@@ -183,9 +183,9 @@ async def request_events(
 
 
 async def stream_request(
-    request_id: str, last_id: int, log: EventLog, store: StateStore, watch: StatusWatch
+    core: GatewayCore, request_id: str, last_id: int, *, tenant: str
 ) -> AsyncIterator[str]:
     """The job API's SSE body."""
-    async with contextlib.aclosing(request_events(request_id, last_id, log, store, watch)) as updates:
+    async with contextlib.aclosing(request_events(core, request_id, last_id, tenant=tenant)) as updates:
         async for events in updates:
             yield ": keepalive\n\n" if events is None else "".join(format_event(*event) for event in events)
