@@ -6,14 +6,17 @@ Runs against tansu (or CONVEYOR_TEST_KAFKA_URL), like the shared suite's kafka c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import confluent_kafka
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from conveyor.backends import open_log
+from conveyor.log import kafka as kafka_log
 from conveyor.log.base import Delivery, Subscription
 from conveyor.log.kafka import KafkaEventLog, partition_for
 from tests.conformance.test_event_log import drain, event
@@ -135,3 +138,49 @@ async def test_tail_resumes_after_a_delivered_position_and_find_uses_the_request
     assert resumed == [chunks[1].id, chunks[2].id]
     assert await kafka.find("stream", request.request_id) == chunks[2]
     assert await kafka.find("stream", str(uuid.uuid4())) is None  # not a UUIDv7: no cheap lookup
+
+
+async def test_tails_following_keys_of_a_topic_share_one_reader(
+    kafka: KafkaEventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader is a librdkafka consumer with threads of its own: one per open SSE stream would
+    not scale. Each follower reads its key's history with a reader it closes at the history's end."""
+    open_readers: set[int] = set()
+    closed = asyncio.Event()
+
+    class Counted(kafka_log._Reader):
+        def __init__(self, conf: dict[str, Any]) -> None:
+            super().__init__(conf)
+            open_readers.add(id(self))
+
+        def close(self) -> concurrent.futures.Future[None]:
+            open_readers.discard(id(self))
+            closed.set()
+            return super().close()
+
+    monkeypatch.setattr(kafka_log, "_Reader", Counted)
+    keys = [f"req-{i}" for i in range(6)]
+    await kafka.publish("stream", [event(f"{k} before", key=k) for k in keys])  # history for each
+    read: dict[str, list[str]] = {key: [] for key in keys}
+    both = {key: asyncio.Event() for key in keys}
+
+    async def follow(key: str) -> None:
+        async for tailed in kafka.tail("stream", key):  # open, as a stream is, until cancelled
+            read[key].append(tailed.envelope.id)
+            if len(read[key]) == 2:
+                both[key].set()
+
+    followers = [asyncio.create_task(follow(key)) for key in keys]
+    after = [event(f"{k} after", key=k) for k in keys]
+    await kafka.publish("stream", after)
+    async with asyncio.timeout(30):
+        for key in keys:
+            await both[key].wait()
+        while len(open_readers) > 1:  # the last history reads reaching their end
+            closed.clear()
+            await closed.wait()
+    assert len(open_readers) == 1  # the shared reader
+    assert [ids[1] for ids in read.values()] == [e.id for e in after]
+    for follower in followers:
+        follower.cancel()
+    await asyncio.gather(*followers, return_exceptions=True)

@@ -29,7 +29,10 @@ How the EventLog contract maps onto Kafka:
   is delivered again: consumers stay idempotent, as on every backend.
 * ``tail`` of one key reads the key's partition only, starting at the offset of the key's
   UUIDv7 time (``offsets_for_times``) when the key is such an id (request ids are), so a
-  request's stream is not searched from the start of the topic; ``tail`` of every key
+  request's stream is not searched from the start of the topic. Following one key (an SSE
+  stream follows its request's chunks) reads that history to the partition's end, then takes
+  the key's records from one reader per topic and process that every such tail shares: a
+  librdkafka consumer (and its threads) per open stream would not scale. ``tail`` of every key
   ``since`` a time starts each partition at that time the same way. ``find`` reads every
   partition from the request id's time, for at most ``find_window`` seconds of records.
 * ``lag`` is high watermark minus committed offset, per group and partition; the high
@@ -52,7 +55,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -160,6 +163,8 @@ class KafkaEventLog:
         self._watermark_reader: _Reader | None = None
         self._watermark_partitions: set[tuple[str, int]] = set()
         self._watermark_lock = asyncio.Lock()
+        self._followers: dict[str, _Followers] = {}
+        self._followers_lock = asyncio.Lock()
         self._serving = True
         self._server = threading.Thread(target=self._serve_deliveries, name="conveyor-kafka-producer")
         self._server.start()
@@ -321,6 +326,49 @@ class KafkaEventLog:
         check_bounds(follow, until)
         if key is None and after:
             raise ValueError("tail of every key starts at the beginning: resume a position with its key")
+        seen: collections.OrderedDict[str, int] = collections.OrderedDict()
+        reading = (
+            self._follow(topic, key, after, seen)
+            if follow and key is not None and since is None
+            else self._read(topic, key, after, follow, since, until, seen)
+        )
+        async with contextlib.aclosing(reading):
+            async for tailed in reading:
+                yield tailed
+
+    async def _follow(
+        self, topic: str, key: str, after: int, seen: collections.OrderedDict[str, int]
+    ) -> AsyncGenerator[Tailed, None]:
+        """Follow one key: its history read to the partition's end, then its records as the
+        topic's shared reader brings them. It listens before reading that history, and the shared
+        reader was there first: what is written after the end reaches the listener, the rest is
+        history, and what is both is sent once (by position)."""
+        followers = await self._followers_of(topic)
+        with followers.listen(key.encode()) as arrivals:
+            position = after
+            async for past in self._read(topic, key, after, False, None, None, seen):
+                position = past.position
+                yield past
+            while True:
+                message = await arrivals.get()
+                if isinstance(message, Exception):
+                    raise message
+                tailed = self._tailed(message, seen)
+                if tailed is not None and tailed.position > position:
+                    position = tailed.position
+                    yield tailed
+
+    async def _read(
+        self,
+        topic: str,
+        key: str | None,
+        after: int,
+        follow: bool,
+        since: datetime | None,
+        until: datetime | None,
+        seen: collections.OrderedDict[str, int],
+    ) -> AsyncGenerator[Tailed, None]:
+        """``tail`` with a reader of its own; ``seen``: the event ids read so far, with their offsets."""
         count = await self._topic(topic)
         name = self.topic_name(topic)
         wanted = key.encode() if key is not None else None
@@ -347,7 +395,6 @@ class KafkaEventLog:
             await reader.assign([TopicPartition(name, p, o) for p, o in zip(partitions, starts, strict=True)])
             ended: set[int] = set()
             past: set[int] = set()  # partitions read up to ``until``
-            seen: collections.OrderedDict[str, int] = collections.OrderedDict()
             while follow or len(ended) < len(partitions):
                 for message in await reader.read(500, 0.5):
                     error = message.error()
@@ -371,6 +418,31 @@ class KafkaEventLog:
                         yield tailed
         finally:
             reader.close()
+
+    async def _followers_of(self, topic: str) -> _Followers:
+        async with self._followers_lock:
+            followers = self._followers.get(topic)
+            if followers is None or followers.broken:
+                count = await self._topic(topic)
+                name = self.topic_name(topic)
+                reader = self._reader()
+                try:
+                    # From a little before now: records written from here on are all read (none
+                    # that recent: from the end), and a broker that cannot look up by time (tansu
+                    # answers 0) costs a longer read.
+                    since = int(time.time() * 1000) - _CLOCK_SKEW_MS
+                    asked = [TopicPartition(name, p, since) for p in range(count)]
+                    end = confluent_kafka.OFFSET_END
+                    starts = [
+                        TopicPartition(name, tp.partition, tp.offset if tp.offset >= 0 else end)
+                        for tp in await reader.offsets_for_times(asked)
+                    ]
+                    await reader.assign(starts)
+                except KafkaException as exc:
+                    reader.close()
+                    raise _unavailable(f"following {topic}", exc) from exc
+                followers = self._followers[topic] = _Followers(reader)
+        return followers
 
     def _tailed(self, message: Message, seen: collections.OrderedDict[str, int]) -> Tailed | None:
         """The record as an event; None for a foreign message or a re-published copy."""
@@ -542,6 +614,9 @@ class KafkaEventLog:
         if self._watermark_reader is not None:
             self._watermark_reader.close()
             self._watermark_reader = None
+        for followers in self._followers.values():
+            await followers.close()
+        self._followers.clear()
         # Dropping the admin client closes its connections (it has no close of its own); a
         # broker shutting down gracefully waits for its clients to go.
         self._admin_client = None
@@ -608,10 +683,63 @@ class _Reader:
         """What arrived: waits up to ``wait`` for a first message, then takes what else is queued."""
         return await self._call(lambda c: _poll_batch(c, limit, wait))
 
-    def close(self) -> None:
-        """Close on the reader's thread after any read still running (callable from a finally)."""
-        self._pool.submit(lambda: self._consumer.result().close())
+    def close(self) -> concurrent.futures.Future[None]:
+        """Close on the reader's thread after any read still running (callable from a finally);
+        done once the consumer is closed."""
+        closed = self._pool.submit(lambda: self._consumer.result().close())
         self._pool.shutdown(wait=False)
+        return closed
+
+
+class _Followers:
+    """Every record of one topic from a single reader, handed to the tails that follow its keys.
+    A read that fails hands the error to every one of them (each then reads its key again from
+    where it was, through a new reader) and ends this one."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self._reader = reader
+        self._listeners: dict[bytes, set[asyncio.Queue[Message | Exception]]] = {}
+        self.broken = False
+        self._closed: concurrent.futures.Future[None] | None = None
+        self._task = asyncio.create_task(self._run())
+
+    @contextlib.contextmanager
+    def listen(self, key: bytes) -> Iterator[asyncio.Queue[Message | Exception]]:
+        queue: asyncio.Queue[Message | Exception] = asyncio.Queue()
+        self._listeners.setdefault(key, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            listeners = self._listeners[key]
+            listeners.discard(queue)
+            if not listeners:
+                del self._listeners[key]
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                for message in await self._reader.read(500, 0.5):
+                    if message.error() is None and (listeners := self._listeners.get(message.key() or b"")):
+                        for queue in listeners:
+                            queue.put_nowait(message)
+        except Exception as exc:  # the reader failed: its followers read again, through another
+            self.broken = True
+            logger.warning("the shared reader of a followed topic failed: %r", exc)
+            failure = UnavailableError(f"following a topic failed: {exc!r}")
+            for listeners in self._listeners.values():
+                for queue in listeners:
+                    queue.put_nowait(failure)
+        finally:
+            self._closed = self._reader.close()
+
+    async def close(self) -> None:
+        """Stop reading; returns once the reader is closed (its topic may be deleted then)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._closed is None:  # cancelled before it ever ran
+            self._closed = self._reader.close()
+        await asyncio.wrap_future(self._closed)
 
 
 def _poll_batch(consumer: confluent_kafka.Consumer, limit: int, wait: float) -> list[Message]:
