@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -184,3 +185,38 @@ async def test_tails_following_keys_of_a_topic_share_one_reader(
     for follower in followers:
         follower.cancel()
     await asyncio.gather(*followers, return_exceptions=True)
+
+
+async def test_a_key_created_since_the_shared_reader_started_reads_its_history_from_it(
+    kafka: KafkaEventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SSE stream opened as its request runs: the request's chunks so far are kept by the
+    shared reader, and reading them opens no reader of its own."""
+    monkeypatch.setattr(kafka_log, "_CLOCK_SKEW_MS", 0)  # the clocks here are one clock
+    opened: list[str] = []
+
+    class Counted(kafka_log._Reader):
+        def __init__(self, conf: dict[str, Any]) -> None:
+            super().__init__(conf)
+            opened.append("reader")
+
+    monkeypatch.setattr(kafka_log, "_Reader", Counted)
+    warm_up = event("starts the shared reader", key="req-0")
+    await kafka.publish("stream", [warm_up])
+    async with contextlib.aclosing(kafka.tail("stream", "req-0")) as first:
+        assert (await anext(first)).envelope.id == warm_up.id
+    before = len(opened)
+
+    request = event("r", key="")  # keyed by its own id, a UUIDv7 made just now, as requests are
+    chunks = [event(f"c{i}", key=request.request_id, request_id=request.request_id) for i in range(4)]
+    await kafka.publish("stream", chunks[:3])  # written before anyone follows it
+    read = []
+    async with asyncio.timeout(30), contextlib.aclosing(kafka.tail("stream", request.request_id)) as tail:
+        async for tailed in tail:
+            read.append(tailed.envelope.id)
+            if len(read) == 3:
+                await kafka.publish("stream", chunks[3:])
+            if len(read) == 4:
+                break
+    assert read == [c.id for c in chunks]
+    assert len(opened) == before  # no reader of its own for the history

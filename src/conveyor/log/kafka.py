@@ -85,6 +85,7 @@ T = TypeVar("T")
 _OFFSET_BITS = 40
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 _CLOCK_SKEW_MS = 10_000  # a record's time and its request id's time come from different clocks
+_KEEP_FOLLOWED = 30.0  # seconds a shared reader keeps records: streams opened sooner read no history
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -339,21 +340,23 @@ class KafkaEventLog:
     async def _follow(
         self, topic: str, key: str, after: int, seen: collections.OrderedDict[str, int]
     ) -> AsyncGenerator[Tailed, None]:
-        """Follow one key: its history read to the partition's end, then its records as the
-        topic's shared reader brings them. It listens before reading that history, and the shared
-        reader was there first: what is written after the end reaches the listener, the rest is
-        history, and what is both is sent once (by position)."""
+        """Follow one key: its history (kept by the topic's shared reader, or read to the
+        partition's end), then its records as the shared reader brings them. It listens before it
+        reads that history, and the shared reader was there first: what is written after the end
+        reaches the listener, the rest is history, and what is both is sent once (by position)."""
         followers = await self._followers_of(topic)
-        with followers.listen(key.encode()) as arrivals:
+        with followers.listen(key.encode(), _uuid7_ms(key)) as (arrivals, kept):
             position = after
-            async for past in self._read(topic, key, after, False, None, None, seen):
-                position = past.position
-                yield past
+            if kept is None:  # not all of it kept by the shared reader: read it
+                async for past in self._read(topic, key, after, False, None, None, seen):
+                    position = past.position
+                    yield past
+            first: collections.deque[Message] = collections.deque(kept or ())
             while True:
-                message = await arrivals.get()
-                if isinstance(message, Exception):
-                    raise message
-                tailed = self._tailed(message, seen)
+                arrival = first.popleft() if first else await arrivals.get()
+                if isinstance(arrival, Exception):
+                    raise arrival
+                tailed = self._tailed(arrival, seen)
                 if tailed is not None and tailed.position > position:
                     position = tailed.position
                     yield tailed
@@ -427,21 +430,22 @@ class KafkaEventLog:
                 name = self.topic_name(topic)
                 reader = self._reader()
                 try:
-                    # From a little before now: records written from here on are all read (none
-                    # that recent: from the end), and a broker that cannot look up by time (tansu
-                    # answers 0) costs a longer read.
-                    since = int(time.time() * 1000) - _CLOCK_SKEW_MS
-                    asked = [TopicPartition(name, p, since) for p in range(count)]
-                    end = confluent_kafka.OFFSET_END
-                    starts = [
-                        TopicPartition(name, tp.partition, tp.offset if tp.offset >= 0 else end)
-                        for tp in await reader.offsets_for_times(asked)
-                    ]
+                    # From the first record stamped a little before now, or (none is) from the
+                    # end as it was before looking: every record written from now on is read. A
+                    # broker that cannot look up by time (tansu answers 0) costs a longer read.
+                    now = int(time.time() * 1000)
+                    ends = [await reader.high_watermark(TopicPartition(name, p)) for p in range(count)]
+                    asked = [TopicPartition(name, p, now - _CLOCK_SKEW_MS) for p in range(count)]
+                    found = {tp.partition: tp.offset for tp in await reader.offsets_for_times(asked)}
+                    starts = [TopicPartition(name, p, o if o >= 0 else ends[p]) for p, o in found.items()]
                     await reader.assign(starts)
                 except KafkaException as exc:
                     reader.close()
                     raise _unavailable(f"following {topic}", exc) from exc
-                followers = self._followers[topic] = _Followers(reader)
+                # Keys created a skew after ``now`` have every record read (their records are
+                # stamped, and written, at most the skew before the key's time).
+                covered = now + _CLOCK_SKEW_MS
+                followers = self._followers[topic] = _Followers(reader, covered, _KEEP_FOLLOWED)
         return followers
 
     def _tailed(self, message: Message, seen: collections.OrderedDict[str, int]) -> Tailed | None:
@@ -675,6 +679,11 @@ class _Reader:
     async def resume(self, partitions: list[TopicPartition]) -> None:
         await self._call(lambda c: c.resume(partitions))
 
+    async def high_watermark(self, partition: TopicPartition) -> int:
+        """The partition's end, asked of the broker (ListOffsets: right on Kafka, not on tansu)."""
+        _, high = await self._call(lambda c: c.get_watermark_offsets(partition, 10, cached=False) or (-1, -1))
+        return int(high)
+
     async def cached_watermarks(self, partition: TopicPartition) -> tuple[int, int]:
         low, high = await self._call(lambda c: c.get_watermark_offsets(partition, cached=True) or (-1, -1))
         return int(low), int(high)
@@ -692,36 +701,64 @@ class _Reader:
 
 
 class _Followers:
-    """Every record of one topic from a single reader, handed to the tails that follow its keys.
-    A read that fails hands the error to every one of them (each then reads its key again from
-    where it was, through a new reader) and ends this one."""
+    """Every record of one topic from a single reader, handed to the tails that follow its keys,
+    and kept for ``keep`` seconds: a key created since this reader started, and recently enough
+    that none of its records has been dropped yet (an SSE stream opened as its request runs), has
+    its whole history here, and needs no reader of its own to read it.
 
-    def __init__(self, reader: _Reader) -> None:
-        self._reader = reader
+    A read that fails hands the error to every follower (each then reads its key again from where
+    it was, through a new reader) and ends this one."""
+
+    def __init__(self, reader: _Reader, started_ms: int, keep: float) -> None:
+        self._reader, self._started_ms, self._keep = reader, started_ms, keep
         self._listeners: dict[bytes, set[asyncio.Queue[Message | Exception]]] = {}
+        self._kept: dict[bytes, collections.deque[Message]] = {}
+        self._arrivals: collections.deque[tuple[float, bytes]] = collections.deque()  # to drop in order
         self.broken = False
         self._closed: concurrent.futures.Future[None] | None = None
         self._task = asyncio.create_task(self._run())
 
     @contextlib.contextmanager
-    def listen(self, key: bytes) -> Iterator[asyncio.Queue[Message | Exception]]:
+    def listen(
+        self, key: bytes, created_ms: int | None
+    ) -> Iterator[tuple[asyncio.Queue[Message | Exception], list[Message] | None]]:
+        """The key's records from now on, and those kept of it: all of its history when it was
+        created at ``created_ms`` (None: unknown) and this reader has kept everything since; else None."""
         queue: asyncio.Queue[Message | Exception] = asyncio.Queue()
         self._listeners.setdefault(key, set()).add(queue)
+        oldest_kept = int((time.time() - self._keep) * 1000)
+        # The key's records are stamped at most the clock skew before its creation, and read after.
+        whole = created_ms is not None and created_ms >= max(self._started_ms, oldest_kept + _CLOCK_SKEW_MS)
         try:
-            yield queue
+            yield queue, list(self._kept.get(key, ())) if whole else None
         finally:
             listeners = self._listeners[key]
             listeners.discard(queue)
             if not listeners:
                 del self._listeners[key]
 
+    def _keep_record(self, key: bytes, message: Message, now: float) -> None:
+        self._kept.setdefault(key, collections.deque()).append(message)
+        self._arrivals.append((now, key))
+        while self._arrivals and self._arrivals[0][0] < now - self._keep:
+            _, old = self._arrivals.popleft()
+            records = self._kept[old]
+            records.popleft()
+            if not records:
+                del self._kept[old]
+
     async def _run(self) -> None:
         try:
             while True:
-                for message in await self._reader.read(500, 0.5):
-                    if message.error() is None and (listeners := self._listeners.get(message.key() or b"")):
-                        for queue in listeners:
-                            queue.put_nowait(message)
+                batch = await self._reader.read(500, 0.5)
+                now = time.time()
+                for message in batch:
+                    if message.error() is not None:
+                        continue
+                    key = message.key() or b""
+                    self._keep_record(key, message, now)
+                    for queue in self._listeners.get(key, ()):
+                        queue.put_nowait(message)
         except Exception as exc:  # the reader failed: its followers read again, through another
             self.broken = True
             logger.warning("the shared reader of a followed topic failed: %r", exc)
