@@ -30,9 +30,11 @@ How the EventLog contract maps onto Kafka:
 * ``tail`` of one key reads the key's partition only, starting at the offset of the key's
   UUIDv7 time (``offsets_for_times``) when the key is such an id (request ids are), so a
   request's stream is not searched from the start of the topic. Following one key (an SSE
-  stream follows its request's chunks) reads that history to the partition's end, then takes
-  the key's records from one reader per topic and process that every such tail shares: a
-  librdkafka consumer (and its threads) per open stream would not scale. ``tail`` of every key
+  stream follows its request's chunks) takes the key's records from one reader per topic and
+  process that every such tail shares (a librdkafka consumer, and its threads, per open stream
+  would not scale), and the history before them from what that reader kept (its last 30 s) when
+  the key is a request created since it started, else reads it to the partition's end with a
+  reader of its own. ``tail`` of every key
   ``since`` a time starts each partition at that time the same way. ``find`` reads every
   partition from the request id's time, for at most ``find_window`` seconds of records.
 * ``lag`` is high watermark minus committed offset, per group and partition; the high
