@@ -109,3 +109,31 @@ async def test_completions_run_concurrently(node: NodeFactory) -> None:
     assert [a.choices[0].message.content for a in answers] == [
         "".join(model.answer(p, 256)[0]).strip() for p in prompts
     ]
+
+
+async def test_the_chat_completion_fast_path_answers_as_the_routed_endpoint(node: NodeFactory) -> None:
+    # A plain POST takes the gateway's fast path; with a query it goes through FastAPI's route.
+    async with node() as http:
+        body = {"model": "simulated", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40}
+        fast = await http.post("/v1/chat/completions", json=body)
+        routed = await http.post("/v1/chat/completions", json=body, params={"via": "route"})
+        assert (fast.status_code, routed.status_code) == (200, 200)
+        answers = [r.json() for r in (fast, routed)]
+        for answer in answers:  # two requests: their ids and times differ, nothing else
+            answer.pop("id")
+            answer.pop("created")
+        assert answers[0] == answers[1]
+        for bad in (
+            {**body, "model": "gpt-9"},
+            {**body, "messages": []},
+            {**body, "max_tokens": 10**9},
+            {"messages": "not a list"},
+        ):
+            refusals = [
+                await http.post("/v1/chat/completions", json=bad, params=params)
+                for params in ({}, {"via": "route"})
+            ]
+            assert refusals[0].status_code in (400, 404), refusals[0].text
+            assert [(r.status_code, r.json()) for r in refusals] == [
+                (refusals[0].status_code, refusals[0].json())
+            ] * 2

@@ -235,12 +235,14 @@ def create_app(
         content = {"id": accepted.id, "status": accepted.status, **urls(accepted.id)}
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 
+    complete = add_openai_routes(app, core, models=models, limits=limits)
     app.add_middleware(
         FastPath,
         core=core,
         max_wait=limits.max_wait_seconds,
         submit=accept_submit,
         stream=event_stream,
+        complete=complete,
         handlers=app.exception_handlers,
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)  # outermost: before anything reads
@@ -350,8 +352,6 @@ def create_app(
             )
         await core.cancel(view)
         return JSONResponse({"id": rid, "status": "cancelling"}, status_code=202)
-
-    add_openai_routes(app, core, models=models, limits=limits)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:

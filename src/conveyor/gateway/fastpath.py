@@ -1,13 +1,13 @@
 """The calls of every request's life, answered without FastAPI's routing.
 
-``POST /v1/requests[?wait=S]``, the long poll ``GET /v1/requests/{id}[?wait=S]`` and the event
-stream ``GET /v1/requests/{id}/events`` are the gateway's hot path, and routing, the middleware
-stack and dependency solving cost about a third of its CPU (py-spy; benchmarks/README.md). This
-ASGI middleware serves them with the same functions the routed endpoints call, and renders a
-failure with the same exception handlers. What it does not recognise as the plain case (a missing
-or unknown API key, an Idempotency-Key, an unknown id, a malformed ``wait`` or ``Last-Event-ID``, a
-query, any other path or method) goes on to the routed endpoint, untouched, before anything was
-read or counted.
+``POST /v1/requests[?wait=S]``, the long poll ``GET /v1/requests/{id}[?wait=S]``, the event
+stream ``GET /v1/requests/{id}/events`` and ``POST /v1/chat/completions`` are the gateway's hot
+path, and routing, the middleware stack and dependency solving cost about a third of its CPU
+(py-spy; benchmarks/README.md). This ASGI middleware serves them with the same functions the
+routed endpoints call, and renders a failure with the same exception handlers. What it does not
+recognise as the plain case (a missing or unknown API key, an Idempotency-Key, an unknown id, a
+malformed ``wait`` or ``Last-Event-ID``, a query, any other path or method) goes on to the routed
+endpoint, untouched, before anything was read or counted.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from conveyor.errors import UnavailableError
 from conveyor.gateway.core import GatewayCore
 
 _SUBMIT = "/v1/requests"
+_CHAT = "/v1/chat/completions"
 _STATUS = "/v1/requests/"
 _EVENTS = "/events"
 
@@ -38,6 +39,9 @@ class Submit(Protocol):
 
 class Stream(Protocol):
     def __call__(self, rid: str, last_id: int, tenant: str) -> Response: ...
+
+
+Complete = Callable[[Request, str], Awaitable[Response]]
 
 
 def _wait(query: bytes) -> float | None:
@@ -63,16 +67,20 @@ class FastPath:
         max_wait: float,
         submit: Submit,
         stream: Stream,
+        complete: Complete,
         handlers: Mapping[Any, Callable[[Request, Any], Response | Awaitable[Response]]],
     ) -> None:
         self.app, self._core, self._max_wait = app, core, max_wait
-        self._submit, self._stream, self._handlers = submit, stream, handlers
+        self._submit, self._stream, self._complete = submit, stream, complete
+        self._handlers = handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = None
         if scope["type"] == "http":
             if scope["method"] == "POST" and scope["path"] == _SUBMIT:
                 response = await self._accept(scope, receive)
+            elif scope["method"] == "POST" and scope["path"] == _CHAT:
+                response = await self._chat(scope, receive)
             elif scope["method"] == "GET" and scope["path"].startswith(_STATUS):
                 events = scope["path"].endswith(_EVENTS)
                 response = await (self._events(scope) if events else self._status(scope))
@@ -89,8 +97,17 @@ class FastPath:
             return None
         request = Request(scope, receive)
         raw = await request.body()
+        return await self._rendered(request, self._submit(raw, tenant, wait=wait))
+
+    async def _chat(self, scope: Scope, receive: Receive) -> Response | None:
+        if scope["query_string"] or (tenant := self._core.tenant_of(Headers(scope=scope))) is None:
+            return None
+        request = Request(scope, receive)
+        return await self._rendered(request, self._complete(request, tenant))
+
+    async def _rendered(self, request: Request, answer: Awaitable[Response]) -> Response:
         try:
-            return await self._submit(raw, tenant, wait=wait)
+            return await answer
         except Exception as exc:  # rendered as the routed endpoint's would be
             for cls in type(exc).__mro__:
                 if (handler := self._handlers.get(cls)) is not None:

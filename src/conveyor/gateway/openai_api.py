@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -102,7 +102,9 @@ def _usage(view: RequestView) -> dict[str, Any]:
 
 def add_openai_routes(
     app: FastAPI, core: GatewayCore, *, models: Sequence[str], limits: GatewayLimits
-) -> None:
+) -> Callable[[Request, str], Awaitable[Response]]:
+    """Add the routes; returns the chat completion after authentication, for the fast path too."""
+
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
@@ -153,9 +155,7 @@ def add_openai_routes(
             metadata={"api": "openai.chat.completions"},
         )
 
-    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra={"requestBody": _REQUEST_BODY})
-    async def chat_completions(request: Request, tenant: str = tenant_of_key) -> Response:
-        """OpenAI's chat completion, through the durable pipeline; ``stream`` for SSE chunks."""
+    async def complete(request: Request, tenant: str) -> Response:
         body = await parse(request)
         try:
             accepted = await core.accept(accepted_payload(body), tenant=tenant)
@@ -191,6 +191,13 @@ def add_openai_routes(
             "usage": _usage(view),
         }
         return JSONResponse(completion)
+
+    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra={"requestBody": _REQUEST_BODY})
+    async def chat_completions(request: Request, tenant: str = tenant_of_key) -> Response:
+        """OpenAI's chat completion, through the durable pipeline; ``stream`` for SSE chunks."""
+        return await complete(request, tenant)
+
+    return complete
 
 
 def _raise_if_failed(view: RequestView) -> None:
