@@ -40,3 +40,18 @@ def derive_id(parent: str, label: str) -> str:
 def id_time_ms(event_id: str) -> int:
     """The creation time, in Unix milliseconds, encoded in a UUIDv7."""
     return uuid.UUID(event_id).int >> 80
+
+
+# How far apart the time in a request's id and the time its records are written may be: they
+# come from different clocks (the accepting gateway's, a worker's, the broker's).
+CLOCK_SKEW_MS = 10_000
+
+
+def created_ms(value: str) -> int | None:
+    """The creation time of a UUIDv7 (request ids are one), in Unix milliseconds; None for any
+    other string."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return id_time_ms(value) if parsed.version == 7 else None

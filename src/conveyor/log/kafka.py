@@ -56,16 +56,16 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from conveyor.errors import MissingExtraError, UnavailableError
 from conveyor.events import Envelope
-from conveyor.ids import id_time_ms
+from conveyor.ids import CLOCK_SKEW_MS, created_ms
 from conveyor.log.base import Delivery, Lag, Tailed, check_bounds
+from conveyor.log.followers import Followers
 
 try:
     import confluent_kafka
@@ -86,7 +86,7 @@ T = TypeVar("T")
 
 _OFFSET_BITS = 40
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
-_CLOCK_SKEW_MS = 10_000  # a record's time and its request id's time come from different clocks
+_CLOCK_SKEW_MS = CLOCK_SKEW_MS
 _KEEP_FOLLOWED = 30.0  # seconds a shared reader keeps records: streams opened sooner read no history
 
 
@@ -98,15 +98,6 @@ def partition_for(key: str, partitions: int) -> int:
 
 def position(partition: int, offset: int) -> int:
     return partition << _OFFSET_BITS | (offset + 1)
-
-
-def _uuid7_ms(value: str) -> int | None:
-    """The creation time of a UUIDv7 (request ids are), None for any other string."""
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        return None
-    return id_time_ms(value) if parsed.version == 7 else None
 
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -166,8 +157,8 @@ class KafkaEventLog:
         self._watermark_reader: _Reader | None = None
         self._watermark_partitions: set[tuple[str, int]] = set()
         self._watermark_lock = asyncio.Lock()
-        self._followers: dict[str, _Followers] = {}
-        self._followers_lock = asyncio.Lock()
+        self._shared: dict[str, _SharedReader] = {}
+        self._shared_lock = asyncio.Lock()
         self._serving = True
         self._server = threading.Thread(target=self._serve_deliveries, name="conveyor-kafka-producer")
         self._server.start()
@@ -346,8 +337,8 @@ class KafkaEventLog:
         partition's end), then its records as the shared reader brings them. It listens before it
         reads that history, and the shared reader was there first: what is written after the end
         reaches the listener, the rest is history, and what is both is sent once (by position)."""
-        followers = await self._followers_of(topic)
-        with followers.listen(key.encode(), _uuid7_ms(key)) as (arrivals, kept):
+        shared = await self._shared_reader(topic)
+        with shared.followers.listen(key.encode(), created_ms(key)) as (arrivals, kept):
             position = after
             if kept is None:  # not all of it kept by the shared reader: read it
                 async for past in self._read(topic, key, after, False, None, None, seen):
@@ -424,10 +415,10 @@ class KafkaEventLog:
         finally:
             reader.close()
 
-    async def _followers_of(self, topic: str) -> _Followers:
-        async with self._followers_lock:
-            followers = self._followers.get(topic)
-            if followers is None or followers.broken:
+    async def _shared_reader(self, topic: str) -> _SharedReader:
+        async with self._shared_lock:
+            shared = self._shared.get(topic)
+            if shared is None or shared.broken:
                 count = await self._topic(topic)
                 name = self.topic_name(topic)
                 reader = self._reader()
@@ -444,11 +435,8 @@ class KafkaEventLog:
                 except KafkaException as exc:
                     reader.close()
                     raise _unavailable(f"following {topic}", exc) from exc
-                # Keys created a skew after ``now`` have every record read (their records are
-                # stamped, and written, at most the skew before the key's time).
-                covered = now + _CLOCK_SKEW_MS
-                followers = self._followers[topic] = _Followers(reader, covered, _KEEP_FOLLOWED)
-        return followers
+                shared = self._shared[topic] = _SharedReader(reader, now)
+        return shared
 
     def _tailed(self, message: Message, seen: collections.OrderedDict[str, int]) -> Tailed | None:
         """The record as an event; None for a foreign message or a re-published copy."""
@@ -466,14 +454,14 @@ class KafkaEventLog:
 
     async def _key_start(self, reader: _Reader, name: str, key: str, count: int) -> int:
         """Where a key's events can start: at its UUIDv7 time when it is one (request ids are)."""
-        created = _uuid7_ms(key)
+        created = created_ms(key)
         if created is None:
             return confluent_kafka.OFFSET_BEGINNING
         (found,) = await reader.offsets_for_times([TopicPartition(name, partition_for(key, count), created)])
         return found.offset if found.offset >= 0 else confluent_kafka.OFFSET_END
 
     async def find(self, topic: str, request_id: str) -> Envelope | None:
-        created = _uuid7_ms(request_id)
+        created = created_ms(request_id)
         if created is None:
             return None  # no time to start from: finding it would mean reading whole partitions
         count = await self._topic(topic)
@@ -620,9 +608,9 @@ class KafkaEventLog:
         if self._watermark_reader is not None:
             self._watermark_reader.close()
             self._watermark_reader = None
-        for followers in self._followers.values():
-            await followers.close()
-        self._followers.clear()
+        for shared in self._shared.values():
+            await shared.close()
+        self._shared.clear()
         # Dropping the admin client closes its connections (it has no close of its own); a
         # broker shutting down gracefully waits for its clients to go.
         self._admin_client = None
@@ -702,72 +690,30 @@ class _Reader:
         return closed
 
 
-class _Followers:
-    """Every record of one topic from a single reader, handed to the tails that follow its keys,
-    and kept for ``keep`` seconds: a key created since this reader started, and recently enough
-    that none of its records has been dropped yet (an SSE stream opened as its request runs), has
-    its whole history here, and needs no reader of its own to read it.
+class _SharedReader:
+    """The topic's one reader for the tails that follow its keys (``Followers``). A read that
+    fails hands the error to every follower (each then reads its key again from where it was,
+    through another reader) and ends this one."""
 
-    A read that fails hands the error to every follower (each then reads its key again from where
-    it was, through a new reader) and ends this one."""
-
-    def __init__(self, reader: _Reader, started_ms: int, keep: float) -> None:
-        self._reader, self._started_ms, self._keep = reader, started_ms, keep
-        self._listeners: dict[bytes, set[asyncio.Queue[Message | Exception]]] = {}
-        self._kept: dict[bytes, collections.deque[Message]] = {}
-        self._arrivals: collections.deque[tuple[float, bytes]] = collections.deque()  # to drop in order
+    def __init__(self, reader: _Reader, since_ms: int) -> None:
+        self._reader = reader
+        self.followers: Followers[bytes, Message] = Followers(
+            since_ms=since_ms, skew_ms=_CLOCK_SKEW_MS, keep=_KEEP_FOLLOWED
+        )
         self.broken = False
         self._closed: concurrent.futures.Future[None] | None = None
         self._task = asyncio.create_task(self._run())
 
-    @contextlib.contextmanager
-    def listen(
-        self, key: bytes, created_ms: int | None
-    ) -> Iterator[tuple[asyncio.Queue[Message | Exception], list[Message] | None]]:
-        """The key's records from now on, and those kept of it: all of its history when it was
-        created at ``created_ms`` (None: unknown) and this reader has kept everything since; else None."""
-        queue: asyncio.Queue[Message | Exception] = asyncio.Queue()
-        self._listeners.setdefault(key, set()).add(queue)
-        oldest_kept = int((time.time() - self._keep) * 1000)
-        # The key's records are stamped at most the clock skew before its creation, and read after.
-        whole = created_ms is not None and created_ms >= max(self._started_ms, oldest_kept + _CLOCK_SKEW_MS)
-        try:
-            yield queue, list(self._kept.get(key, ())) if whole else None
-        finally:
-            listeners = self._listeners[key]
-            listeners.discard(queue)
-            if not listeners:
-                del self._listeners[key]
-
-    def _keep_record(self, key: bytes, message: Message, now: float) -> None:
-        self._kept.setdefault(key, collections.deque()).append(message)
-        self._arrivals.append((now, key))
-        while self._arrivals and self._arrivals[0][0] < now - self._keep:
-            _, old = self._arrivals.popleft()
-            records = self._kept[old]
-            records.popleft()
-            if not records:
-                del self._kept[old]
-
     async def _run(self) -> None:
         try:
             while True:
-                batch = await self._reader.read(500, 0.5)
-                now = time.time()
-                for message in batch:
-                    if message.error() is not None:
-                        continue
-                    key = message.key() or b""
-                    self._keep_record(key, message, now)
-                    for queue in self._listeners.get(key, ()):
-                        queue.put_nowait(message)
+                for message in await self._reader.read(500, 0.5):
+                    if message.error() is None:
+                        self.followers.deliver(message.key() or b"", message)
         except Exception as exc:  # the reader failed: its followers read again, through another
             self.broken = True
             logger.warning("the shared reader of a followed topic failed: %r", exc)
-            failure = UnavailableError(f"following a topic failed: {exc!r}")
-            for listeners in self._listeners.values():
-                for queue in listeners:
-                    queue.put_nowait(failure)
+            self.followers.fail(UnavailableError(f"following a topic failed: {exc!r}"))
         finally:
             self._closed = self._reader.close()
 

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
 from conveyor.jetstream import JetStreamBackend, stored
 from conveyor.log.base import Delivery, Lag, Tailed, check_bounds
+from conveyor.log.followers import Followers
 
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DAY = 86_400.0
@@ -72,7 +73,7 @@ class NatsEventLog(JetStreamBackend):
         self._retention = retention
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
-        self._followers: dict[str, _Followers] = {}
+        self._shared: dict[str, _SharedConsumer] = {}
 
     def stream_name(self, topic: str) -> str:
         return f"{self._prefix}_{topic}".upper().replace("-", "_").replace(".", "_")
@@ -208,8 +209,8 @@ class NatsEventLog(JetStreamBackend):
         The tail listens before it reads where the key's history ends, and the shared consumer
         already runs then: an event stored after that read reaches the listener, one stored
         before it is in the history, and one that is both is sent once (by position)."""
-        followers = await self._followers_of(topic, stream)
-        with followers.listen(key_token(key)) as arrivals:
+        shared = await self._shared_consumer(topic, stream)
+        with shared.followers.listen(key_token(key), None) as (arrivals, _):
             end = await self._last_position(stream, key, subject)
             position = after
             while position < end:
@@ -220,22 +221,26 @@ class NatsEventLog(JetStreamBackend):
                 data = base64.b64decode(found.get("data") or "")
                 yield Tailed(position, Envelope.from_headers(_header_block(found.get("hdrs")), data))
             while True:
-                arrived, headers, data = await arrivals.get()
+                arrival = await arrivals.get()
+                if isinstance(arrival, Exception):
+                    raise arrival
+                arrived, headers, data = arrival
                 if arrived > position:
                     position = arrived
                     yield Tailed(position, Envelope.from_headers(headers, data))
 
-    async def _followers_of(self, topic: str, stream: str) -> _Followers:
+    async def _shared_consumer(self, topic: str, stream: str) -> _SharedConsumer:
         async with self._lock:
-            followers = self._followers.get(topic)
-            if followers is None:
+            shared = self._shared.get(topic)
+            if shared is None:
                 try:
                     last = await self._last_position(stream, None, "")
-                    followers = await _Followers.start(self._js, stream, f"{self._prefix}.{topic}.>", last)
+                    subject = f"{self._prefix}.{topic}.>"
+                    shared = await _SharedConsumer.start(self._js, stream, subject, last)
                 except (nats.errors.Error, TimeoutError) as exc:
                     raise UnavailableError(f"following {topic} failed: {exc!r}") from exc
-                self._followers[topic] = followers
-        return followers
+                self._shared[topic] = shared
+        return shared
 
     async def _stored(self, stream: str, query: dict[str, Any]) -> dict[str, Any] | None:
         """The message of ``stream`` that ``query`` names (by ``seq``, ``next_by_subj``,
@@ -301,9 +306,9 @@ class NatsEventLog(JetStreamBackend):
 
     async def delete_streams(self) -> None:
         """Remove every stream of this prefix (test isolation)."""
-        for followers in self._followers.values():
-            await followers.close()
-        self._followers.clear()
+        for shared in self._shared.values():
+            await shared.close()
+        self._shared.clear()
         for topic in list(self._ready):
             with contextlib.suppress(JsNotFound):
                 await self._js.delete_stream(self.stream_name(topic))
@@ -314,47 +319,36 @@ _Arrival = tuple[int, dict[str, str] | None, bytes]  # position, headers, body
 _FOLLOWERS_HEARTBEAT = 1.0
 
 
-class _Followers:
-    """Every event of one topic from a single ordered consumer, handed to the tails that follow
-    its keys. A consumer per followed key cost the server a consumer created, fed and expired per
-    SSE stream, and the gateway a subscription with its own timers (benchmarks/README.md)."""
+class _SharedConsumer:
+    """The topic's one ordered consumer for the tails that follow its keys (``Followers``). A
+    consumer per followed key cost the server a consumer created, fed and expired per SSE stream,
+    and the gateway a subscription with its own timers (benchmarks/README.md). It keeps nothing:
+    a tail's history is a few lookups the server answers, and keeping 30 s of events, as the
+    Kafka log does, saved no measurable CPU here (benchmarks/README.md)."""
 
     def __init__(self) -> None:
-        self._listeners: dict[str, set[asyncio.Queue[_Arrival]]] = {}
+        self.followers: Followers[str, _Arrival] = Followers(since_ms=0, skew_ms=0, keep=0.0)
         self._sub: JetStreamContext.PushSubscription | None = None
 
     @classmethod
-    async def start(cls, js: JetStreamContext, stream: str, subject: str, last: int) -> _Followers:
-        followers = cls()
+    async def start(cls, js: JetStreamContext, stream: str, subject: str, last: int) -> _SharedConsumer:
+        shared = cls()
         # From the last stored event rather than after it: the first delivery then tells nats-py's
         # ordered consumer where to resume after a reset (before any, it would start at 1).
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, last)
         )
-        followers._sub = await js.subscribe(
+        shared._sub = await js.subscribe(
             subject,
             stream=stream,
             ordered_consumer=True,
             config=config,
-            cb=followers._on_msg,
+            cb=shared._on_msg,
             # Missing two in a row, the client starts the consumer again (a restarted server has
             # lost it): one shared consumer can afford frequent ones, and streams resume sooner.
             idle_heartbeat=_FOLLOWERS_HEARTBEAT,
         )
-        return followers
-
-    @contextlib.contextmanager
-    def listen(self, token: str) -> Iterator[asyncio.Queue[_Arrival]]:
-        """The events of the key with subject token ``token`` delivered while inside."""
-        queue: asyncio.Queue[_Arrival] = asyncio.Queue()
-        self._listeners.setdefault(token, set()).add(queue)
-        try:
-            yield queue
-        finally:
-            listeners = self._listeners[token]
-            listeners.discard(queue)
-            if not listeners:
-                del self._listeners[token]
+        return shared
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -362,11 +356,8 @@ class _Followers:
                 await self._sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
-        listeners = self._listeners.get(msg.subject.rsplit(".", 2)[-2])  # <prefix>.<topic>.<key>.<id>
-        if listeners:
-            arrival = (_delivered(msg.reply)[1], msg.headers, msg.data)
-            for queue in listeners:
-                queue.put_nowait(arrival)
+        token = msg.subject.rsplit(".", 2)[-2]  # <prefix>.<topic>.<key>.<id>
+        self.followers.deliver(token, (_delivered(msg.reply)[1], msg.headers, msg.data))
 
 
 def _header_block(encoded: str | None) -> dict[str, str]:
