@@ -63,7 +63,7 @@ def test_a_failed_read_reaches_every_listener() -> None:
 
 def test_a_read_that_keeps_nothing_only_hands_records_on() -> None:
     clock = Clock(1_020.0)
-    shared: Followers[str, str] = Followers(since_ms=0, skew_ms=0, keep=0.0, clock=clock)
+    shared: Followers[str, str] = Followers(clock=clock)
     shared.deliver("k", "k1")
     with shared.listen("k", created_ms=1_019_000) as (arrivals, kept):
         assert kept is None  # the caller looks its history up

@@ -32,7 +32,12 @@ class Followers(Generic[K, R]):
     id's time and the broker's or this process's clock are different clocks)."""
 
     def __init__(
-        self, *, since_ms: int, skew_ms: int, keep: float, clock: Callable[[], float] = time.time
+        self,
+        *,
+        since_ms: int = 0,
+        skew_ms: int = 0,
+        keep: float = 0.0,  # seconds; 0 keeps nothing, and a tail always reads its own history
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._since_ms, self._skew_ms, self._keep, self._clock = since_ms, skew_ms, keep, clock
         self._listeners: dict[K, set[asyncio.Queue[R | Exception]]] = {}

@@ -327,7 +327,7 @@ class _SharedConsumer:
     Kafka log does, saved no measurable CPU here (benchmarks/README.md)."""
 
     def __init__(self) -> None:
-        self.followers: Followers[str, _Arrival] = Followers(since_ms=0, skew_ms=0, keep=0.0)
+        self.followers: Followers[str, _Arrival] = Followers()
         self._sub: JetStreamContext.PushSubscription | None = None
 
     @classmethod
