@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +25,7 @@ from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
 from conveyor.gateway.ratelimit import RateLimiter
 from conveyor.gateway.sse import request_events, stream_request
+from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
 from conveyor.payloads import RequestAccepted, Sampling
@@ -179,14 +180,10 @@ def create_app(
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return view
 
-    def event_stream(rid: str, last_id: int, tenant: str) -> StreamingResponse:
+    def event_stream(rid: str, last_id: int, tenant: str) -> EventStreamResponse:
         """The events of a request known to its tenant: ``GET /v1/requests/{id}/events`` (routed, and
         on the fast path), and a submit with ``stream``."""
-        return StreamingResponse(
-            stream_request(core, rid, last_id, tenant=tenant),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStreamResponse(stream_request(core, rid, last_id, tenant=tenant))
 
     async def accept_submit(
         raw: bytes, tenant: str, idempotency_key: str | None = None, *, wait: float = 0.0
@@ -289,13 +286,15 @@ def create_app(
             raise ApiError(404, "not_found", f"no request with id {rid!r}")
         return Response(view.public_json(), media_type="application/json")
 
-    @app.get("/v1/requests/{rid}/events", tags=["requests"], response_class=StreamingResponse)
+    @app.get(
+        "/v1/requests/{rid}/events", tags=["requests"], response_class=EventStreamResponse, status_code=200
+    )
     async def events(
         rid: str,
         tenant: str = tenant_of_key,
         last_event_id: Annotated[str | None, Header()] = None,
         last_id: Annotated[str | None, Query(alias="last_event_id")] = None,
-    ) -> StreamingResponse:
+    ) -> EventStreamResponse:
         """Server-Sent Events: progress, ``token`` chunks, then the final status. Resumable."""
         await view_or_404(rid, tenant)
         raw = last_event_id or last_id or "0"

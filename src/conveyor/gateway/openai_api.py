@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.sse import request_events
+from conveyor.gateway.sse import TERMINAL, request_events
+from conveyor.gateway.streaming import EventStreamResponse, Last
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Usage
 from conveyor.view import RequestView
 
@@ -164,11 +165,7 @@ def add_openai_routes(
         rid, created = accepted.id, int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(core, rid, tenant, body.model, created, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return EventStreamResponse(_stream(core, rid, tenant, body.model, created, include_usage))
         view = await core.wait(rid, limits.max_completion_seconds, tenant=tenant)
         if view is None or not view.terminal:
             raise OpenAIError(
@@ -212,7 +209,7 @@ def _raise_if_failed(view: RequestView) -> None:
 
 async def _stream(
     core: GatewayCore, rid: str, tenant: str, model: str, created: int, include_usage: bool
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         data = {
             "id": f"chatcmpl-{rid}",
@@ -245,27 +242,30 @@ async def _stream(
         return f"{last}data: {orjson.dumps(usage).decode()}\n\n"
 
     finished = False
+    head = chunk({"role": "assistant", "content": ""})  # leaves with the first tokens, in one write
     try:
-        yield chunk({"role": "assistant", "content": ""})
         updates = request_events(core, rid, 0, tenant=tenant)
         async with contextlib.aclosing(updates):
             async for events in updates:
                 if events is None:
-                    yield ": keepalive\n\n"
+                    yield f"{head}: keepalive\n\n"
+                    head = ""
                     continue
-                pieces = []  # the events that came together leave in one write
+                pieces = [head]  # the events that came together leave in one write
                 for _, kind, data in events:
                     if kind == "token" and data["text"]:
                         pieces.append(chunk({"content": data["text"]}))
-                    elif kind in ("completed", "cancelled", "failed"):
+                    elif kind in TERMINAL:
                         finished = True
                         pieces.append(ending(kind, data))
                         break
-                if pieces:
-                    yield "".join(pieces)
                 if finished:
-                    break
-        yield "data: [DONE]\n\n"
+                    yield Last("".join(pieces) + "data: [DONE]\n\n")
+                    return
+                if len(pieces) > 1:
+                    yield "".join(pieces)
+                    head = ""
+        yield Last(f"{head}data: [DONE]\n\n")
     finally:
         if not finished:  # the client went away mid-stream: stop paying for tokens nobody reads
             view = await _quietly(core.view(rid, tenant=tenant))

@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
 
 from conveyor.events import Topic
 from conveyor.gateway.core import GatewayCore
+from conveyor.gateway.streaming import Last
 from conveyor.log.base import EventLog
 from conveyor.payloads import EventType, TokenChunk, decode
 from conveyor.view import RequestView
@@ -35,6 +36,7 @@ logger = logging.getLogger("conveyor.gateway")
 
 _ACCEPTED, _PREPARED, _GENERATING, _FIRST_TOKEN = 1, 2, 3, 4
 Event = tuple[int, str, dict[str, Any]]  # (SSE id, event name, data)
+TERMINAL = ("completed", "failed", "cancelled")  # the name of a stream's last event
 KEEPALIVE_SECONDS = 15.0
 TAIL_RETRY_SECONDS = 30.0  # a broker node's failover takes seconds; a stream rides it out
 TAIL_RETRY_PAUSE = 0.25
@@ -184,8 +186,12 @@ async def request_events(
 
 async def stream_request(
     core: GatewayCore, request_id: str, last_id: int, *, tenant: str
-) -> AsyncIterator[str]:
-    """The job API's SSE body."""
+) -> AsyncGenerator[str, None]:
+    """The job API's SSE body; the final event leaves with the end of the body."""
     async with contextlib.aclosing(request_events(core, request_id, last_id, tenant=tenant)) as updates:
         async for events in updates:
-            yield ": keepalive\n\n" if events is None else "".join(format_event(*event) for event in events)
+            if events is None:
+                yield ": keepalive\n\n"
+                continue
+            text = "".join(format_event(*event) for event in events)
+            yield Last(text) if events[-1][1] in TERMINAL else text
