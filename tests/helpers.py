@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from conveyor.models.simulated import SimulatedModel
 from conveyor.store.base import Namespace, StateStore
@@ -86,3 +89,14 @@ async def assert_completed_exactly_once(
         assert entry is not None, f"no usage recorded for {rid}"
         record = orjson.loads(entry.value)
         assert record["request_id"] == rid
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An OpenAI-compatible server whose chat completions ``handler`` answers; yields its /v1 URL."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("/v1"))

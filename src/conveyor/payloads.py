@@ -41,11 +41,13 @@ class ChatMessage(Payload):
 
 
 class Sampling(Payload):
-    """How to pick tokens: temperature 0 is greedy."""
+    """How to pick tokens: temperature 0 is greedy. Above 0, ``seed`` picks the random draws: one
+    seed and one request give one text; without it they follow from the request's id."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
 
 
 class RequestAccepted(Payload):

@@ -178,6 +178,18 @@ async def test_a_stop_sequence_ends_the_text_before_it(model: LocalModel) -> Non
     assert text == full[: full.index("Paris")]
 
 
+async def test_a_sampled_answer_follows_its_seed(model: LocalModel) -> None:
+    def sampled(rid: str, seed: int | None) -> GenerationRequest:
+        return GenerationRequest(id=rid, prompt=PROMPTS[1], max_tokens=24, temperature=1.0, seed=seed)
+
+    texts = await run(
+        model, [sampled("a", 7), sampled("b", 7), sampled("c", 8), sampled("d", None), sampled("e", None)]
+    )
+    assert texts["a"] == texts["b"]  # one seed: one answer, whatever the request's id
+    assert texts["c"][0] != texts["a"][0]  # another seed: another draw (24 tokens at temperature 1)
+    assert texts["d"][0] != texts["e"][0]  # no seed: drawn from the request's id
+
+
 async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_unchanged(
     model: LocalModel,
 ) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import openai
+import orjson
 import pytest
+from aiohttp import web
+from openai.types.chat import ChatCompletionMessageParam
 
+from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import wait_final
+from tests.helpers import scripted_upstream, wait_final
 
 PROMPT = "Write a haiku about queues"
 
@@ -137,3 +141,68 @@ async def test_the_chat_completion_fast_path_answers_as_the_routed_endpoint(node
             assert [(r.status_code, r.json()) for r in refusals] == [
                 (refusals[0].status_code, refusals[0].json())
             ] * 2
+
+
+async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(node: NodeFactory) -> None:
+    received: list[dict[str, object]] = []
+
+    async def upstream(request: web.Request) -> web.Response:
+        received.append(orjson.loads(await request.read()))
+        body = (
+            b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+        )
+        return web.Response(body=body, content_type="text/event-stream")
+
+    async with scripted_upstream(upstream) as url:
+        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
+        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
+            completion = await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": PROMPT}],
+                temperature=0.7,
+                top_p=0.9,
+                stop=["x"],
+                seed=-42,
+            )
+            submitted = await http.post("/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7})
+    assert completion.choices[0].message.content == "ok"
+    assert submitted.json()["output"] == "ok"
+    chat, job = received
+    assert {k: chat[k] for k in ("temperature", "top_p", "stop", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "stop": ["x"],
+        "seed": -42,
+    }
+    assert job["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    ("asked", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+async def test_a_feature_no_backend_implements_is_refused_by_name(
+    node: NodeFactory, asked: dict[str, object], param: str
+) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+    async with node() as http, sdk(str(http.base_url)) as client:
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model="simulated", messages=messages, extra_body=asked)
+        # Asked for "off", the same fields are no reason to refuse.
+        plain = await client.chat.completions.create(
+            model="simulated",
+            messages=messages,
+            tools=[],
+            response_format={"type": "text"},
+            logprobs=False,
+            presence_penalty=0,
+        )
+    assert raised.value.code == "unsupported_parameter"
+    assert raised.value.param == param
+    assert param in raised.value.message
+    assert plain.choices[0].message.content

@@ -4,27 +4,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.models.base import GenerationRequest
 from conveyor.models.openai_compat import OpenAICompatModel
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    async with TestServer(app, host="127.0.0.1") as server:
-        yield str(server.make_url("/v1"))
+from tests.helpers import scripted_upstream
 
 
 async def first_failure(url: str) -> Exception | None:
@@ -49,7 +37,7 @@ async def test_a_refusal_is_retryable_only_when_the_server_may_take_it_later(
         body = {"error": {"message": f"refused with {status}", "type": "test"}}
         return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
-    async with serving(refuse) as url:
+    async with scripted_upstream(refuse) as url:
         failure = await first_failure(url)
     assert isinstance(failure, kind)
     assert f"model server answered {status}: refused with {status}" in str(failure)
@@ -68,7 +56,7 @@ async def test_a_cancelled_request_closes_its_stream_so_the_server_stops_too() -
         finally:
             hung_up.set()
 
-    async with serving(endless) as url:
+    async with scripted_upstream(endless) as url:
         model = OpenAICompatModel(base_url=url, model="m")
         request = GenerationRequest(id="r", prompt="hi", max_tokens=1000)
         finish = None
@@ -82,3 +70,36 @@ async def test_a_cancelled_request_closes_its_stream_so_the_server_stops_too() -
         finally:
             await model.close()
     assert finish == "cancelled"
+
+
+async def test_the_sampling_of_a_request_reaches_the_server() -> None:
+    received: list[dict[str, object]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        received.append(orjson.loads(await request.read()))
+        body = (
+            b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+        )
+        return web.Response(body=body, content_type="text/event-stream")
+
+    sampled = GenerationRequest(
+        id="r", prompt="hi", max_tokens=4, temperature=0.7, top_p=0.9, stop=("x",), seed=42
+    )
+    async with scripted_upstream(answer) as url:
+        model = OpenAICompatModel(base_url=url, model="m")
+        try:
+            texts = [
+                t.text
+                async for t in model.generate([sampled, GenerationRequest(id="g", prompt="hi", max_tokens=4)])
+            ]
+        finally:
+            await model.close()
+    assert "".join(texts) == "okok"
+    by_seed = {body.get("seed"): body for body in received}
+    assert {k: by_seed[42][k] for k in ("temperature", "top_p", "stop", "seed")} == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "stop": ["x"],
+        "seed": 42,
+    }
+    assert None in by_seed  # a request without a seed sends none: the server draws as it likes

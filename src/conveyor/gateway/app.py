@@ -51,6 +51,12 @@ class SubmitRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, max_length=4, description="Text that ends the answer.")
+    seed: int | None = Field(
+        None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="With a temperature above 0: one seed and one prompt give one answer.",
+    )
     stream: bool = Field(
         False,
         description="Answer with the request's event stream (as `GET /v1/requests/{id}/events` gives it, "
@@ -206,7 +212,7 @@ def create_app(
             prompt=body.prompt,
             max_tokens=max_tokens,
             metadata=body.metadata,
-            sampling=Sampling(temperature=body.temperature, top_p=body.top_p, stop=body.stop),
+            sampling=Sampling(temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed),
         )
         try:
             accepted = await core.accept(

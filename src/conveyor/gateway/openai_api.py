@@ -44,8 +44,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do: SDKs send many optional ones.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept aside and ignored, as OpenAI-compatible servers do, except the
+    # features this gateway does not implement (_UNSUPPORTED), which are refused when asked for.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[ChatCompletionMessage] = Field(min_length=1)
@@ -57,6 +58,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
 class OpenAIError(Exception):
@@ -83,6 +85,29 @@ class OpenAIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _not_none(value: Any) -> bool:
+    return value is not None
+
+
+# OpenAI's features that no backend here implements, each with what asks for it. Their "off"
+# values (an empty list of tools, logprobs false, penalties 0, ...) are accepted, since some
+# clients send them always; asking for one is refused rather than answered as if it had not been.
+_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": bool,
+    "functions": bool,
+    "tool_choice": lambda value: value not in (None, "none"),
+    "function_call": lambda value: value not in (None, "none"),
+    "response_format": lambda value: value is not None and value != {"type": "text"},
+    "logprobs": bool,
+    "top_logprobs": _not_none,
+    "logit_bias": bool,
+    "presence_penalty": bool,
+    "frequency_penalty": bool,
+    "audio": _not_none,
+    "modalities": lambda value: value not in (None, ["text"]),
+}
 
 
 _REQUEST_BODY = {
@@ -135,6 +160,11 @@ def add_openai_routes(
             )
         if body.n != 1:
             raise OpenAIError(400, "only n=1 is supported", code="invalid_request", param="n")
+        for name, value in (body.model_extra or {}).items():
+            if name in _UNSUPPORTED and _UNSUPPORTED[name](value):
+                raise OpenAIError(
+                    400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
+                )
         if not any(m.role == "user" for m in body.messages):
             raise OpenAIError(
                 400, "messages need at least one user message", code="invalid_request", param="messages"
@@ -152,7 +182,9 @@ def add_openai_routes(
             prompt=next(m.content for m in reversed(body.messages) if m.role == "user"),
             max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
             messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
-            sampling=Sampling(temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=stop),
+            sampling=Sampling(
+                temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=stop, seed=body.seed
+            ),
             metadata={"api": "openai.chat.completions"},
         )
 

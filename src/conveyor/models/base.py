@@ -27,8 +27,8 @@ class ModelInfo:
 class GenerationRequest:
     """One sequence to generate. Setting ``cancelled`` stops it at the next token.
 
-    ``temperature`` 0 is greedy; above 0, sampling is seeded from ``id`` so a request that
-    is generated again (after a crash) produces the same text.
+    ``temperature`` 0 is greedy; above 0, sampling is seeded from ``seed``, or else from ``id``,
+    so a request that is generated again (after a crash) produces the same text.
     """
 
     id: str
@@ -38,6 +38,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 

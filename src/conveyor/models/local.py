@@ -249,8 +249,10 @@ class LocalModel:
                 )
                 out.put_nowait(Token(request.id, "", error=error))
                 continue
-            seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
-            rng = np.random.default_rng(seed)
+            seed = request.seed
+            if seed is None:
+                seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
+            rng = np.random.default_rng(seed % 2**64)  # OpenAI's seeds may be negative
             sequences.append(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
         for sequence in sequences:
             self._pending.put(sequence)

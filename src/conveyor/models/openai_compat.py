@@ -99,6 +99,8 @@ class OpenAICompatModel:
         }
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.seed is not None:
+            body["seed"] = request.seed
         try:
             async with self._client().post(self._url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:

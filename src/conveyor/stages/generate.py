@@ -114,6 +114,7 @@ class _Stream:
             temperature=self._prepared.sampling.temperature,
             top_p=self._prepared.sampling.top_p,
             stop=tuple(self._prepared.sampling.stop),
+            seed=self._prepared.sampling.seed,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
         self._text: list[str] = []
