@@ -48,6 +48,9 @@ class Sampling(Payload):
     top_p: float = 1.0
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    # OpenAI's penalties on tokens already generated: once for being there, and per occurrence.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class RequestAccepted(Payload):

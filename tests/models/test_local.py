@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,21 @@ async def test_a_sampled_answer_follows_its_seed(model: LocalModel) -> None:
     assert texts["a"] == texts["b"]  # one seed: one answer, whatever the request's id
     assert texts["c"][0] != texts["a"][0]  # another seed: another draw (24 tokens at temperature 1)
     assert texts["d"][0] != texts["e"][0]  # no seed: drawn from the request's id
+
+
+async def test_penalties_make_a_repetitive_answer_repeat_less(model: LocalModel) -> None:
+    def most_repeated(text: str) -> int:
+        return max(collections.Counter(text.split()).values())
+
+    prompt = "Write the word cat twenty times, separated by spaces."
+    asked = [
+        GenerationRequest(id="plain", prompt=prompt, max_tokens=40),
+        GenerationRequest(id="frequency", prompt=prompt, max_tokens=40, frequency_penalty=1.5),
+        GenerationRequest(id="presence", prompt=prompt, max_tokens=40, presence_penalty=1.5),
+    ]
+    texts = {rid: text for rid, (text, _) in (await run(model, asked)).items()}
+    assert most_repeated(texts["frequency"]) < most_repeated(texts["plain"])
+    assert most_repeated(texts["presence"]) < most_repeated(texts["plain"])
 
 
 async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_unchanged(

@@ -163,16 +163,21 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
                 top_p=0.9,
                 stop=["x"],
                 seed=-42,
+                presence_penalty=0.5,
+                frequency_penalty=1.0,
             )
             submitted = await http.post("/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7})
     assert completion.choices[0].message.content == "ok"
     assert submitted.json()["output"] == "ok"
     chat, job = received
-    assert {k: chat[k] for k in ("temperature", "top_p", "stop", "seed")} == {
+    sampled_keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+    assert {k: chat[k] for k in sampled_keys} == {
         "temperature": 0.7,
         "top_p": 0.9,
         "stop": ["x"],
         "seed": -42,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 1.0,
     }
     assert job["seed"] == 7
 
@@ -183,7 +188,7 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"42": 10}}, "logit_bias"),
     ],
 )
 async def test_a_feature_no_backend_implements_is_refused_by_name(
@@ -200,7 +205,7 @@ async def test_a_feature_no_backend_implements_is_refused_by_name(
             tools=[],
             response_format={"type": "text"},
             logprobs=False,
-            presence_penalty=0,
+            logit_bias={},
         )
     assert raised.value.code == "unsupported_parameter"
     assert raised.value.param == param

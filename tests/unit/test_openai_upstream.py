@@ -83,7 +83,15 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
         return web.Response(body=body, content_type="text/event-stream")
 
     sampled = GenerationRequest(
-        id="r", prompt="hi", max_tokens=4, temperature=0.7, top_p=0.9, stop=("x",), seed=42
+        id="r",
+        prompt="hi",
+        max_tokens=4,
+        temperature=0.7,
+        top_p=0.9,
+        stop=("x",),
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
     )
     async with scripted_upstream(answer) as url:
         model = OpenAICompatModel(base_url=url, model="m")
@@ -96,10 +104,14 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
             await model.close()
     assert "".join(texts) == "okok"
     by_seed = {body.get("seed"): body for body in received}
-    assert {k: by_seed[42][k] for k in ("temperature", "top_p", "stop", "seed")} == {
+    sampled_keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+    assert {k: by_seed[42][k] for k in sampled_keys} == {
         "temperature": 0.7,
         "top_p": 0.9,
         "stop": ["x"],
         "seed": 42,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
     }
-    assert None in by_seed  # a request without a seed sends none: the server draws as it likes
+    # A request without a seed or penalties sends none: the server's defaults hold.
+    assert not {"seed", "presence_penalty", "frequency_penalty"} & set(by_seed[None])

@@ -57,6 +57,8 @@ class SubmitRequest(BaseModel):
         le=2**63 - 1,
         description="With a temperature above 0: one seed and one prompt give one answer.",
     )
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens already generated.")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens by how often they came.")
     stream: bool = Field(
         False,
         description="Answer with the request's event stream (as `GET /v1/requests/{id}/events` gives it, "
@@ -212,7 +214,14 @@ def create_app(
             prompt=body.prompt,
             max_tokens=max_tokens,
             metadata=body.metadata,
-            sampling=Sampling(temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed),
+            sampling=Sampling(
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop,
+                seed=body.seed,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+            ),
         )
         try:
             accepted = await core.accept(

@@ -59,6 +59,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
 
 class OpenAIError(Exception):
@@ -103,8 +105,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": bool,
     "top_logprobs": _not_none,
     "logit_bias": bool,
-    "presence_penalty": bool,
-    "frequency_penalty": bool,
     "audio": _not_none,
     "modalities": lambda value: value not in (None, ["text"]),
 }
@@ -183,7 +183,12 @@ def add_openai_routes(
             max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
             messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
             sampling=Sampling(
-                temperature=body.temperature or 0.0, top_p=body.top_p or 1.0, stop=stop, seed=body.seed
+                temperature=body.temperature or 0.0,
+                top_p=body.top_p or 1.0,
+                stop=stop,
+                seed=body.seed,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
             ),
             metadata={"api": "openai.chat.completions"},
         )

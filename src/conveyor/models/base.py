@@ -39,6 +39,8 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 

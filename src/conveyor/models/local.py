@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import codecs
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -130,6 +131,7 @@ class _Sequence:
     fed: int = 0  # prompt tokens in the slot's KV cache so far
     cached: int = 0  # of those, found there from an earlier request
     generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens fed back in
+    seen: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)  # for penalties
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
@@ -428,6 +430,8 @@ class LocalModel:
             self._finish(seq, "stop", running, free_slots)
             return
         seq.produced += 1
+        if seq.request.presence_penalty or seq.request.frequency_penalty:
+            seq.seen[token] += 1
         seq.held += seq.decoder.decode(self._piece(token))
         stop_at = min((i for s in seq.request.stop if (i := seq.held.find(s)) >= 0), default=-1)
         if stop_at >= 0:
@@ -446,6 +450,11 @@ class LocalModel:
 
     def _sample(self, seq: _Sequence, logits: Any) -> int:
         request = seq.request
+        if seq.seen:
+            tokens = np.fromiter(seq.seen.keys(), dtype=np.int64, count=len(seq.seen))
+            counts = np.fromiter(seq.seen.values(), dtype=np.float32, count=len(seq.seen))
+            logits = logits.copy()  # llama.cpp's buffer stays as the model wrote it
+            logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
         if request.temperature <= 0:
             return int(logits.argmax())
         scaled = logits.astype(np.float64) / request.temperature

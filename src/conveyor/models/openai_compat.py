@@ -101,6 +101,10 @@ class OpenAICompatModel:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
+        if request.presence_penalty:
+            body["presence_penalty"] = request.presence_penalty
+        if request.frequency_penalty:
+            body["frequency_penalty"] = request.frequency_penalty
         try:
             async with self._client().post(self._url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:

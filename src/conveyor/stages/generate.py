@@ -115,6 +115,8 @@ class _Stream:
             top_p=self._prepared.sampling.top_p,
             stop=tuple(self._prepared.sampling.stop),
             seed=self._prepared.sampling.seed,
+            presence_penalty=self._prepared.sampling.presence_penalty,
+            frequency_penalty=self._prepared.sampling.frequency_penalty,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
         self._text: list[str] = []
