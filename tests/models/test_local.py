@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.config import LOCAL_WEIGHTS
+from conveyor.config import LOCAL_WEIGHTS, ModelSettings
 from conveyor.errors import PermanentError
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.local import WEIGHTS, LocalModel, shipped_gguf
 from conveyor.observability.metrics import PROMPT_TOKENS
+from tests.conftest import NodeFactory
+from tests.helpers import read_sse, submit, wait_final
 
 pytestmark = pytest.mark.model
 
@@ -204,6 +206,33 @@ async def test_penalties_make_a_repetitive_answer_repeat_less(model: LocalModel)
     texts = {rid: text for rid, (text, _) in (await run(model, asked)).items()}
     assert most_repeated(texts["frequency"]) < most_repeated(texts["plain"])
     assert most_repeated(texts["presence"]) < most_repeated(texts["plain"])
+
+
+async def test_requests_waiting_for_a_slot_are_served_most_urgent_first(tmp_path: Path) -> None:
+    model = LocalModel(cache_dir=tmp_path, slots=1, context_per_slot=256)
+    try:
+        # The first takes the only slot; the others wait for it, queued least urgent first.
+        busy = GenerationRequest(id="busy", prompt=PROMPTS[0], max_tokens=16, priority=-9)
+        queued = [
+            GenerationRequest(id=f"p{p}", prompt=PROMPTS[1], max_tokens=2, priority=p) for p in (5, 0, -5)
+        ]
+        finished = [t.request_id async for t in model.generate([busy, *queued]) if t.finish_reason]
+    finally:
+        await model.close()
+    assert finished == ["busy", "p-5", "p0", "p5"]
+
+
+async def test_through_the_pipeline_a_more_urgent_request_overtakes_those_waiting(node: NodeFactory) -> None:
+    settings = {"model": ModelSettings(backend="local", slots=1, context=512)}
+    async with node(settings=settings) as http:
+        busy = await submit(http, "Write a long story about a river.", max_tokens=160)
+        events = await read_sse(http, busy, stop_after=4)
+        assert events[-1][1] == "token"  # it holds the only slot now
+        queued = {p: await submit(http, PROMPTS[1], max_tokens=2, priority=p) for p in (5, 0, -5)}
+        views = {p: await wait_final(http, rid) for p, rid in queued.items()}
+        assert (await wait_final(http, busy))["status"] == "completed"
+    order = sorted(queued, key=lambda p: views[p]["stages"]["generate"]["finished_at"])
+    assert order == [-5, 0, 5]
 
 
 async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_unchanged(

@@ -59,6 +59,13 @@ class SubmitRequest(BaseModel):
     )
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens already generated.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens by how often they came.")
+    priority: int = Field(
+        0,
+        ge=-9,
+        le=9,
+        description="Lower is served sooner where requests wait for the model (e.g. a slot of the "
+        "local model); negative for interactive traffic, positive for background work.",
+    )
     stream: bool = Field(
         False,
         description="Answer with the request's event stream (as `GET /v1/requests/{id}/events` gives it, "
@@ -229,6 +236,7 @@ def create_app(
                 tenant=tenant,
                 key=body.key,
                 timeout=body.timeout,
+                priority=body.priority,
                 idempotency_key=idempotency_key,
                 # How the answer is delivered is no part of the request.
                 fingerprint=body.model_dump(exclude={"stream"}) if idempotency_key else None,

@@ -158,6 +158,7 @@ class GatewayCore:
         tenant: str = "default",
         key: str | None = None,
         timeout: float | None = None,
+        priority: int = 0,
         idempotency_key: str | None = None,
         fingerprint: Any = None,
         wait: float = 0.0,
@@ -171,6 +172,7 @@ class GatewayCore:
             key=key,
             tenant=tenant,
             deadline=time.time() + timeout if timeout else None,
+            priority=priority,
         )
         rid = event.id
         idem = digest = ""

@@ -61,6 +61,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
+    priority: int = Field(0, ge=-9, le=9)
 
 
 class OpenAIError(Exception):
@@ -196,7 +198,7 @@ def add_openai_routes(
     async def complete(request: Request, tenant: str) -> Response:
         body = await parse(request)
         try:
-            accepted = await core.accept(accepted_payload(body), tenant=tenant)
+            accepted = await core.accept(accepted_payload(body), tenant=tenant, priority=body.priority)
         except Refused as exc:
             raise OpenAIError.refused(exc) from None
         rid, created = accepted.id, int(time.time())

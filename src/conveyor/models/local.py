@@ -32,7 +32,9 @@ import ctypes
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import logging
+import math
 import queue
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -191,7 +193,10 @@ class LocalModel:
         self._batch = llama.llama_batch_init(batch_tokens, 0, 1)
         self._prefix_cache = prefix_cache
         self._cached: list[list[int]] = [[] for _ in range(slots)]  # per slot; the engine's own
-        self._pending: queue.Queue[_Sequence | None] = queue.Queue()
+        # Requests waiting for a slot, the most urgent first, then in arrival order; the closing
+        # mark (None) comes after all of them, so what was asked for before closing still runs.
+        self._pending: queue.PriorityQueue[tuple[float, int, _Sequence | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._engine, name="conveyor-local-model", daemon=True)
         self._thread.start()
@@ -257,7 +262,7 @@ class LocalModel:
             rng = np.random.default_rng(seed % 2**64)  # OpenAI's seeds may be negative
             sequences.append(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
         for sequence in sequences:
-            self._pending.put(sequence)
+            self._pending.put((sequence.request.priority, next(self._arrivals), sequence))
         remaining = len(requests)
         try:
             while remaining:
@@ -273,7 +278,7 @@ class LocalModel:
                     request.cancelled.set()
 
     async def close(self) -> None:
-        self._pending.put(None)
+        self._pending.put((math.inf, next(self._arrivals), None))
         await asyncio.to_thread(self._thread.join)
         llama = self._llama
         llama.llama_batch_free(self._batch)
@@ -310,7 +315,7 @@ class LocalModel:
             # Admit new requests into free slots, waiting only when there is nothing to run.
             while free_slots and not closing:
                 try:
-                    item = self._pending.get(block=not running, timeout=None)
+                    _, _, item = self._pending.get(block=not running, timeout=None)
                 except queue.Empty:
                     break
                 if item is None:
@@ -377,7 +382,7 @@ class LocalModel:
 
     def _drain_pending(self) -> None:
         with contextlib.suppress(queue.Empty):
-            while (item := self._pending.get_nowait()) is not None:
+            while (item := self._pending.get_nowait()[2]) is not None:
                 item.emit(Token(item.request.id, "", "cancelled"))
 
     def _step(self, running: list[_Sequence], free_slots: set[int]) -> None:
