@@ -51,6 +51,8 @@ class Sampling(Payload):
     # OpenAI's penalties on tokens already generated: once for being there, and per occurrence.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Added to the logits of these token ids (the model's own), as OpenAI's logit_bias.
+    logit_bias: dict[int, float] = Field(default_factory=dict)
 
 
 class RequestAccepted(Payload):

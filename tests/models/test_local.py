@@ -208,6 +208,24 @@ async def test_penalties_make_a_repetitive_answer_repeat_less(model: LocalModel)
     assert most_repeated(texts["presence"]) < most_repeated(texts["plain"])
 
 
+async def test_a_logit_bias_steers_the_answer_and_an_unknown_token_fails_that_request_alone(
+    model: LocalModel,
+) -> None:
+    (the,) = model.tokens(" the")
+    steered = GenerationRequest(id="steered", prompt=PROMPTS[0], max_tokens=6, logit_bias=((the, 100.0),))
+    unknown = GenerationRequest(id="unknown", prompt=PROMPTS[0], max_tokens=6, logit_bias=((10**9, 1.0),))
+    failures = {}
+    texts: dict[str, str] = {"steered": "", "unknown": ""}
+    async for token in model.generate([steered, unknown]):
+        texts[token.request_id] += token.text
+        if token.error is not None:
+            failures[token.request_id] = token.error
+    assert texts["steered"].split() == ["the"] * 6
+    assert list(failures) == ["unknown"]
+    assert isinstance(failures["unknown"], PermanentError)
+    assert "logit_bias" in str(failures["unknown"])
+
+
 async def test_requests_waiting_for_a_slot_are_served_most_urgent_first(tmp_path: Path) -> None:
     model = LocalModel(cache_dir=tmp_path, slots=1, context_per_slot=256)
     try:

@@ -156,6 +156,14 @@ async def test_idempotency_key_returns_the_same_request(node: NodeFactory) -> No
         assert again.json()["id"] == first.json()["id"]
         assert other.status_code == 422
         assert other.json()["error"]["code"] == "idempotency_key_reused"
+        # Every field counts, the sampling too (the token ids of logit_bias are JSON keys).
+        sampled = {"prompt": "once", "temperature": 0.5, "seed": 3, "logit_bias": {"42": -5}, "priority": -2}
+        headers = {"Idempotency-Key": "order-18"}
+        first = await client.post("/v1/requests", json=sampled, headers=headers)
+        again = await client.post("/v1/requests", json=sampled, headers=headers)
+        other = await client.post("/v1/requests", json={**sampled, "seed": 4}, headers=headers)
+        assert (first.status_code, again.status_code, other.status_code) == (202, 200, 422)
+        assert again.json()["id"] == first.json()["id"]
 
 
 async def test_a_submit_can_wait_for_its_answer_in_the_same_call(node: NodeFactory) -> None:

@@ -165,12 +165,21 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
                 seed=-42,
                 presence_penalty=0.5,
                 frequency_penalty=1.0,
+                logit_bias={"42": 5},
             )
             submitted = await http.post("/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7})
     assert completion.choices[0].message.content == "ok"
     assert submitted.json()["output"] == "ok"
     chat, job = received
-    sampled_keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+    sampled_keys = (
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+    )
     assert {k: chat[k] for k in sampled_keys} == {
         "temperature": 0.7,
         "top_p": 0.9,
@@ -178,6 +187,7 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
         "seed": -42,
         "presence_penalty": 0.5,
         "frequency_penalty": 1.0,
+        "logit_bias": {"42": 5.0},
     }
     assert job["seed"] == 7
 
@@ -188,7 +198,7 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
-        ({"logit_bias": {"42": 10}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),
     ],
 )
 async def test_a_feature_no_backend_implements_is_refused_by_name(

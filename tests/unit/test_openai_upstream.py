@@ -92,6 +92,7 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
         seed=42,
         presence_penalty=0.5,
         frequency_penalty=-0.5,
+        logit_bias=((7, -100.0),),
     )
     async with scripted_upstream(answer) as url:
         model = OpenAICompatModel(base_url=url, model="m")
@@ -104,7 +105,15 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
             await model.close()
     assert "".join(texts) == "okok"
     by_seed = {body.get("seed"): body for body in received}
-    sampled_keys = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+    sampled_keys = (
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+    )
     assert {k: by_seed[42][k] for k in sampled_keys} == {
         "temperature": 0.7,
         "top_p": 0.9,
@@ -112,6 +121,7 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
         "seed": 42,
         "presence_penalty": 0.5,
         "frequency_penalty": -0.5,
+        "logit_bias": {"7": -100.0},
     }
     # A request without a seed or penalties sends none: the server's defaults hold.
-    assert not {"seed", "presence_penalty", "frequency_penalty"} & set(by_seed[None])
+    assert not {"seed", "presence_penalty", "frequency_penalty", "logit_bias"} & set(by_seed[None])

@@ -59,6 +59,9 @@ class SubmitRequest(BaseModel):
     )
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens already generated.")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Lowers tokens by how often they came.")
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
+        default_factory=dict, description="Added to the logits of these token ids (the model's own)."
+    )
     priority: int = Field(
         0,
         ge=-9,
@@ -228,6 +231,7 @@ def create_app(
                 seed=body.seed,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
+                logit_bias=body.logit_bias,
             ),
         )
         try:
@@ -239,7 +243,7 @@ def create_app(
                 priority=body.priority,
                 idempotency_key=idempotency_key,
                 # How the answer is delivered is no part of the request.
-                fingerprint=body.model_dump(exclude={"stream"}) if idempotency_key else None,
+                fingerprint=body.model_dump(mode="json", exclude={"stream"}) if idempotency_key else None,
                 # One call for a short job: the view once it has ended, or as it is by then.
                 wait=min(wait, limits.max_wait_seconds),
             )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -61,6 +61,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
     priority: int = Field(0, ge=-9, le=9)
 
@@ -106,7 +107,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "response_format": lambda value: value is not None and value != {"type": "text"},
     "logprobs": bool,
     "top_logprobs": _not_none,
-    "logit_bias": bool,
     "audio": _not_none,
     "modalities": lambda value: value not in (None, ["text"]),
 }
@@ -191,6 +191,7 @@ def add_openai_routes(
                 seed=body.seed,
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
+                logit_bias=body.logit_bias or {},
             ),
             metadata={"api": "openai.chat.completions"},
         )

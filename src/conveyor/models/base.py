@@ -41,6 +41,7 @@ class GenerationRequest:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 

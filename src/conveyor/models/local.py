@@ -134,6 +134,7 @@ class _Sequence:
     cached: int = 0  # of those, found there from an earlier request
     generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens fed back in
     seen: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)  # for penalties
+    bias: Any = None  # logit_bias as a vector over the vocabulary, if any
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
@@ -206,7 +207,11 @@ class LocalModel:
         return self._info
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text.encode(), special=False))
+        return len(self.tokens(text))
+
+    def tokens(self, text: str) -> list[int]:
+        """``text``'s token ids in this model's vocabulary (what ``logit_bias`` names)."""
+        return self._tokenize(text.encode(), special=False)
 
     def chat_prompt(self, request: GenerationRequest) -> bytes:
         """The conversation (or the prompt as one user turn) in the model's own chat template."""
@@ -238,6 +243,29 @@ class LocalModel:
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return bytes(buf.raw[:n])
 
+    def _sequence(self, request: GenerationRequest, emit: Callable[[Token], None]) -> _Sequence:
+        """``request`` made ready for the engine; PermanentError if the model cannot take it."""
+        prompt = self._tokenize(self.chat_prompt(request), special=True)
+        if len(prompt) + request.max_tokens > self._context_per_slot:
+            limit = self._context_per_slot - request.max_tokens
+            raise PermanentError(
+                f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceed the "
+                f"context of {self._context_per_slot} tokens per request (prompt limit {limit})"
+            )
+        bias = None
+        if request.logit_bias:
+            unknown = [token for token, _ in request.logit_bias if not 0 <= token < self._n_vocab]
+            if unknown:
+                raise PermanentError(f"logit_bias names tokens the model does not have: {unknown}")
+            bias = np.zeros(self._n_vocab, dtype=np.float32)
+            for token, value in request.logit_bias:
+                bias[token] += value
+        seed = request.seed
+        if seed is None:
+            seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
+        rng = np.random.default_rng(seed % 2**64)  # OpenAI's seeds may be negative
+        return _Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng, bias=bias)
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Token] = asyncio.Queue()
@@ -247,20 +275,10 @@ class LocalModel:
 
         sequences = []
         for request in requests:
-            prompt = self._tokenize(self.chat_prompt(request), special=True)
-            if len(prompt) + request.max_tokens > self._context_per_slot:
-                limit = self._context_per_slot - request.max_tokens
-                error = PermanentError(
-                    f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceed the "
-                    f"context of {self._context_per_slot} tokens per request (prompt limit {limit})"
-                )
+            try:
+                sequences.append(self._sequence(request, emit))
+            except PermanentError as error:  # this request alone fails; its batch-mates go on
                 out.put_nowait(Token(request.id, "", error=error))
-                continue
-            seed = request.seed
-            if seed is None:
-                seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
-            rng = np.random.default_rng(seed % 2**64)  # OpenAI's seeds may be negative
-            sequences.append(_Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng))
         for sequence in sequences:
             self._pending.put((sequence.request.priority, next(self._arrivals), sequence))
         remaining = len(requests)
@@ -455,10 +473,13 @@ class LocalModel:
 
     def _sample(self, seq: _Sequence, logits: Any) -> int:
         request = seq.request
+        if seq.bias is not None:
+            logits = logits + seq.bias  # a new array: llama.cpp's buffer stays as the model wrote it
         if seq.seen:
             tokens = np.fromiter(seq.seen.keys(), dtype=np.int64, count=len(seq.seen))
             counts = np.fromiter(seq.seen.values(), dtype=np.float32, count=len(seq.seen))
-            logits = logits.copy()  # llama.cpp's buffer stays as the model wrote it
+            if seq.bias is None:
+                logits = logits.copy()
             logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
         if request.temperature <= 0:
             return int(logits.argmax())

@@ -105,6 +105,8 @@ class OpenAICompatModel:
             body["presence_penalty"] = request.presence_penalty
         if request.frequency_penalty:
             body["frequency_penalty"] = request.frequency_penalty
+        if request.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
         try:
             async with self._client().post(self._url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:

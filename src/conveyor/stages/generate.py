@@ -117,6 +117,7 @@ class _Stream:
             seed=self._prepared.sampling.seed,
             presence_penalty=self._prepared.sampling.presence_penalty,
             frequency_penalty=self._prepared.sampling.frequency_penalty,
+            logit_bias=tuple(self._prepared.sampling.logit_bias.items()),
             priority=event.priority,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
