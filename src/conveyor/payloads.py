@@ -53,6 +53,8 @@ class Sampling(Payload):
     frequency_penalty: float = 0.0
     # Added to the logits of these token ids (the model's own), as OpenAI's logit_bias.
     logit_bias: dict[int, float] = Field(default_factory=dict)
+    # The answer must be JSON text matching this JSON Schema ({"type": "object"}: any object).
+    json_schema: dict[str, Any] | None = None
 
 
 class RequestAccepted(Payload):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,6 +225,41 @@ async def test_a_logit_bias_steers_the_answer_and_an_unknown_token_fails_that_re
     assert list(failures) == ["unknown"]
     assert isinstance(failures["unknown"], PermanentError)
     assert "logit_bias" in str(failures["unknown"])
+
+
+async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cannot_follow_fails(
+    model: LocalModel,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+    }
+    prompt = "What is the capital of France? Answer with the city and its country."
+    asked = [
+        GenerationRequest(id="free", prompt=prompt, max_tokens=48),
+        GenerationRequest(id="held", prompt=prompt, max_tokens=48, json_schema=schema),
+        GenerationRequest(id="any", prompt=PROMPTS[2], max_tokens=48, json_schema={"type": "object"}),
+        GenerationRequest(id="bad", prompt=prompt, max_tokens=8, json_schema={"type": "no such type"}),
+    ]
+    texts: dict[str, str] = {r.id: "" for r in asked}
+    finish, failures = {}, {}
+    async for token in model.generate(asked):
+        texts[token.request_id] += token.text
+        if token.finish_reason:
+            finish[token.request_id] = token.finish_reason
+        if token.error is not None:
+            failures[token.request_id] = token.error
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(texts["free"])  # left alone, the model answers in prose
+    answer = json.loads(texts["held"])
+    assert set(answer) == {"city", "country"}
+    assert "Paris" in answer["city"]
+    assert finish["held"] == "stop"  # the grammar let it end once the object was whole
+    assert isinstance(json.loads(texts["any"]), dict)
+    assert list(failures) == ["bad"]
+    assert isinstance(failures["bad"], PermanentError)
+    assert "response_format" in str(failures["bad"])
 
 
 async def test_requests_waiting_for_a_slot_are_served_most_urgent_first(tmp_path: Path) -> None:

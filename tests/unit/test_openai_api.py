@@ -16,6 +16,7 @@ from tests.conftest import NodeFactory
 from tests.helpers import scripted_upstream, wait_final
 
 PROMPT = "Write a haiku about queues"
+CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
 def sdk(base_url: str) -> openai.AsyncOpenAI:
@@ -166,8 +167,11 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
                 presence_penalty=0.5,
                 frequency_penalty=1.0,
                 logit_bias={"42": 5},
+                response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
             )
-            submitted = await http.post("/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7})
+            submitted = await http.post(
+                "/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7, "json_schema": {"type": "object"}}
+            )
     assert completion.choices[0].message.content == "ok"
     assert submitted.json()["output"] == "ok"
     chat, job = received
@@ -189,14 +193,22 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
         "frequency_penalty": 1.0,
         "logit_bias": {"42": 5.0},
     }
+    assert chat["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": CITY},
+    }
     assert job["seed"] == 7
+    assert job["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}},
+    }
 
 
 @pytest.mark.parametrize(
     ("asked", "param"),
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
     ],

@@ -62,6 +62,9 @@ class SubmitRequest(BaseModel):
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(
         default_factory=dict, description="Added to the logits of these token ids (the model's own)."
     )
+    json_schema: dict[str, Any] | None = Field(
+        None, description='The answer is JSON text matching this JSON Schema ({"type": "object"}: any).'
+    )
     priority: int = Field(
         0,
         ge=-9,
@@ -232,6 +235,7 @@ def create_app(
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logit_bias=body.logit_bias,
+                json_schema=body.json_schema,
             ),
         )
         try:

@@ -43,6 +43,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "answer"
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     # Unknown fields are kept aside and ignored, as OpenAI-compatible servers do, except the
     # features this gateway does not implement (_UNSUPPORTED), which are refused when asked for.
@@ -62,6 +76,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    response_format: ResponseFormat | None = None
     # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
     priority: int = Field(0, ge=-9, le=9)
 
@@ -104,7 +119,6 @@ _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": bool,
     "tool_choice": lambda value: value not in (None, "none"),
     "function_call": lambda value: value not in (None, "none"),
-    "response_format": lambda value: value is not None and value != {"type": "text"},
     "logprobs": bool,
     "top_logprobs": _not_none,
     "audio": _not_none,
@@ -171,6 +185,14 @@ def add_openai_routes(
             raise OpenAIError(
                 400, "messages need at least one user message", code="invalid_request", param="messages"
             )
+        fmt = body.response_format
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+            raise OpenAIError(
+                400,
+                "response_format of type json_schema needs json_schema.schema",
+                code="invalid_request",
+                param="response_format",
+            )
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
             raise OpenAIError(
@@ -192,6 +214,7 @@ def add_openai_routes(
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=body.logit_bias or {},
+                json_schema=_json_schema(body.response_format),
             ),
             metadata={"api": "openai.chat.completions"},
         )
@@ -235,6 +258,16 @@ def add_openai_routes(
         return await complete(request, tenant)
 
     return complete
+
+
+def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
+    """What the answer must match: nothing for text, any object for json_object."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    assert fmt.json_schema is not None  # checked by parse()
+    return fmt.json_schema.json_schema
 
 
 def _raise_if_failed(view: RequestView) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from conveyor.errors import ConveyorError
 from conveyor.payloads import FinishReason, Usage
@@ -42,6 +42,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    json_schema: dict[str, Any] | None = None  # the answer is JSON text matching it
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
 from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
+from conveyor.models.grammar import Grammar, json_grammar
 from conveyor.observability.metrics import PROMPT_TOKENS
 from conveyor.payloads import FinishReason, Usage
 
@@ -135,6 +136,8 @@ class _Sequence:
     generated: list[int] = dataclasses.field(default_factory=list)  # sampled tokens fed back in
     seen: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)  # for penalties
     bias: Any = None  # logit_bias as a vector over the vocabulary, if any
+    grammar_text: bytes | None = None  # the GBNF its answer must follow, if any
+    grammar: Grammar | None = None  # that grammar's state, while it runs (engine thread)
     pos: int = 0
     produced: int = 0
     next_token: int | None = None
@@ -260,11 +263,17 @@ class LocalModel:
             bias = np.zeros(self._n_vocab, dtype=np.float32)
             for token, value in request.logit_bias:
                 bias[token] += value
+        grammar = None
+        if request.json_schema is not None:
+            grammar = json_grammar(request.json_schema)
+            Grammar.check(self._llama, self._vocab, grammar)
         seed = request.seed
         if seed is None:
             seed = int.from_bytes(hashlib.blake2b(request.id.encode(), digest_size=8).digest(), "big")
         rng = np.random.default_rng(seed % 2**64)  # OpenAI's seeds may be negative
-        return _Sequence(request=request, emit=emit, slot=-1, prompt=prompt, rng=rng, bias=bias)
+        return _Sequence(
+            request=request, emit=emit, slot=-1, prompt=prompt, rng=rng, bias=bias, grammar_text=grammar
+        )
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         loop = asyncio.get_running_loop()
@@ -351,6 +360,8 @@ class LocalModel:
         self._drain_pending()
 
     def _start(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
+        if seq.grammar_text is not None:  # checked when the request came: building it cannot fail
+            seq.grammar = Grammar(self._llama, self._vocab, self._n_vocab, seq.grammar_text)
         self._admit(seq, free_slots, running)
         # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out of order
         # into several micro-batches (each a full pass over the weights), which made a 16-sequence
@@ -472,6 +483,19 @@ class LocalModel:
         seq.next_token = token
 
     def _sample(self, seq: _Sequence, logits: Any) -> int:
+        logits = self._adjusted(seq, logits)
+        token = self._draw(seq, logits)
+        if seq.grammar is not None:
+            if not seq.grammar.allows(token):
+                allowed = seq.grammar.mask(logits)
+                if not np.isfinite(allowed).any():  # a dead end: the grammar accepts nothing more
+                    return int(self._llama.llama_vocab_eos(self._vocab))
+                token = self._draw(seq, allowed)
+            seq.grammar.accept(token)
+        return token
+
+    def _adjusted(self, seq: _Sequence, logits: Any) -> Any:
+        """The logits with the request's logit_bias and penalties applied."""
         request = seq.request
         if seq.bias is not None:
             logits = logits + seq.bias  # a new array: llama.cpp's buffer stays as the model wrote it
@@ -481,6 +505,11 @@ class LocalModel:
             if seq.bias is None:
                 logits = logits.copy()
             logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
+        return logits
+
+    def _draw(self, seq: _Sequence, logits: Any) -> int:
+        """A token by the request's temperature and top_p (greedy at temperature 0)."""
+        request = seq.request
         if request.temperature <= 0:
             return int(logits.argmax())
         scaled = logits.astype(np.float64) / request.temperature
@@ -501,6 +530,9 @@ class LocalModel:
     ) -> None:
         if self._prefix_cache:
             self._cached[seq.slot] = _content(seq)
+        if seq.grammar is not None:
+            seq.grammar.close()
+            seq.grammar = None
         running.remove(seq)
         free_slots.add(seq.slot)
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.produced, cached_tokens=seq.cached)

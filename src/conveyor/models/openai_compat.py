@@ -107,6 +107,9 @@ class OpenAICompatModel:
             body["frequency_penalty"] = request.frequency_penalty
         if request.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+        if request.json_schema is not None:
+            schema = {"name": "answer", "schema": request.json_schema}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
         try:
             async with self._client().post(self._url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:

@@ -118,6 +118,7 @@ class _Stream:
             presence_penalty=self._prepared.sampling.presence_penalty,
             frequency_penalty=self._prepared.sampling.frequency_penalty,
             logit_bias=tuple(self._prepared.sampling.logit_bias.items()),
+            json_schema=self._prepared.sampling.json_schema,
             priority=event.priority,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
