@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import openai
 import orjson
@@ -233,3 +234,30 @@ async def test_a_feature_no_backend_implements_is_refused_by_name(
     assert raised.value.param == param
     assert param in raised.value.message
     assert plain.choices[0].message.content
+
+
+async def test_asked_for_json_even_the_simulated_model_answers_with_json_that_fits(node: NodeFactory) -> None:
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "rank": {"type": "integer"},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}},
+        },
+    }
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
+    async with node() as http, sdk(str(http.base_url)) as client:
+        held = await client.chat.completions.create(
+            model="simulated",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        )
+        any_object = await client.chat.completions.create(
+            model="simulated", messages=messages, response_format={"type": "json_object"}
+        )
+    answer = json.loads(held.choices[0].message.content or "")
+    assert isinstance(answer["city"], str)
+    assert answer["city"].split()  # the answer's words
+    assert isinstance(answer["rank"], int)
+    assert answer["tags"] == ["a"]
+    assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)

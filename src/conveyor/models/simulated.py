@@ -1,14 +1,18 @@
 """A deterministic model for tests and load tests: the output is a function of the prompt.
 
 Latency is a profile, not a computation: ``ttft`` before the first token, then
-``token_delay`` per token. With both at zero it answers as fast as the loop runs.
+``token_delay`` per token. With both at zero it answers as fast as the loop runs. Asked for JSON
+(``json_schema``), it answers with an instance of the schema made of the same words, so a client's
+structured-output path can be load-tested too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason
@@ -57,17 +61,22 @@ class SimulatedModel:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def answer(self, prompt: str, max_tokens: int) -> tuple[list[str], FinishReason]:
+    def answer(
+        self, prompt: str, max_tokens: int, json_schema: dict[str, Any] | None = None
+    ) -> tuple[list[str], FinishReason]:
         """The full deterministic answer to ``prompt``: its tokens and finish reason."""
         digest = hashlib.sha256(prompt.encode()).digest()
         natural = 4 + digest[0] % max(1, self._max_length - 4)
-        n = min(natural, max_tokens)
-        words = [_WORDS[digest[(i % 31) + 1] % len(_WORDS)] for i in range(n)]
-        tokens = [words[0].capitalize()] + [" " + w for w in words[1:]] if words else []
-        return tokens, "stop" if natural <= max_tokens else "length"
+        words = [_WORDS[digest[(i % 31) + 1] % len(_WORDS)] for i in range(natural)]
+        if json_schema is not None:
+            pieces = json.dumps(_instance(json_schema, " ".join(words))).split(" ")
+            tokens = [pieces[0]] + [" " + p for p in pieces[1:]]
+        else:
+            tokens = [words[0].capitalize()] + [" " + w for w in words[1:]]
+        return tokens[:max_tokens], "stop" if len(tokens) <= max_tokens else "length"
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
-        plans = {r.id: self.answer(r.prompt, r.max_tokens) for r in requests}
+        plans = {r.id: self.answer(r.prompt, r.max_tokens, r.json_schema) for r in requests}
         if self._ttft:
             await asyncio.sleep(self._ttft)
         step = 0
@@ -90,3 +99,24 @@ class SimulatedModel:
 
     async def close(self) -> None:
         return None
+
+
+def _instance(schema: dict[str, Any], text: str) -> Any:
+    """A value that ``schema`` accepts, made of ``text``: every property present, the first of any
+    choice, one item per array."""
+    for choice in ("enum", "const"):
+        if choice in schema:
+            return schema[choice][0] if choice == "enum" else schema[choice]
+    for union in ("anyOf", "oneOf", "allOf"):
+        if schema.get(union):
+            return _instance(schema[union][0], text)
+    kind = schema.get("type", "string")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        properties = schema.get("properties") or {"answer": {"type": "string"}}
+        return {name: _instance(sub, text) for name, sub in properties.items()}
+    if kind == "array":
+        return [_instance(schema.get("items") or {}, text)]
+    return {"integer": len(text.split()), "number": len(text.split()) / 2, "boolean": True, "null": None}.get(
+        kind, text
+    )
