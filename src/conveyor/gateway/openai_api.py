@@ -112,7 +112,7 @@ def _not_none(value: Any) -> bool:
 
 
 # OpenAI's features that no backend here implements, each with what asks for it. Their "off"
-# values (an empty list of tools, logprobs false, penalties 0, ...) are accepted, since some
+# values (an empty list of tools, logprobs false, ...) are accepted, since some
 # clients send them always; asking for one is refused rather than answered as if it had not been.
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": bool,
