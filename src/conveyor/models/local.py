@@ -63,6 +63,10 @@ _GGML_LOG_LEVEL_ERROR = 4
 # ms), about what computing a dozen prompt tokens costs: below that, computing them is no slower.
 _WORTH_COPYING = 16
 _MAX_SLOTS = 256  # llama.cpp's limit on sequences in one context (LLAMA_MAX_SEQ)
+# A request held to a grammar whose drawn token strays: greedy, it looks among its likeliest
+# tokens before the whole vocabulary; sampled, it draws a few more times (conveyor.models.grammar).
+_GRAMMAR_SHORTLIST = 1024
+_GRAMMAR_TRIES = 4
 
 
 def _llama() -> Any:
@@ -361,7 +365,7 @@ class LocalModel:
 
     def _start(self, seq: _Sequence, free_slots: set[int], running: list[_Sequence]) -> None:
         if seq.grammar_text is not None:  # checked when the request came: building it cannot fail
-            seq.grammar = Grammar(self._llama, self._vocab, self._n_vocab, seq.grammar_text)
+            seq.grammar = Grammar(self._llama, self._vocab, seq.grammar_text)
         self._admit(seq, free_slots, running)
         # `running` kept in slot order: llama.cpp splits a batch whose sequence ids are out of order
         # into several micro-batches (each a full pass over the weights), which made a 16-sequence
@@ -484,14 +488,14 @@ class LocalModel:
 
     def _sample(self, seq: _Sequence, logits: Any) -> int:
         logits = self._adjusted(seq, logits)
-        token = self._draw(seq, logits)
-        if seq.grammar is not None:
-            if not seq.grammar.allows(token):
-                allowed = seq.grammar.mask(logits)
-                if not np.isfinite(allowed).any():  # a dead end: the grammar accepts nothing more
-                    return int(self._llama.llama_vocab_eos(self._vocab))
-                token = self._draw(seq, allowed)
-            seq.grammar.accept(token)
+        probs = self._probs(seq, logits)
+        if seq.grammar is None:
+            return self._pick(seq, logits, probs)
+        first = self._pick(seq, logits, probs)
+        token = first if seq.grammar.allows(first) else self._held(seq, seq.grammar, logits, probs)
+        if token is None:  # a dead end: the grammar accepts nothing more
+            return int(self._llama.llama_vocab_eos(self._vocab))
+        seq.grammar.accept(token)
         return token
 
     def _adjusted(self, seq: _Sequence, logits: Any) -> Any:
@@ -507,11 +511,11 @@ class LocalModel:
             logits[tokens] -= request.frequency_penalty * counts + request.presence_penalty
         return logits
 
-    def _draw(self, seq: _Sequence, logits: Any) -> int:
-        """A token by the request's temperature and top_p (greedy at temperature 0)."""
+    def _probs(self, seq: _Sequence, logits: Any) -> Any:
+        """The distribution to draw from, by the request's temperature and top_p; None for greedy."""
         request = seq.request
         if request.temperature <= 0:
-            return int(logits.argmax())
+            return None
         scaled = logits.astype(np.float64) / request.temperature
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
@@ -523,7 +527,30 @@ class LocalModel:
             probs[keep] = 1.0
             probs *= np.exp(scaled - scaled.max())
             probs /= probs.sum()
-        return int(seq.rng.choice(len(probs), p=probs))
+        return probs
+
+    @staticmethod
+    def _pick(seq: _Sequence, logits: Any, probs: Any) -> int:
+        return int(logits.argmax()) if probs is None else int(seq.rng.choice(len(probs), p=probs))
+
+    def _held(self, seq: _Sequence, grammar: Grammar, logits: Any, probs: Any) -> int | None:
+        """When the token drawn strays: one ``grammar`` allows, drawn exactly as from the logits with
+        every other token masked (see conveyor.models.grammar); None if it allows none."""
+        if probs is None:  # greedy: the likeliest allowed token, looked for among the likeliest first
+            shortlist = np.argpartition(-logits, _GRAMMAR_SHORTLIST)[:_GRAMMAR_SHORTLIST]
+            for tokens in (shortlist, np.arange(self._n_vocab)):
+                if (allowed := grammar.allowed(tokens)).size:
+                    return int(allowed[np.argmax(logits[allowed])])
+            return None
+        for candidate in seq.rng.choice(len(probs), size=_GRAMMAR_TRIES, p=probs):
+            if grammar.allows(int(candidate)):
+                return int(candidate)
+        allowed = grammar.allowed(np.arange(self._n_vocab))
+        if not allowed.size:
+            return None
+        masked = np.full_like(logits, -np.inf)
+        masked[allowed] = logits[allowed]
+        return self._pick(seq, masked, self._probs(seq, masked))
 
     def _finish(
         self, seq: _Sequence, reason: FinishReason, running: list[_Sequence], free_slots: set[int]
