@@ -240,6 +240,9 @@ async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cann
         GenerationRequest(id="free", prompt=prompt, max_tokens=48),
         GenerationRequest(id="held", prompt=prompt, max_tokens=48, json_schema=schema),
         GenerationRequest(id="any", prompt=PROMPTS[2], max_tokens=48, json_schema={"type": "object"}),
+        GenerationRequest(
+            id="sampled", prompt=prompt, max_tokens=48, json_schema=schema, temperature=1.0, seed=1
+        ),
         GenerationRequest(id="bad", prompt=prompt, max_tokens=8, json_schema={"type": "no such type"}),
     ]
     texts: dict[str, str] = {r.id: "" for r in asked}
@@ -257,6 +260,7 @@ async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cann
     assert "Paris" in answer["city"]
     assert finish["held"] == "stop"  # the grammar let it end once the object was whole
     assert isinstance(json.loads(texts["any"]), dict)
+    assert set(json.loads(texts["sampled"])) == {"city", "country"}  # drawn, and held all the same
     assert list(failures) == ["bad"]
     assert isinstance(failures["bad"], PermanentError)
     assert "response_format" in str(failures["bad"])
