@@ -100,6 +100,7 @@ async def over_http(client: aiohttp.ClientSession, i: int, *, calls: str = "2") 
             view = await response.json()
     elif calls == "sse":
         async with client.get(f"/v1/requests/{view['id']}/events") as response:
+            response.raise_for_status()  # a refusal (503 under overload) says so, not "unfinished"
             view = await final_event(response)
     if view["status"] != "completed":
         raise RuntimeError(f"request ended {view['status']}")

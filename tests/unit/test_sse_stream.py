@@ -57,3 +57,39 @@ async def test_a_token_tail_that_fails_is_opened_again_after_the_last_chunk_read
     assert tokens == "Hello world"  # each character once, none lost at the break
     assert [name for _, name, _ in events][-1] == "completed"
     assert log.resumed_after == [0, 1]  # opened again after the chunk it had read
+
+
+class UnreadableOnce(MemoryStateStore):
+    """A memory store whose first read of a status fails, as a Redis pool exhausted under overload."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def get(self, ns: Namespace, key: str) -> Any:
+        if ns is Namespace.STATUS and not self.failed:
+            self.failed = True
+            raise UnavailableError("No connection available.")
+        return await super().get(ns, key)
+
+
+async def test_a_status_that_cannot_be_read_does_not_end_the_stream() -> None:
+    log, store = MemoryEventLog(), UnreadableOnce()
+    rid = "r2"
+    core = GatewayCore(log, store)
+    chunk = TokenChunk(index=0, offset=0, text="Hello", final=True)
+    event = new_event(type=EventType.TOKEN, source="test", payload=chunk, request_id=rid)
+    await log.publish(Topic.STREAM, [dataclasses.replace(event, key=rid)])
+    watching = asyncio.create_task(core.watch.run())
+    try:
+        async with asyncio.timeout(10):
+            updates = request_events(core, rid, 0, tenant="default")
+            first = await anext(updates)  # the chunk, though the status read failed
+            done = RequestView(id=rid, status="completed", output="Hello", streamed_chars=5)
+            await store.put(Namespace.STATUS, rid, done.public_json())  # the watch brings it
+            events = [*(first or []), *[event async for batch in updates for event in batch or []]]
+    finally:
+        watching.cancel()
+    assert store.failed
+    assert "".join(data["text"] for _, name, data in events if name == "token") == "Hello"
+    assert [name for _, name, _ in events][-1] == "completed"

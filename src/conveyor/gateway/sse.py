@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from conveyor.errors import UnavailableError
 from conveyor.events import Topic
 from conveyor.gateway.core import GatewayCore
 from conveyor.gateway.streaming import Last
@@ -145,6 +146,17 @@ async def _pump_chunks(
             await asyncio.sleep(TAIL_RETRY_PAUSE)
 
 
+async def _view(core: GatewayCore, request_id: str, tenant: str) -> RequestView | None:
+    """The request's view, or None while the store cannot be read (a pool exhausted under overload,
+    a failover): the stream goes on with the watch and the chunks and reads it again at the next
+    keepalive, rather than ending unfinished."""
+    try:
+        return await core.view(request_id, tenant=tenant)
+    except UnavailableError as exc:
+        logger.warning("the status of %s could not be read (%r); its stream goes on", request_id, exc)
+        return None
+
+
 async def request_events(
     core: GatewayCore, request_id: str, last_id: int, *, tenant: str
 ) -> AsyncGenerator[list[Event] | None, None]:
@@ -155,7 +167,7 @@ async def request_events(
     with core.watch.subscribe(request_id, queue):
         pump = asyncio.create_task(_pump_chunks(core.log, request_id, queue))
         try:
-            view = await core.view(request_id, tenant=tenant)
+            view = await _view(core, request_id, tenant)
             if view is not None and (events := seq.on_view(view)):
                 yield events
             while not seq.done:
@@ -164,7 +176,7 @@ async def request_events(
                         updates = [await queue.get()]
                 except TimeoutError:
                     # Also a safety net for a missed watch notification: re-read the view.
-                    view = await core.view(request_id, tenant=tenant)
+                    view = await _view(core, request_id, tenant)
                     yield (seq.on_view(view) if view else []) or None
                     continue
                 while not queue.empty():
