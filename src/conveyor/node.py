@@ -135,7 +135,7 @@ async def serving(app: ASGIApp, sock: socket.socket) -> AsyncIterator[str]:
         timeout_graceful_shutdown=5,
         # Longer than clients' and load balancers' own idle timeouts (aiohttp 15 s, AWS ALB 60 s), so
         # that they close an idle connection first: with uvicorn's 5 s, a client reusing one as the
-        # gateway closes it gets a reset (131 of 3,200 SSE requests at 400/s on Kafka, benchmarks).
+        # gateway closes it gets a reset (130-190 of 3,200 SSE requests at 400/s on Kafka, benchmarks).
         timeout_keep_alive=75,
     )
     server = _Server(config)
