@@ -257,6 +257,15 @@ def _submit(args: argparse.Namespace) -> int:
         body["max_tokens"] = args.max_tokens
     if args.key:
         body["key"] = args.key
+    for field in ("temperature", "seed", "priority"):
+        if getattr(args, field) is not None:
+            body[field] = getattr(args, field)
+    if args.json_schema is not None:
+        try:
+            body["json_schema"] = json.loads(args.json_schema)
+        except ValueError as exc:
+            print(f"error: --json-schema is not JSON: {exc}", file=sys.stderr)
+            return 2
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     final: dict[str, object] = {}
     with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10, read=None)) as client:
@@ -539,6 +548,14 @@ def command_line() -> argparse.ArgumentParser:
     submit.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--key", help="partition key (requests with one key are handled in order)")
+    submit.add_argument("--temperature", type=float, help="0 (the default) is greedy")
+    submit.add_argument("--seed", type=int, help="with a temperature above 0: one seed, one answer")
+    submit.add_argument(
+        "--priority", type=int, help="-9..9, lower is served sooner when requests wait for the model"
+    )
+    submit.add_argument(
+        "--json-schema", help='the answer is JSON matching this JSON Schema, e.g. \'{"type": "object"}\''
+    )
     submit.add_argument(
         "--api-key",
         default=os.environ.get("CONVEYOR_API_KEY"),

@@ -304,6 +304,12 @@ async def test_conveyor_submit_prints_the_output_as_it_streams_then_the_final_st
     assert json.loads(usage.group(1))["completion_tokens"] == len(tokens)
     async with httpx.AsyncClient(base_url=up.url) as client:
         assert (await wait_final(client, rid.group(1)))["output"] == out.strip()
+    # Asked for JSON (with the other sampling options), it prints the JSON the model answered.
+    schema = {"type": "object", "properties": {"haiku": {"type": "string"}}}
+    options = ("--json-schema", json.dumps(schema), "--temperature", "0.5", "--seed", "7", "--priority", "-3")
+    code, out, err = await submit_command(*options, prompt)
+    assert code == 0, err
+    assert list(json.loads(out)) == ["haiku"]
     # A refusal is said with the gateway's reason, and the command fails.
     code, out, err = await submit_command("--max-tokens", "100000", prompt)
     assert (code, out) == (1, "")
