@@ -100,3 +100,26 @@ async def scripted_upstream(
     app.router.add_post("/v1/chat/completions", handler)
     async with TestServer(app, host="127.0.0.1") as server:
         yield str(server.make_url("/v1"))
+
+
+# What an OpenAI-compatible server's sampling fields are called on the wire.
+SAMPLING_FIELDS = (
+    *("temperature", "top_p", "stop", "seed"),
+    *("presence_penalty", "frequency_penalty", "logit_bias"),
+)
+
+
+@contextlib.asynccontextmanager
+async def recording_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A scripted upstream that answers every chat completion "ok" and keeps each request's body:
+    yields its /v1 URL and that list."""
+    received: list[dict[str, Any]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        received.append(orjson.loads(await request.read()))
+        ok = b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\n'
+        body = ok + b"data: [DONE]\n\n"
+        return web.Response(body=body, content_type="text/event-stream")
+
+    async with scripted_upstream(answer) as url:
+        yield url, received

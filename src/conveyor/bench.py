@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-_FINAL = ("completed", "failed", "cancelled")
+from conveyor.view import TERMINAL
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,7 +132,7 @@ async def _one(client: aiohttp.ClientSession, load: Load, i: int, outcome: Outco
                 event = line[len("event: ") :]
             elif line.startswith("data: ") and event == "token" and first is None:
                 first = time.perf_counter() - began
-            elif line.startswith("data: ") and event in _FINAL:
+            elif line.startswith("data: ") and event in TERMINAL:
                 # Read on to the body's end, right after this: one left unread costs the connection.
                 final = json.loads(line[len("data: ") :])
     if final.get("status") != "completed":

@@ -21,6 +21,7 @@ import httpx
 from conveyor.config import LOCAL_WEIGHTS, STAGES, Settings
 from conveyor.errors import ConveyorError
 from conveyor.log.base import EventLog
+from conveyor.view import TERMINAL
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -282,7 +283,7 @@ def _submit(args: argparse.Namespace) -> int:
                         print(f"request {json.loads(line[6:])['id']}", file=sys.stderr)
                     elif line.startswith("data: ") and event == "token":
                         print(json.loads(line[6:])["text"], end="", flush=True)
-                    elif line.startswith("data: ") and event in ("completed", "failed", "cancelled"):
+                    elif line.startswith("data: ") and event in TERMINAL:
                         final = json.loads(line[6:])
         except httpx.TransportError as exc:
             print(f"error: cannot reach the gateway at {base}: {exc}", file=sys.stderr)

@@ -70,7 +70,7 @@ async def test_a_client_leaving_stops_the_body_which_cleans_up_and_the_response_
             await asyncio.Event().wait()  # a stream with nothing more to say for now
             yield "never sent"
         finally:
-            await asyncio.sleep(0)  # its clean-up may still wait for things
+            await asyncio.to_thread(str)  # its clean-up may still wait for things (a thread, here)
             cleaned.set()
 
     client = Client()

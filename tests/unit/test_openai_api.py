@@ -6,15 +6,13 @@ import asyncio
 import json
 
 import openai
-import orjson
 import pytest
-from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import scripted_upstream, wait_final
+from tests.helpers import SAMPLING_FIELDS, recording_upstream, wait_final
 
 PROMPT = "Write a haiku about queues"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -146,16 +144,7 @@ async def test_the_chat_completion_fast_path_answers_as_the_routed_endpoint(node
 
 
 async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(node: NodeFactory) -> None:
-    received: list[dict[str, object]] = []
-
-    async def upstream(request: web.Request) -> web.Response:
-        received.append(orjson.loads(await request.read()))
-        body = (
-            b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
-        )
-        return web.Response(body=body, content_type="text/event-stream")
-
-    async with scripted_upstream(upstream) as url:
+    async with recording_upstream() as (url, received):
         model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
         async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
             completion = await client.chat.completions.create(
@@ -176,16 +165,7 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
     assert completion.choices[0].message.content == "ok"
     assert submitted.json()["output"] == "ok"
     chat, job = received
-    sampled_keys = (
-        "temperature",
-        "top_p",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-    )
-    assert {k: chat[k] for k in sampled_keys} == {
+    assert {k: chat[k] for k in SAMPLING_FIELDS} == {
         "temperature": 0.7,
         "top_p": 0.9,
         "stop": ["x"],

@@ -12,7 +12,7 @@ from aiohttp import web
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.models.base import GenerationRequest
 from conveyor.models.openai_compat import OpenAICompatModel
-from tests.helpers import scripted_upstream
+from tests.helpers import SAMPLING_FIELDS, recording_upstream, scripted_upstream
 
 
 async def first_failure(url: str) -> Exception | None:
@@ -73,15 +73,6 @@ async def test_a_cancelled_request_closes_its_stream_so_the_server_stops_too() -
 
 
 async def test_the_sampling_of_a_request_reaches_the_server() -> None:
-    received: list[dict[str, object]] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        received.append(orjson.loads(await request.read()))
-        body = (
-            b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
-        )
-        return web.Response(body=body, content_type="text/event-stream")
-
     sampled = GenerationRequest(
         id="r",
         prompt="hi",
@@ -94,7 +85,7 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
         frequency_penalty=-0.5,
         logit_bias=((7, -100.0),),
     )
-    async with scripted_upstream(answer) as url:
+    async with recording_upstream() as (url, received):
         model = OpenAICompatModel(base_url=url, model="m")
         try:
             texts = [
@@ -105,16 +96,7 @@ async def test_the_sampling_of_a_request_reaches_the_server() -> None:
             await model.close()
     assert "".join(texts) == "okok"
     by_seed = {body.get("seed"): body for body in received}
-    sampled_keys = (
-        "temperature",
-        "top_p",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-    )
-    assert {k: by_seed[42][k] for k in sampled_keys} == {
+    assert {k: by_seed[42][k] for k in SAMPLING_FIELDS} == {
         "temperature": 0.7,
         "top_p": 0.9,
         "stop": ["x"],

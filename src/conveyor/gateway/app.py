@@ -227,16 +227,8 @@ def create_app(
             prompt=body.prompt,
             max_tokens=max_tokens,
             metadata=body.metadata,
-            sampling=Sampling(
-                temperature=body.temperature,
-                top_p=body.top_p,
-                stop=body.stop,
-                seed=body.seed,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                logit_bias=body.logit_bias,
-                json_schema=body.json_schema,
-            ),
+            # The submit's sampling fields are the payload's, by name.
+            sampling=Sampling.model_validate(body.model_dump(include=set(Sampling.model_fields))),
         )
         try:
             accepted = await core.accept(

@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.sse import TERMINAL, request_events
+from conveyor.gateway.sse import request_events
 from conveyor.gateway.streaming import EventStreamResponse, Last
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Usage
-from conveyor.view import RequestView
+from conveyor.view import TERMINAL, RequestView
 
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "deadline": "length"}
 # The gateway's refusals as OpenAI answers them: (type, code); the rest keep their code.

@@ -31,13 +31,12 @@ from conveyor.gateway.core import GatewayCore
 from conveyor.gateway.streaming import Last
 from conveyor.log.base import EventLog
 from conveyor.payloads import EventType, TokenChunk, decode
-from conveyor.view import RequestView
+from conveyor.view import TERMINAL, RequestView
 
 logger = logging.getLogger("conveyor.gateway")
 
 _ACCEPTED, _PREPARED, _GENERATING, _FIRST_TOKEN = 1, 2, 3, 4
 Event = tuple[int, str, dict[str, Any]]  # (SSE id, event name, data)
-TERMINAL = ("completed", "failed", "cancelled")  # the name of a stream's last event
 KEEPALIVE_SECONDS = 15.0
 TAIL_RETRY_SECONDS = 30.0  # a broker node's failover takes seconds; a stream rides it out
 TAIL_RETRY_PAUSE = 0.25
