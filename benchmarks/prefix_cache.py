@@ -18,6 +18,7 @@ from pathlib import Path
 from conveyor.models.base import GenerationRequest
 from conveyor.models.local import LocalModel
 from conveyor.observability.metrics import PROMPT_TOKENS
+from conveyor.payloads import ChatMessage
 
 MAX_TOKENS = 32
 SYSTEM = (
@@ -35,7 +36,10 @@ TOPICS = ["queues", "latency", "billing", "an outage", "streaming", "retries", "
 def request(i: int) -> GenerationRequest:
     question = f"Ticket {i}: I have a question about {TOPICS[i % len(TOPICS)]}. What should I do?"
     return GenerationRequest(
-        id=f"bench-{i}", prompt="", max_tokens=MAX_TOKENS, messages=(("system", SYSTEM), ("user", question))
+        id=f"bench-{i}",
+        prompt="",
+        max_tokens=MAX_TOKENS,
+        messages=(ChatMessage(role="system", content=SYSTEM), ChatMessage(role="user", content=question)),
     )
 
 

@@ -26,6 +26,7 @@ from conveyor.gateway.ratelimit import Rate
 from conveyor.log.base import EventLog
 from conveyor.models.base import MODEL_IDS, ModelBackend, ModelInfo
 from conveyor.models.simulated import SimulatedModel
+from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import REGISTRY
 from conveyor.pipeline import BatchPolicy, Pipeline
 from conveyor.projector import Projector
@@ -55,18 +56,21 @@ def model_info(settings: Settings, model: ModelBackend) -> ModelInfo:
 
 
 def build_model(settings: Settings) -> ModelBackend:
+    """The model of ``--model``; those without tool calling of their own get it by prompt."""
     if settings.model.backend == "simulated":
-        return SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay)
+        return PromptedTools(SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay))
     if settings.model.backend == "local":
         from conveyor.models.local import LocalModel  # needs the "local" extra
 
         local = settings.model
-        return LocalModel(
-            cache_dir=settings.data_dir / "models",
-            slots=local.slots,
-            context_per_slot=local.context,
-            prefix_cache=local.prefix_cache,
-            weights=local.weights,
+        return PromptedTools(
+            LocalModel(
+                cache_dir=settings.data_dir / "models",
+                slots=local.slots,
+                context_per_slot=local.context,
+                prefix_cache=local.prefix_cache,
+                weights=local.weights,
+            )
         )
     if settings.model.backend == "openai":
         from conveyor.models.openai_compat import OpenAICompatModel

@@ -32,12 +32,32 @@ class Usage(Payload):
         return self.prompt_tokens + self.completion_tokens
 
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "tool_calls"]
+
+
+class ToolCall(Payload):
+    """The model asks the client to call function ``name`` with ``arguments`` (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+class Tool(Payload):
+    """A function the model may call; ``parameters`` is the JSON Schema of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
 class ChatMessage(Payload):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One turn: an assistant turn may carry the calls it made, a ``tool`` turn answers one of them."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
 
 
 class Sampling(Payload):
@@ -55,6 +75,11 @@ class Sampling(Payload):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     # The answer must be JSON text matching this JSON Schema ({"type": "object"}: any object).
     json_schema: dict[str, Any] | None = None
+    # Functions the model may call instead of answering: "auto" lets it choose, "required" makes
+    # it call one (``tool_name``, if set), "none" forbids it.
+    tools: list[Tool] = Field(default_factory=list)
+    tool_choice: Literal["auto", "none", "required"] = "auto"
+    tool_name: str | None = None
 
 
 class RequestAccepted(Payload):
@@ -105,11 +130,13 @@ class TokenChunk(Payload):
 
 
 class GenerationCompleted(Payload):
-    """``generation.completed`` on [generated]: the full text and what it cost."""
+    """``generation.completed`` on [generated]: the full text, the calls the model made, and what
+    it cost."""
 
     text: str
     finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class RequestCompleted(Payload):
@@ -124,6 +151,7 @@ class RequestCompleted(Payload):
     generated_at: str | None = Field(
         default=None, description="When generation finished: the time of its generation.completed event."
     )
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class RequestFailed(Payload):

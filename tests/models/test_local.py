@@ -14,7 +14,9 @@ from conveyor.config import LOCAL_WEIGHTS, ModelSettings
 from conveyor.errors import PermanentError
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.local import WEIGHTS, LocalModel, shipped_gguf
+from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import PROMPT_TOKENS
+from conveyor.payloads import ChatMessage, Tool
 from tests.conftest import NodeFactory
 from tests.helpers import read_sse, submit, wait_final
 
@@ -51,6 +53,10 @@ async def run(model: LocalModel, requests: list[GenerationRequest]) -> dict[str,
     return {rid: ("".join(parts), finish.get(rid)) for rid, parts in texts.items()}
 
 
+def turn(role: str, content: str) -> ChatMessage:
+    return ChatMessage(role=role, content=content)  # type: ignore[arg-type]
+
+
 def request(i: int, prompt: str, *, max_tokens: int = 48, stop: tuple[str, ...] = ()) -> GenerationRequest:
     return GenerationRequest(id=f"r{i}", prompt=prompt, max_tokens=max_tokens, stop=stop)
 
@@ -81,20 +87,20 @@ async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answer
     def read() -> tuple[float, float]:
         return PROMPT_TOKENS.value(source="cached"), PROMPT_TOKENS.value(source="computed")
 
-    def chat(i: int, *turns: tuple[str, str]) -> GenerationRequest:
-        system = ("system", "You are a concise assistant. Answer every question in one short sentence.")
+    def chat(i: int, *turns: ChatMessage) -> GenerationRequest:
+        system = turn("system", "You are a concise assistant. Answer every question in one short sentence.")
         return GenerationRequest(id=f"r{i}", prompt="", max_tokens=24, messages=(system, *turns))
 
-    question = ("user", "Name a fruit that is yellow and curved.")
+    question = turn("user", "Name a fruit that is yellow and curved.")
     first = (await run(model, [chat(0, question)]))["r0"]
     assert first[0].strip()
     # Another question under the same system turn: the system turn is found in a slot's cache.
     cached, _ = read()
-    await run(model, [chat(1, ("user", "Name a fruit that is red."))])
-    assert PROMPT_TOKENS.value(source="cached") - cached >= model.count_tokens(chat(0).messages[0][1])
+    await run(model, [chat(1, turn("user", "Name a fruit that is red."))])
+    assert PROMPT_TOKENS.value(source="cached") - cached >= model.count_tokens(chat(0).messages[0].content)
     # The conversation's next turn carries the first answer: that is found too.
     cached, _ = read()
-    await run(model, [chat(2, question, ("assistant", first[0]), ("user", "And a red one?"))])
+    await run(model, [chat(2, question, turn("assistant", first[0]), turn("user", "And a red one?"))])
     assert PROMPT_TOKENS.value(source="cached") - cached > model.count_tokens(first[0])
     # The same prompt again: only its last token is computed (its logits give the first output
     # token), and the answer is the one computed from scratch.
@@ -111,7 +117,7 @@ async def test_a_prompt_already_in_a_slot_cache_is_not_computed_again_and_answer
 async def test_requests_arriving_together_copy_a_running_slots_cache_and_answer_the_same(
     model: LocalModel,
 ) -> None:
-    system = (
+    system = turn(
         "system",
         "You are a museum guide. You answer visitors' questions about paintings in one friendly "
         "sentence, and you never mention prices or opening hours.",
@@ -119,7 +125,7 @@ async def test_requests_arriving_together_copy_a_running_slots_cache_and_answer_
     questions = ["Who painted the Mona Lisa?", "What is a fresco?", "Why is the sky in paintings blue?"]
 
     def ask(i: int) -> GenerationRequest:
-        turns = (system, ("user", questions[i]))
+        turns = (system, turn("user", questions[i]))
         return GenerationRequest(id=f"r{i}", prompt="", max_tokens=24, messages=turns)
 
     await run(model, [ask(0)])  # the system turn is now in one slot
@@ -127,27 +133,27 @@ async def test_requests_arriving_together_copy_a_running_slots_cache_and_answer_
     together = await run(model, [ask(i) for i in range(3)])
     # The first takes that slot; the other two copy its cache into their own slots rather than
     # compute the system turn again.
-    assert PROMPT_TOKENS.value(source="cached") - cached >= 3 * model.count_tokens(system[1])
+    assert PROMPT_TOKENS.value(source="cached") - cached >= 3 * model.count_tokens(system.content)
     # Copied cache or not, each answer is the one the request gets on its own.
     for i in range(3):
         assert (await run(model, [ask(i)]))[f"r{i}"] == together[f"r{i}"]
 
 
 async def test_a_burst_with_a_system_turn_never_seen_reads_it_once(model: LocalModel) -> None:
-    system = (
+    system = turn(
         "system",
         "You are a ship's navigator. Answer sailors' questions about stars and tides in one calm "
         "sentence, and never guess at the weather.",
     )
     questions = ["Which star points north?", "When is high tide?", "What is a knot?"]
     burst = [
-        GenerationRequest(id=f"r{i}", prompt="", max_tokens=16, messages=(system, ("user", q)))
+        GenerationRequest(id=f"r{i}", prompt="", max_tokens=16, messages=(system, turn("user", q)))
         for i, q in enumerate(questions)
     ]
     cached = PROMPT_TOKENS.value(source="cached")
     answers = await run(model, burst)
     # The first reads the system turn; the others wait for it and copy its cache.
-    assert PROMPT_TOKENS.value(source="cached") - cached >= 2 * model.count_tokens(system[1])
+    assert PROMPT_TOKENS.value(source="cached") - cached >= 2 * model.count_tokens(system.content)
     assert all(text.strip() and finish for text, finish in answers.values())
 
 
@@ -155,10 +161,12 @@ async def test_a_request_cancelled_while_it_waits_for_a_shared_prompt_start_ends
     model: LocalModel,
 ) -> None:
     rules = " ".join(f"Rule {i}: answer in plain words and keep to the point." for i in range(30))
-    system = ("system", f"You are a careful librarian. {rules}")
+    system = turn("system", f"You are a careful librarian. {rules}")
 
     def ask(i: int, question: str) -> GenerationRequest:
-        return GenerationRequest(id=f"r{i}", prompt="", max_tokens=8, messages=(system, ("user", question)))
+        return GenerationRequest(
+            id=f"r{i}", prompt="", max_tokens=8, messages=(system, turn("user", question))
+        )
 
     reader, waiter = ask(0, "Where are the maps?"), ask(1, "Where are the novels?")
     waiter.cancelled.set()  # it arrives while the first still reads the long system turn
@@ -264,6 +272,44 @@ async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cann
     assert list(failures) == ["bad"]
     assert isinstance(failures["bad"], PermanentError)
     assert "response_format" in str(failures["bad"])
+
+
+async def test_a_required_tool_call_is_a_call_of_an_offered_tool_with_arguments_that_fit(
+    model: LocalModel,
+) -> None:
+    city = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = (
+        Tool(name="get_weather", description="The current weather in a city", parameters=city),
+        Tool(name="get_population", description="How many people live in a city", parameters=city),
+    )
+    asked = [
+        GenerationRequest(
+            id="any",
+            prompt="What is the weather in Paris?",
+            max_tokens=48,
+            tools=tools,
+            tool_choice="required",
+        ),
+        GenerationRequest(
+            id="named",
+            prompt="How many people live in Rome?",
+            max_tokens=48,
+            tools=tools,
+            tool_choice="required",
+            tool_name="get_population",
+        ),
+    ]
+    calls = {}
+    async for token in PromptedTools(model).generate(asked):
+        assert token.error is None
+        assert token.text == ""
+        if token.finish_reason:
+            assert token.finish_reason == "tool_calls"
+            (calls[token.request_id],) = token.tool_calls
+    assert calls["any"].name in ("get_weather", "get_population")
+    assert "Paris" in json.loads(calls["any"].arguments)["city"]
+    assert calls["named"].name == "get_population"
+    assert "Rome" in json.loads(calls["named"].arguments)["city"]
 
 
 async def test_requests_waiting_for_a_slot_are_served_most_urgent_first(tmp_path: Path) -> None:

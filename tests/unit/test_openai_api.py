@@ -188,7 +188,6 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
 @pytest.mark.parametrize(
     ("asked", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),

@@ -23,7 +23,7 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") 
     for name in old_props:
         if name not in new_props:
             problems.append(f"{where}{name}: removed")
-        elif _shape(old_props[name]) != _shape(new_props[name]):
+        elif not _accepts_as_before(old_props[name], new_props[name]):
             problems.append(f"{where}{name}: type changed")
     for name in set(new.get("required", [])) - set(old.get("required", [])):
         problems.append(f"{where}{name}: newly required")
@@ -34,6 +34,17 @@ def breaking_changes(old: dict[str, Any], new: dict[str, Any], where: str = "") 
 
 def _shape(prop: dict[str, Any]) -> Any:
     return {k: prop[k] for k in ("type", "$ref", "anyOf", "items", "enum") if k in prop}
+
+
+def _accepts_as_before(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` takes every value ``old`` took: the same shape, but an enum may grow."""
+    if "enum" in old and "enum" in new:
+        rest = ("type", "$ref", "anyOf", "items")
+        same = all(old.get(k) == new.get(k) for k in rest)
+        return same and set(map(json.dumps, old["enum"])) <= set(map(json.dumps, new["enum"]))
+    if "anyOf" in old and "anyOf" in new and len(old["anyOf"]) == len(new["anyOf"]):
+        return all(_accepts_as_before(o, n) for o, n in zip(old["anyOf"], new["anyOf"], strict=True))
+    return bool(_shape(old) == _shape(new))
 
 
 def check(snapshot: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -70,3 +81,9 @@ def test_the_checker_catches_breaking_changes() -> None:
     assert check({"t": {"v1": old}}, {"t": {"v1": removed}}) == ["t v1: b: removed"]
     assert check({"t": {"v1": old}}, {"t": {"v1": required}}) == ["t v1: b: newly required"]
     assert check({"t": {"v1": old}}, {}) == ["t v1: schema removed"]
+    # A value more allowed is compatible (old events still validate); a value less is not.
+    kinds = {"properties": {"k": {"anyOf": [{"enum": ["x", "y"], "type": "string"}, {"type": "null"}]}}}
+    more = {"properties": {"k": {"anyOf": [{"enum": ["x", "y", "z"], "type": "string"}, {"type": "null"}]}}}
+    fewer = {"properties": {"k": {"anyOf": [{"enum": ["x"], "type": "string"}, {"type": "null"}]}}}
+    assert check({"t": {"v1": kinds}}, {"t": {"v1": more}}) == []
+    assert check({"t": {"v1": kinds}}, {"t": {"v1": fewer}}) == ["t v1: k: type changed"]

@@ -17,15 +17,21 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
 from conveyor.gateway.sse import request_events
 from conveyor.gateway.streaming import EventStreamResponse, Last
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Usage
+from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall, Usage
 from conveyor.view import TERMINAL, RequestView
 
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "deadline": "length"}
+_FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "cancelled": "stop",
+    "deadline": "length",
+    "tool_calls": "tool_calls",
+}
 # The gateway's refusals as OpenAI answers them: (type, code); the rest keep their code.
 _REFUSALS = {
     "invalid_api_key": ("invalid_request_error", "invalid_api_key"),
@@ -34,9 +40,70 @@ _REFUSALS = {
 }
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallMade(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # "developer" is what OpenAI's newer models call the system turn.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallMade] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatCompletionMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def payload(self) -> ChatMessage:
+        calls = [
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in self.tool_calls or []
+        ]
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -77,6 +144,9 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # the models here make one call at a time either way
     # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
     priority: int = Field(0, ge=-9, le=9)
 
@@ -115,9 +185,7 @@ def _not_none(value: Any) -> bool:
 # values (an empty list of tools, logprobs false, ...) are accepted, since some
 # clients send them always; asking for one is refused rather than answered as if it had not been.
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": bool,
-    "functions": bool,
-    "tool_choice": lambda value: value not in (None, "none"),
+    "functions": bool,  # the deprecated form of tools
     "function_call": lambda value: value not in (None, "none"),
     "logprobs": bool,
     "top_logprobs": _not_none,
@@ -185,6 +253,7 @@ def add_openai_routes(
             raise OpenAIError(
                 400, "messages need at least one user message", code="invalid_request", param="messages"
             )
+        _check_tools(body)
         fmt = body.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise OpenAIError(
@@ -203,9 +272,9 @@ def add_openai_routes(
     def accepted_payload(body: ChatCompletionRequest) -> RequestAccepted:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return RequestAccepted(
-            prompt=next(m.content for m in reversed(body.messages) if m.role == "user"),
+            prompt=next(m.text() for m in reversed(body.messages) if m.role == "user"),
             max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
-            messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
+            messages=[m.payload() for m in body.messages],
             sampling=Sampling(
                 temperature=body.temperature or 0.0,
                 top_p=body.top_p or 1.0,
@@ -215,6 +284,20 @@ def add_openai_routes(
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=body.logit_bias or {},
                 json_schema=_json_schema(body.response_format),
+                tools=[
+                    Tool(
+                        name=t.function.name,
+                        description=t.function.description,
+                        parameters=t.function.parameters,
+                    )
+                    for t in body.tools or []
+                ],
+                tool_choice="required"
+                if isinstance(body.tool_choice, NamedToolChoice)
+                else body.tool_choice or "auto",
+                tool_name=body.tool_choice.function.name
+                if isinstance(body.tool_choice, NamedToolChoice)
+                else None,
             ),
             metadata={"api": "openai.chat.completions"},
         )
@@ -243,7 +326,7 @@ def add_openai_routes(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": view.output or ""},
+                    "message": _message(view),
                     "finish_reason": _FINISH.get(view.finish_reason or "stop", "stop"),
                     "logprobs": None,
                 }
@@ -258,6 +341,42 @@ def add_openai_routes(
         return await complete(request, tenant)
 
     return complete
+
+
+def _check_tools(body: ChatCompletionRequest) -> None:
+    names = [tool.function.name for tool in body.tools or []]
+    if len(set(names)) < len(names):
+        raise OpenAIError(
+            400, "tools: two functions have the same name", code="invalid_request", param="tools"
+        )
+    choice = body.tool_choice
+    if choice not in (None, "none") and not names:
+        raise OpenAIError(
+            400,
+            "tool_choice is only allowed when tools are given",
+            code="invalid_request",
+            param="tool_choice",
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise OpenAIError(
+            400,
+            f"tool_choice names {choice.function.name!r}, which is not one of the tools",
+            code="invalid_request",
+            param="tool_choice",
+        )
+
+
+def _tool_calls(view: RequestView) -> list[dict[str, Any]]:
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in view.tool_calls
+    ]
+
+
+def _message(view: RequestView) -> dict[str, Any]:
+    if not view.tool_calls:
+        return {"role": "assistant", "content": view.output or ""}
+    return {"role": "assistant", "content": view.output or None, "tool_calls": _tool_calls(view)}
 
 
 def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
@@ -302,6 +421,9 @@ async def _stream(
             return f"data: {orjson.dumps({'error': error}).decode()}\n\n"
         view = RequestView.model_validate(data)
         last = chunk({}, _FINISH.get(view.finish_reason or "stop", "stop"))
+        if view.tool_calls:  # whole, in one delta: the models here make a call at once
+            calls = [{"index": i, **call} for i, call in enumerate(_tool_calls(view))]
+            last = chunk({"tool_calls": calls}) + last
         if not include_usage:
             return last
         usage = {

@@ -116,8 +116,11 @@ class Sequencer:
         # Only the outcome, not the stage timestamps: those may still be filling in, and a
         # resumed stream must repeat this event exactly.
         outcome = self.final.public()
-        data = {k: outcome[k] for k in ("id", "status", "output", "finish_reason", "usage", "error", "model")}
+        data = {k: outcome[k] for k in _OUTCOME}
         return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, data)
+
+
+_OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")
 
 
 async def _pump_chunks(

@@ -2,5 +2,16 @@
 
 from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.models.simulated import SimulatedModel
+from conveyor.models.tools import PromptedTools
+from conveyor.payloads import Tool, ToolCall
 
-__all__ = ["GenerationRequest", "ModelBackend", "ModelInfo", "SimulatedModel", "Token"]
+__all__ = [
+    "GenerationRequest",
+    "ModelBackend",
+    "ModelInfo",
+    "PromptedTools",
+    "SimulatedModel",
+    "Token",
+    "Tool",
+    "ToolCall",
+]

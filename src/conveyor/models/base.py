@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 from conveyor.errors import ConveyorError
-from conveyor.payloads import FinishReason, Usage
+from conveyor.payloads import ChatMessage, FinishReason, Tool, ToolCall, Usage
 
 # The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
 MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}  # openai: the upstream's name
@@ -34,7 +34,7 @@ class GenerationRequest:
     id: str
     prompt: str
     max_tokens: int
-    messages: tuple[tuple[str, str], ...] = ()  # (role, content); empty: the prompt is one user turn
+    messages: tuple[ChatMessage, ...] = ()  # the conversation; empty: the prompt is one user turn
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
@@ -43,6 +43,9 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     json_schema: dict[str, Any] | None = None  # the answer is JSON text matching it
+    tools: tuple[Tool, ...] = ()  # functions the model may call (see Sampling)
+    tool_choice: str = "auto"  # "auto", "none" or "required" (``tool_name``, if set)
+    tool_name: str | None = None
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -52,13 +55,15 @@ class Token:
     """A piece of text for request ``request_id``; the last one has ``finish_reason``, or
     ``error`` when that request failed on its own (its batch-mates go on). A backend that counts
     what the model read and wrote puts it in the last token's ``usage`` (the prompt as the model
-    saw it, chat template included); without it the generate stage counts for itself."""
+    saw it, chat template included); without it the generate stage counts for itself. The calls
+    the model made come whole on the last token, whose reason is then ``"tool_calls"``."""
 
     request_id: str
     text: str
     finish_reason: FinishReason | None = None
     error: ConveyorError | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def last(self) -> bool:

@@ -223,7 +223,7 @@ class LocalModel:
     def chat_prompt(self, request: GenerationRequest) -> bytes:
         """The conversation (or the prompt as one user turn) in the model's own chat template."""
         llama = self._llama
-        turns = [(r.encode(), c.encode()) for r, c in request.messages] or [
+        turns = [(m.role.encode(), m.content.encode()) for m in request.messages] or [
             (b"user", request.prompt.encode())
         ]
         messages = (llama.llama_chat_message * len(turns))()

@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
-from conveyor.payloads import FinishReason, Usage
+from conveyor.payloads import ChatMessage, FinishReason, ToolCall, Usage
 
 logger = logging.getLogger("conveyor.models.openai_compat")
 
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 class OpenAICompatModel:
@@ -83,12 +83,10 @@ class OpenAICompatModel:
             await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
-        messages = [{"role": r, "content": c} for r, c in request.messages] or [
-            {"role": "user", "content": request.prompt}
-        ]
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": messages,
+            "messages": [_message(m) for m in request.messages]
+            or [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -110,12 +108,20 @@ class OpenAICompatModel:
         if request.json_schema is not None:
             schema = {"name": "answer", "schema": request.json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        if request.tools:
+            body["tools"] = [{"type": "function", "function": tool.model_dump()} for tool in request.tools]
+            body["tool_choice"] = (
+                {"type": "function", "function": {"name": request.tool_name}}
+                if request.tool_name is not None
+                else request.tool_choice
+            )
         try:
             async with self._client().post(self._url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:
                     raise _classify(response.status, response.reason, await response.text())
                 finish: FinishReason = "stop"
                 usage: Usage | None = None
+                calls = _ToolCalls()
                 async for raw in response.content:
                     if request.cancelled.is_set():
                         yield Token(request.id, "", "cancelled")
@@ -128,14 +134,16 @@ class OpenAICompatModel:
                         break
                     chunk = orjson.loads(data)
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        if text:
+                        delta = choice.get("delta") or {}
+                        if text := delta.get("content") or "":
                             yield Token(request.id, text)
+                        calls.add(delta.get("tool_calls") or [])
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
                     if chunk.get("usage"):
                         usage = _usage(chunk["usage"])
-                yield Token(request.id, "", finish, usage=usage)
+                made = calls.made()
+                yield Token(request.id, "", "tool_calls" if made else finish, usage=usage, tool_calls=made)
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, timed out: worth another try
             raise UnavailableError(f"model server unreachable: {exc!r}") from exc
 
@@ -151,6 +159,38 @@ class OpenAICompatModel:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+        out["content"] = message.content or None
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+class _ToolCalls:
+    """The calls of a streamed answer, put together from their pieces: each delta adds to call
+    ``index`` its id, its name or a piece of its arguments."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[Any]) -> None:
+        for delta in deltas:
+            part = self._parts.setdefault(int(delta.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+            function = delta.get("function") or {}
+            part["id"] = delta.get("id") or part["id"]
+            part["name"] += function.get("name") or ""
+            part["arguments"] += function.get("arguments") or ""
+
+    def made(self) -> tuple[ToolCall, ...]:
+        return tuple(ToolCall(**self._parts[i]) for i in sorted(self._parts))
 
 
 def _usage(counts: Any) -> Usage | None:

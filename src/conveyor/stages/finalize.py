@@ -43,6 +43,7 @@ def finalize_stage() -> Stage:
             finish_reason=generated.finish_reason,
             usage=generated.usage,
             generated_at=event.time,  # so the read model needs no delivery of [generated]
+            tool_calls=generated.tool_calls,
         )
         return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.COMPLETED, payload=completed))]
 

@@ -109,7 +109,7 @@ class _Stream:
         self.request = GenerationRequest(
             id=event.request_id,
             prompt=self._prepared.prompt,
-            messages=tuple((m.role, m.content) for m in self._prepared.messages),
+            messages=tuple(self._prepared.messages),
             max_tokens=self._prepared.max_tokens,
             temperature=self._prepared.sampling.temperature,
             top_p=self._prepared.sampling.top_p,
@@ -119,6 +119,9 @@ class _Stream:
             frequency_penalty=self._prepared.sampling.frequency_penalty,
             logit_bias=tuple(self._prepared.sampling.logit_bias.items()),
             json_schema=self._prepared.sampling.json_schema,
+            tools=tuple(self._prepared.sampling.tools),
+            tool_choice=self._prepared.sampling.tool_choice,
+            tool_name=self._prepared.sampling.tool_name,
             priority=event.priority,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
@@ -156,7 +159,7 @@ class _Stream:
             self._pending += token.text
             self._produced += 1
         if token.finish_reason is not None:
-            return self._finish(token.finish_reason, token.usage)
+            return self._finish(token)
         policy = self._chunking
         waited = time.monotonic() - self._last_flush
         if (
@@ -197,7 +200,8 @@ class _Stream:
         elif not self._sent.cancelled():
             self._sent.exception()  # its failure was answered already (or is moot): mark it seen
 
-    def _finish(self, finish: FinishReason, usage: Usage | None) -> Sequence[Output]:
+    def _finish(self, last: Token) -> Sequence[Output]:
+        finish, usage = last.finish_reason or "stop", last.usage
         if finish == "cancelled" and _past(self._event.deadline):
             finish = "deadline"
         if usage is None:  # the backend did not count: the prompt's text and the chunks seen
@@ -205,7 +209,9 @@ class _Stream:
                 prompt_tokens=self._model.count_tokens(self._prepared.prompt),
                 completion_tokens=self._produced,
             )
-        completed = GenerationCompleted(text="".join(self._text), finish_reason=finish, usage=usage)
+        completed = GenerationCompleted(
+            text="".join(self._text), finish_reason=finish, usage=usage, tool_calls=list(last.tool_calls)
+        )
         generated = self._ctx.derive(self._source, type=EventType.GENERATED, payload=completed)
         return [Output(Topic.STREAM, self._chunk(self._pending, finish)), Output(Topic.GENERATED, generated)]
 

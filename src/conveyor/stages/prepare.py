@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 
 from conveyor.events import Envelope, Topic
-from conveyor.payloads import ChatMessage, EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
+from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.redact import redact
 
@@ -49,11 +49,21 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
             return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.FAILED, payload=failed))]
         prompt, redactions = redact(request.prompt)
         messages = []
-        for message in request.messages:
-            content, found = redact(message.content)
-            messages.append(ChatMessage(role=message.role, content=content))
+
+        def redacted(text: str) -> str:
+            text, found = redact(text)
             for kind, n in found.items():
                 redactions[kind] = redactions.get(kind, 0) + n
+            return text
+
+        for message in request.messages:
+            # An earlier call's arguments are part of the prompt too.
+            calls = [
+                call.model_copy(update={"arguments": redacted(call.arguments)}) for call in message.tool_calls
+            ]
+            messages.append(
+                message.model_copy(update={"content": redacted(message.content), "tool_calls": calls})
+            )
         prepared = RequestPrepared(
             prompt=prompt,
             max_tokens=request.max_tokens,
