@@ -35,6 +35,20 @@ class Usage(Payload):
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "tool_calls"]
 
 
+class TopLogprob(Payload):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(Payload):
+    """One generated token as the model weighed it: its log probability (the model's own, before
+    sampling's adjustments) and, if asked for, the likeliest tokens it could have been."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class ToolCall(Payload):
     """The model asks the client to call function ``name`` with ``arguments`` (JSON text)."""
 
@@ -80,6 +94,8 @@ class Sampling(Payload):
     tools: list[Tool] = Field(default_factory=list)
     tool_choice: Literal["auto", "none", "required"] = "auto"
     tool_name: str | None = None
+    # Report each token's log probability and that of the ``logprobs`` likeliest (None: do not).
+    logprobs: int | None = None
 
 
 class RequestAccepted(Payload):
@@ -127,6 +143,7 @@ class TokenChunk(Payload):
     text: str
     final: bool = False
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = Field(default_factory=list)  # of the tokens of ``text``, if asked for
 
 
 class GenerationCompleted(Payload):
@@ -137,6 +154,7 @@ class GenerationCompleted(Payload):
     finish_reason: FinishReason = "stop"
     usage: Usage = Field(default_factory=Usage)
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # of every token of ``text``, if asked for
 
 
 class RequestCompleted(Payload):
@@ -152,6 +170,7 @@ class RequestCompleted(Payload):
         default=None, description="When generation finished: the time of its generation.completed event."
     )
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestFailed(Payload):

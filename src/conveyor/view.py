@@ -20,6 +20,7 @@ from conveyor.payloads import (
     GenerationCompleted,
     RequestCompleted,
     RequestFailed,
+    TokenLogprob,
     ToolCall,
     Usage,
     decode,
@@ -47,6 +48,7 @@ class RequestView(BaseModel):
     output: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)  # the functions the model asks to call
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of each token of the output, if asked for
     streamed_chars: int | None = None
     stages: dict[str, dict[str, str]] = Field(default_factory=dict)
     usage: Usage | None = None
@@ -105,6 +107,7 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
                 _stamp(v, "generate", "finished_at", completed.generated_at)
             v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason, v.tool_calls = completed.finish_reason, completed.tool_calls
+            v.logprobs = completed.logprobs
             v.model = event.model or v.model
             if v.status == "failed" and v.error is not None and v.error.code == "dead_lettered":
                 # Redriven from the dead-letter topic and finished after all (in whichever order

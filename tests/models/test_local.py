@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.local import WEIGHTS, LocalModel, shipped_gguf
 from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import PROMPT_TOKENS
-from conveyor.payloads import ChatMessage, Tool
+from conveyor.payloads import ChatMessage, TokenLogprob, Tool
 from tests.conftest import NodeFactory
 from tests.helpers import read_sse, submit, wait_final
 
@@ -272,6 +273,33 @@ async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cann
     assert list(failures) == ["bad"]
     assert isinstance(failures["bad"], PermanentError)
     assert "response_format" in str(failures["bad"])
+
+
+async def test_logprobs_are_the_models_own_and_cover_the_text_sent(model: LocalModel) -> None:
+    asked = [
+        GenerationRequest(id="greedy", prompt=PROMPTS[0], max_tokens=24, logprobs=2),
+        GenerationRequest(id="stopped", prompt=PROMPTS[2], max_tokens=48, logprobs=0, stop=("Blue", "blue")),
+        GenerationRequest(id="plain", prompt=PROMPTS[0], max_tokens=24),
+    ]
+    texts: dict[str, str] = {r.id: "" for r in asked}
+    weighed: dict[str, list[TokenLogprob]] = {r.id: [] for r in asked}
+    async for token in model.generate(asked):
+        texts[token.request_id] += token.text
+        weighed[token.request_id] += token.logprobs
+    assert "".join(e.token for e in weighed["greedy"]) == texts["greedy"]
+    for entry in weighed["greedy"]:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token  # greedy: each token was the likeliest
+        assert entry.top_logprobs[0].logprob == entry.logprob
+        assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-6
+    # Cut at a stop sequence: the logprobs cover the text sent and not the stop sequence's tokens.
+    stopped = "".join(e.token for e in weighed["stopped"])
+    assert texts["stopped"].startswith(stopped)
+    assert "lue" not in stopped
+    assert len(texts["stopped"]) - len(stopped) <= 1
+    assert all(e.top_logprobs == [] for e in weighed["stopped"])
+    assert weighed["plain"] == []  # not asked for
 
 
 async def test_a_required_tool_call_is_a_call_of_an_offered_tool_with_arguments_that_fit(

@@ -189,8 +189,8 @@ async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(nod
     ("asked", "param"),
     [
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ],
 )
 async def test_a_feature_no_backend_implements_is_refused_by_name(

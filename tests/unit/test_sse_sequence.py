@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from conveyor.gateway.sse import Sequencer, format_event
-from conveyor.payloads import TokenChunk
+from conveyor.payloads import TokenChunk, TokenLogprob
 from conveyor.view import RequestView
 
 DONE = RequestView(
@@ -52,6 +52,21 @@ def test_a_redone_generation_with_other_chunk_boundaries_sends_each_character_on
     second_run = chunks("Hello", " world", "!")
     frames = play([*first_run, *second_run, DONE])
     assert text(frames) == "Hello world!"
+
+
+def test_a_redone_chunk_overlapping_what_was_sent_sends_only_the_rest_of_its_logprobs() -> None:
+    def weighed(*tokens: str) -> list[TokenLogprob]:
+        return [TokenLogprob(token=t, logprob=-0.5) for t in tokens]
+
+    first_run = TokenChunk(index=0, offset=0, text="Hello", logprobs=weighed("Hel", "lo"))
+    second_run = TokenChunk(
+        index=0, offset=0, text="Hello world!", logprobs=weighed("Hel", "lo", " world", "!")
+    )
+    seq = Sequencer("r", 0)
+    events = seq.on_chunk(first_run) + seq.on_chunk(second_run) + seq.on_view(DONE)
+    tokens = [data for _, kind, data in events if kind == "token"]
+    assert [t["text"] for t in tokens] == ["Hello", " world!"]
+    assert [[e["token"] for e in t["logprobs"]] for t in tokens] == [["Hel", "lo"], [" world", "!"]]
 
 
 def test_resuming_after_any_frame_gives_exactly_the_rest() -> None:

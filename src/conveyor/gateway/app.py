@@ -65,6 +65,13 @@ class SubmitRequest(BaseModel):
     json_schema: dict[str, Any] | None = Field(
         None, description='The answer is JSON text matching this JSON Schema ({"type": "object"}: any).'
     )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Report each token's log probability (in `token` events and the view's `logprobs`) "
+        "and those of this many likeliest alternatives.",
+    )
     priority: int = Field(
         0,
         ge=-9,

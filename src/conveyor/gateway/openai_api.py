@@ -147,6 +147,8 @@ class ChatCompletionRequest(BaseModel):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # the models here make one call at a time either way
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
     priority: int = Field(0, ge=-9, le=9)
 
@@ -187,8 +189,6 @@ def _not_none(value: Any) -> bool:
 _UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": bool,  # the deprecated form of tools
     "function_call": lambda value: value not in (None, "none"),
-    "logprobs": bool,
-    "top_logprobs": _not_none,
     "audio": _not_none,
     "modalities": lambda value: value not in (None, ["text"]),
 }
@@ -254,6 +254,10 @@ def add_openai_routes(
                 400, "messages need at least one user message", code="invalid_request", param="messages"
             )
         _check_tools(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError(
+                400, "top_logprobs needs logprobs: true", code="invalid_request", param="top_logprobs"
+            )
         fmt = body.response_format
         if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
             raise OpenAIError(
@@ -271,6 +275,10 @@ def add_openai_routes(
 
     def accepted_payload(body: ChatCompletionRequest) -> RequestAccepted:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        asked, named = body.tool_choice or "auto", None
+        if isinstance(asked, NamedToolChoice):
+            named = asked.function.name
+            asked = "required"
         return RequestAccepted(
             prompt=next(m.text() for m in reversed(body.messages) if m.role == "user"),
             max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
@@ -284,20 +292,10 @@ def add_openai_routes(
                 frequency_penalty=body.frequency_penalty or 0.0,
                 logit_bias=body.logit_bias or {},
                 json_schema=_json_schema(body.response_format),
-                tools=[
-                    Tool(
-                        name=t.function.name,
-                        description=t.function.description,
-                        parameters=t.function.parameters,
-                    )
-                    for t in body.tools or []
-                ],
-                tool_choice="required"
-                if isinstance(body.tool_choice, NamedToolChoice)
-                else body.tool_choice or "auto",
-                tool_name=body.tool_choice.function.name
-                if isinstance(body.tool_choice, NamedToolChoice)
-                else None,
+                tools=[Tool(**t.function.model_dump(exclude={"strict"})) for t in body.tools or []],
+                tool_choice=asked,
+                tool_name=named,
+                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
             ),
             metadata={"api": "openai.chat.completions"},
         )
@@ -328,7 +326,9 @@ def add_openai_routes(
                     "index": 0,
                     "message": _message(view),
                     "finish_reason": _FINISH.get(view.finish_reason or "stop", "stop"),
-                    "logprobs": None,
+                    "logprobs": None
+                    if view.logprobs is None
+                    else _logprobs([e.model_dump() for e in view.logprobs]),
                 }
             ],
             "usage": _usage(view),
@@ -379,6 +379,21 @@ def _message(view: RequestView) -> dict[str, Any]:
     return {"role": "assistant", "content": view.output or None, "tool_calls": _tool_calls(view)}
 
 
+def _logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens' logprobs as OpenAI writes them, each with its UTF-8 bytes."""
+
+    def weighed(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**weighed(e["token"], e["logprob"]), "top_logprobs": [weighed(**t) for t in e["top_logprobs"]]}
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
 def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     """What the answer must match: nothing for text, any object for json_object."""
     if fmt is None or fmt.type == "text":
@@ -402,14 +417,13 @@ def _raise_if_failed(view: RequestView) -> None:
 async def _stream(
     core: GatewayCore, rid: str, tenant: str, model: str, created: int, include_usage: bool
 ) -> AsyncGenerator[str, None]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         data = {
             "id": f"chatcmpl-{rid}",
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-            **extra,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
         }
         return f"data: {orjson.dumps(data).decode()}\n\n"
 
@@ -449,7 +463,8 @@ async def _stream(
                 pieces = [head]  # the events that came together leave in one write
                 for _, kind, data in events:
                     if kind == "token" and data["text"]:
-                        pieces.append(chunk({"content": data["text"]}))
+                        logprobs = _logprobs(data["logprobs"]) if "logprobs" in data else None
+                        pieces.append(chunk({"content": data["text"]}, logprobs=logprobs))
                     elif kind in TERMINAL:
                         finished = True
                         pieces.append(ending(kind, data))

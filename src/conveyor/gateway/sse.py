@@ -101,8 +101,11 @@ class Sequencer:
             if end <= self.position:
                 continue
             out += self._progress(_GENERATING)
-            piece = c.text[self.position - c.offset :]
-            out += self._emit(_FIRST_TOKEN + end, "token", {"text": piece, "offset": self.position})
+            skip = self.position - c.offset
+            data: dict[str, Any] = {"text": c.text[skip:], "offset": self.position}
+            if c.logprobs:
+                data["logprobs"] = _logprobs_after(c, skip)
+            out += self._emit(_FIRST_TOKEN + end, "token", data)
             self.position = end
         return out + self._finish()
 
@@ -118,6 +121,17 @@ class Sequencer:
         outcome = self.final.public()
         data = {k: outcome[k] for k in _OUTCOME}
         return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, data)
+
+
+def _logprobs_after(chunk: TokenChunk, skip: int) -> list[dict[str, Any]]:
+    """The logprobs of the tokens of ``chunk`` from its character ``skip`` on (a redone generation's
+    chunk overlapping what was sent)."""
+    out, at = [], 0
+    for entry in chunk.logprobs:
+        if at >= skip:
+            out.append(entry.model_dump())
+        at += len(entry.token)
+    return out
 
 
 _OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 from conveyor.errors import ConveyorError
-from conveyor.payloads import ChatMessage, FinishReason, Tool, ToolCall, Usage
+from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, Tool, ToolCall, Usage
 
 # The id each --model backend answers to in the OpenAI-compatible API (GET /v1/models).
 MODEL_IDS = {"local": "smollm2-135m-instruct", "simulated": "simulated"}  # openai: the upstream's name
@@ -46,6 +46,7 @@ class GenerationRequest:
     tools: tuple[Tool, ...] = ()  # functions the model may call (see Sampling)
     tool_choice: str = "auto"  # "auto", "none" or "required" (``tool_name``, if set)
     tool_name: str | None = None
+    logprobs: int | None = None  # report each token's log probability and that many alternatives
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -56,7 +57,8 @@ class Token:
     ``error`` when that request failed on its own (its batch-mates go on). A backend that counts
     what the model read and wrote puts it in the last token's ``usage`` (the prompt as the model
     saw it, chat template included); without it the generate stage counts for itself. The calls
-    the model made come whole on the last token, whose reason is then ``"tool_calls"``."""
+    the model made come whole on the last token, whose reason is then ``"tool_calls"``. Asked for
+    ``logprobs``, a token carries one for each token of the model's in its ``text``."""
 
     request_id: str
     text: str
@@ -64,6 +66,7 @@ class Token:
     error: ConveyorError | None = None
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def last(self) -> bool:

@@ -45,7 +45,7 @@ from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
 from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
 from conveyor.models.grammar import Grammar, json_grammar
 from conveyor.observability.metrics import PROMPT_TOKENS
-from conveyor.payloads import FinishReason, Usage
+from conveyor.payloads import FinishReason, TokenLogprob, TopLogprob, Usage
 
 try:
     import numpy as np
@@ -146,6 +146,9 @@ class _Sequence:
     produced: int = 0
     next_token: int | None = None
     held: str = ""  # text kept back while it could still become a stop sequence
+    weighed: list[TokenLogprob] = dataclasses.field(default_factory=list)  # logprobs not yet sent
+    sent_chars: int = 0  # characters of text sent, and of the tokens whose logprobs were
+    weighed_chars: int = 0
     decoder: codecs.IncrementalDecoder = dataclasses.field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
@@ -468,13 +471,15 @@ class LocalModel:
             self._finish(seq, "stop", running, free_slots)
             return
         seq.produced += 1
+        if seq.request.logprobs is not None:
+            seq.weighed.append(self._weigh(logits, token, seq.request.logprobs))
         if seq.request.presence_penalty or seq.request.frequency_penalty:
             seq.seen[token] += 1
         seq.held += seq.decoder.decode(self._piece(token))
         stop_at = min((i for s in seq.request.stop if (i := seq.held.find(s)) >= 0), default=-1)
         if stop_at >= 0:
             seq.held = seq.held[:stop_at]
-            self._finish(seq, "stop", running, free_slots)
+            self._finish(seq, "stop", running, free_slots, cut=True)
             return
         if seq.produced >= seq.request.max_tokens:
             self._finish(seq, "length", running, free_slots)
@@ -483,8 +488,28 @@ class LocalModel:
         cut = max(0, len(seq.held) - keep)
         ready, seq.held = seq.held[:cut], seq.held[cut:]
         if ready:
-            seq.emit(Token(seq.request.id, ready))
+            seq.emit(Token(seq.request.id, ready, logprobs=_sent(seq, ready)))
         seq.next_token = token
+
+    def _weigh(self, logits: Any, token: int, alternatives: int) -> TokenLogprob:
+        """``token``'s log probability under the model's own ``logits``, and the likeliest others."""
+        wide = logits.astype(np.float64)
+        top = wide.max()
+        total = top + np.log(np.exp(wide - top).sum())
+        best = (
+            np.argpartition(-wide, alternatives)[:alternatives] if alternatives else np.array([], dtype=int)
+        )
+        ranked = best[np.argsort(-wide[best])]
+        return TokenLogprob(
+            token=self._text(int(token)),
+            logprob=float(wide[token] - total),
+            top_logprobs=[
+                TopLogprob(token=self._text(int(t)), logprob=float(wide[t] - total)) for t in ranked
+            ],
+        )
+
+    def _text(self, token: int) -> str:
+        return self._piece(token).decode("utf-8", errors="replace")
 
     def _sample(self, seq: _Sequence, logits: Any) -> int:
         logits = self._adjusted(seq, logits)
@@ -553,8 +578,15 @@ class LocalModel:
         return self._pick(seq, masked, self._probs(seq, masked))
 
     def _finish(
-        self, seq: _Sequence, reason: FinishReason, running: list[_Sequence], free_slots: set[int]
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        running: list[_Sequence],
+        free_slots: set[int],
+        *,
+        cut: bool = False,
     ) -> None:
+        """End ``seq``; ``cut``: its text ends before a stop sequence, whose tokens are not sent."""
         if self._prefix_cache:
             self._cached[seq.slot] = _content(seq)
         if seq.grammar is not None:
@@ -563,7 +595,21 @@ class LocalModel:
         running.remove(seq)
         free_slots.add(seq.slot)
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.produced, cached_tokens=seq.cached)
-        seq.emit(Token(seq.request.id, seq.held + seq.decoder.decode(b"", final=True), reason, usage=usage))
+        text = seq.held + seq.decoder.decode(b"", final=True)
+        weighed = _sent(seq, text, everything=not cut)
+        seq.emit(Token(seq.request.id, text, reason, usage=usage, logprobs=weighed))
+
+
+def _sent(seq: _Sequence, text: str, *, everything: bool = False) -> tuple[TokenLogprob, ...]:
+    """``seq`` sends ``text``: the logprobs of the tokens now sent (all that are left if
+    ``everything``), for a request that asked for them."""
+    seq.sent_chars += len(text)
+    out = []
+    while seq.weighed and (everything or seq.weighed_chars + len(seq.weighed[0].token) <= seq.sent_chars):
+        entry = seq.weighed.pop(0)
+        seq.weighed_chars += len(entry.token)
+        out.append(entry)
+    return tuple(out)
 
 
 def _content(seq: _Sequence) -> list[int]:

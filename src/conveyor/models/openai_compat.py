@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
-from conveyor.payloads import ChatMessage, FinishReason, ToolCall, Usage
+from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, Usage
 
 logger = logging.getLogger("conveyor.models.openai_compat")
 
@@ -108,6 +108,10 @@ class OpenAICompatModel:
         if request.json_schema is not None:
             schema = {"name": "answer", "schema": request.json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            if request.logprobs:
+                body["top_logprobs"] = request.logprobs
         if request.tools:
             body["tools"] = [{"type": "function", "function": tool.model_dump()} for tool in request.tools]
             body["tool_choice"] = (
@@ -135,8 +139,10 @@ class OpenAICompatModel:
                     chunk = orjson.loads(data)
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or {}
-                        if text := delta.get("content") or "":
-                            yield Token(request.id, text)
+                        text = delta.get("content") or ""
+                        weighed = _logprobs(choice.get("logprobs"))
+                        if text or weighed:
+                            yield Token(request.id, text, logprobs=weighed)
                         calls.add(delta.get("tool_calls") or [])
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
@@ -191,6 +197,17 @@ class _ToolCalls:
 
     def made(self) -> tuple[ToolCall, ...]:
         return tuple(ToolCall(**self._parts[i]) for i in sorted(self._parts))
+
+
+def _logprobs(found: Any) -> tuple[TokenLogprob, ...]:
+    """The logprobs of a streamed choice's tokens, if the server sent them (as OpenAI writes them)."""
+    if not found or not found.get("content"):
+        return ()
+    try:
+        return tuple(TokenLogprob.model_validate(entry) for entry in found["content"])
+    except (AttributeError, ValidationError) as exc:
+        logger.warning("ignoring the upstream's malformed logprobs %.200r: %s", found, exc)
+        return ()
 
 
 def _usage(counts: Any) -> Usage | None:

@@ -3,7 +3,8 @@
 Latency is a profile, not a computation: ``ttft`` before the first token, then
 ``token_delay`` per token. With both at zero it answers as fast as the loop runs. Asked for JSON
 (``json_schema``), it answers with an instance of the schema made of the same words, so a client's
-structured-output path can be load-tested too.
+structured-output path can be load-tested too. Asked for logprobs, it makes up consistent ones
+(each token the likeliest of its alternatives).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
-from conveyor.payloads import FinishReason
+from conveyor.payloads import FinishReason, TokenLogprob, TopLogprob
 
 _WORDS = [
     "queue",
@@ -89,16 +90,28 @@ class SimulatedModel:
                 tokens, reason = plans[r.id]
                 if r.cancelled.is_set():
                     yield Token(r.id, "", "cancelled")
-                elif step >= len(tokens) - 1:
-                    yield Token(r.id, tokens[step] if step < len(tokens) else "", reason)
+                    continue
+                text = tokens[step] if step < len(tokens) else ""
+                weighed = (_weighed(text, r.logprobs),) if r.logprobs is not None and text else ()
+                if step >= len(tokens) - 1:
+                    yield Token(r.id, text, reason, logprobs=weighed)
                 else:
-                    yield Token(r.id, tokens[step])
+                    yield Token(r.id, text, logprobs=weighed)
                     still.append(r)
             active = still
             step += 1
 
     async def close(self) -> None:
         return None
+
+
+def _weighed(token: str, alternatives: int) -> TokenLogprob:
+    """A made-up but consistent weighing of ``token``: the likeliest of its ``alternatives``."""
+    logprob = -0.1 - hashlib.sha256(token.encode()).digest()[0] / 512
+    others = [w for w in _WORDS if w != token.strip().lower()][: max(0, alternatives - 1)]
+    top = [TopLogprob(token=token, logprob=logprob)] if alternatives else []
+    top += [TopLogprob(token=" " + w, logprob=-3.0 - i) for i, w in enumerate(others)]
+    return TokenLogprob(token=token, logprob=logprob, top_logprobs=top)
 
 
 def _instance(schema: dict[str, Any], text: str) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
-from conveyor.payloads import ChatMessage, Tool, ToolCall
+from conveyor.payloads import ChatMessage, TokenLogprob, Tool, ToolCall
 
 
 class PromptedTools:
@@ -65,6 +65,7 @@ class _Answer:
         self._streaming = not _calls_allowed(request)
         self._required = request.tool_choice == "required"
         self._held = ""
+        self._weighed: list[TokenLogprob] = []  # the held tokens' logprobs, if asked for
         self.request = request
         if not self._streaming:
             schema = _call_schema(list(self._tools.values())) if self._required else request.json_schema
@@ -74,15 +75,17 @@ class _Answer:
         if self._streaming or token.error is not None:
             return [token]
         self._held += token.text
+        self._weighed += token.logprobs
+        released = dataclasses.replace(token, text=self._held, logprobs=tuple(self._weighed))
         if token.finish_reason is None:
             start = self._held.lstrip()
             if start and not start.startswith("{") and not self._required:  # it answers in text
                 self._streaming = True
-                return [dataclasses.replace(token, text=self._held)]
+                return [released]
             return []
         call = self._call() if token.finish_reason == "stop" else None
         if call is None:
-            return [dataclasses.replace(token, text=self._held)]
+            return [released]
         return [Token(self.id, "", "tool_calls", usage=token.usage, tool_calls=(call,))]
 
     def _call(self) -> ToolCall | None:

@@ -44,6 +44,7 @@ def finalize_stage() -> Stage:
             usage=generated.usage,
             generated_at=event.time,  # so the read model needs no delivery of [generated]
             tool_calls=generated.tool_calls,
+            logprobs=generated.logprobs,
         )
         return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.COMPLETED, payload=completed))]
 

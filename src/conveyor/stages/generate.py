@@ -23,6 +23,7 @@ from conveyor.payloads import (
     GenerationStarted,
     RequestPrepared,
     TokenChunk,
+    TokenLogprob,
     Usage,
     decode,
 )
@@ -122,11 +123,14 @@ class _Stream:
             tools=tuple(self._prepared.sampling.tools),
             tool_choice=self._prepared.sampling.tool_choice,
             tool_name=self._prepared.sampling.tool_name,
+            logprobs=self._prepared.sampling.logprobs,
             priority=event.priority,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
         self._text: list[str] = []
         self._pending = ""
+        self._logprobs: list[TokenLogprob] = []  # every token's, if asked for
+        self._pending_logprobs: list[TokenLogprob] = []  # those of ``_pending``
         self._index = self._offset = self._produced = 0
         self._last_flush = time.monotonic()
         # The chunks handed to the log so far, published one after another in the background:
@@ -136,7 +140,12 @@ class _Stream:
 
     def _chunk(self, text: str, finish: FinishReason | None = None) -> Envelope:
         payload = TokenChunk(
-            index=self._index, offset=self._offset, text=text, final=finish is not None, finish_reason=finish
+            index=self._index,
+            offset=self._offset,
+            text=text,
+            final=finish is not None,
+            finish_reason=finish,
+            logprobs=self._pending_logprobs,
         )
         # Identified by content, so a redone generation adds only chunks that differ.
         label = f"chunk:{self._offset}:{len(text)}:{finish or ''}"
@@ -158,6 +167,9 @@ class _Stream:
             self._text.append(token.text)
             self._pending += token.text
             self._produced += 1
+        if token.logprobs:
+            self._logprobs.extend(token.logprobs)
+            self._pending_logprobs.extend(token.logprobs)
         if token.finish_reason is not None:
             return self._finish(token)
         policy = self._chunking
@@ -183,6 +195,7 @@ class _Stream:
         self._index += 1
         self._offset += len(self._pending)
         self._pending = ""
+        self._pending_logprobs = []
         self._last_flush = time.monotonic()
 
     async def _publish(self, previous: asyncio.Task[None] | None, outputs: Sequence[Output]) -> None:
@@ -210,7 +223,11 @@ class _Stream:
                 completion_tokens=self._produced,
             )
         completed = GenerationCompleted(
-            text="".join(self._text), finish_reason=finish, usage=usage, tool_calls=list(last.tool_calls)
+            text="".join(self._text),
+            finish_reason=finish,
+            usage=usage,
+            tool_calls=list(last.tool_calls),
+            logprobs=None if self.request.logprobs is None else self._logprobs,
         )
         generated = self._ctx.derive(self._source, type=EventType.GENERATED, payload=completed)
         return [Output(Topic.STREAM, self._chunk(self._pending, finish)), Output(Topic.GENERATED, generated)]
