@@ -95,11 +95,30 @@ async def assert_completed_exactly_once(
 async def scripted_upstream(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> AsyncIterator[str]:
-    """An OpenAI-compatible server whose chat completions ``handler`` answers; yields its /v1 URL."""
+    """An OpenAI-compatible server whose chat and text completions ``handler`` answers; yields its
+    /v1 URL."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_post("/v1/completions", handler)
     async with TestServer(app, host="127.0.0.1") as server:
         yield str(server.make_url("/v1"))
+
+
+@contextlib.asynccontextmanager
+async def streaming_upstream(choices: Sequence[dict[str, Any]]) -> AsyncIterator[str]:
+    """A scripted upstream that answers every completion with a stream of one chunk per choice of
+    ``choices`` (each a choice as the server writes it), then ``[DONE]``; yields its /v1 URL."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for choice in choices:
+            await response.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with scripted_upstream(answer) as url:
+        yield url
 
 
 # What an OpenAI-compatible server's sampling fields are called on the wire.
@@ -111,13 +130,14 @@ SAMPLING_FIELDS = (
 
 @contextlib.asynccontextmanager
 async def recording_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    """A scripted upstream that answers every chat completion "ok" and keeps each request's body:
-    yields its /v1 URL and that list."""
+    """A scripted upstream that answers every completion (chat or text) "ok" and keeps each request's
+    body: yields its /v1 URL and that list."""
     received: list[dict[str, Any]] = []
 
     async def answer(request: web.Request) -> web.Response:
         received.append(orjson.loads(await request.read()))
-        ok = b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}\n\n'
+        said = {"text": "ok"} if request.path.endswith("/v1/completions") else {"delta": {"content": "ok"}}
+        ok = b"data: " + orjson.dumps({"choices": [{**said, "finish_reason": "stop"}]}) + b"\n\n"
         body = ok + b"data: [DONE]\n\n"
         return web.Response(body=body, content_type="text/event-stream")
 

@@ -110,10 +110,15 @@ class RequestAccepted(Payload):
     metadata: dict[str, Any] = Field(default_factory=dict)
     messages: list[ChatMessage] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
+    continuation: bool = False  # a text completion: see RequestPrepared
 
 
 class RequestPrepared(Payload):
-    """``request.prepared`` on [prepared]: the prompt after safety checks and redaction."""
+    """``request.prepared`` on [prepared]: the prompt after safety checks and redaction.
+
+    ``continuation``: the model continues ``prompt`` as it is, without its chat template (a text
+    completion), and its text is kept as it is.
+    """
 
     prompt: str
     max_tokens: int = 256
@@ -121,6 +126,7 @@ class RequestPrepared(Payload):
     metadata: dict[str, Any] = Field(default_factory=dict)
     messages: list[ChatMessage] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
+    continuation: bool = False
 
 
 class GenerationStarted(Payload):
@@ -155,6 +161,7 @@ class GenerationCompleted(Payload):
     usage: Usage = Field(default_factory=Usage)
     tool_calls: list[ToolCall] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # of every token of ``text``, if asked for
+    continuation: bool = False  # the text continues the prompt: it is not post-processed
 
 
 class RequestCompleted(Payload):

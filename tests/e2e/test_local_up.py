@@ -46,6 +46,8 @@ async def test_the_default_model_answers_in_english_and_streams_what_it_answers(
             model=model, messages=messages, max_tokens=32, stream=True
         )
         streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        continued = await client.completions.create(model=model, prompt="The capital of France is")
+    assert continued.choices[0].text.startswith(" Paris")  # the legacy API: the prompt, continued
     answer = completion.choices[0].message.content or ""
     assert "Paris" in answer
     assert streamed.strip() == answer  # greedy: the same text either way

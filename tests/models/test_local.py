@@ -275,6 +275,26 @@ async def test_an_answer_held_to_a_json_schema_is_that_json_and_a_schema_it_cann
     assert "response_format" in str(failures["bad"])
 
 
+async def test_a_continuation_reads_the_prompt_as_it_is_without_the_chat_template(model: LocalModel) -> None:
+    prompt = "The capital of France is"
+    asked = [
+        GenerationRequest(id="continued", prompt=prompt, max_tokens=8, continuation=True),
+        GenerationRequest(id="chat", prompt=prompt, max_tokens=8),
+        GenerationRequest(id="special", prompt="<|im_start|>", max_tokens=2, continuation=True),
+    ]
+    usage = {}
+    texts: dict[str, str] = {r.id: "" for r in asked}
+    async for token in model.generate(asked):
+        texts[token.request_id] += token.text
+        if token.usage is not None:
+            usage[token.request_id] = token.usage.prompt_tokens
+    assert texts["continued"].startswith(" Paris")
+    assert usage["continued"] == len(model.tokens(prompt))  # no template around it
+    assert usage["chat"] > usage["continued"]
+    # Text that looks like a special token is read as text.
+    assert usage["special"] == len(model.tokens("<|im_start|>")) > 1
+
+
 async def test_logprobs_are_the_models_own_and_cover_the_text_sent(model: LocalModel) -> None:
     asked = [
         GenerationRequest(id="greedy", prompt=PROMPTS[0], max_tokens=24, logprobs=2),

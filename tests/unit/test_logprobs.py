@@ -7,14 +7,12 @@ import math
 from typing import Any
 
 import openai
-import orjson
-from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import read_sse, recording_upstream, scripted_upstream, streamed_text, submit, wait_final
+from tests.helpers import read_sse, recording_upstream, streamed_text, streaming_upstream, submit, wait_final
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
@@ -86,17 +84,16 @@ async def test_an_upstream_is_asked_for_logprobs_and_its_own_reach_the_client(no
     def weighed(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for text, logprob, finish in (("Hi", -0.25, None), (" there", -1.5, "stop")):
-            choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
-            choice["logprobs"] = {"content": [weighed(text, logprob)]}
-            await response.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    async with recording_upstream() as (recorder, received), scripted_upstream(answer) as url:
+    choices = [
+        {
+            "index": 0,
+            "delta": {"content": text},
+            "finish_reason": finish,
+            "logprobs": {"content": [weighed(text, lp)]},
+        }
+        for text, lp, finish in (("Hi", -0.25, None), (" there", -1.5, "stop"))
+    ]
+    async with recording_upstream() as (recorder, received), streaming_upstream(choices) as url:
         asking = ModelSettings(backend="openai", upstream_url=recorder, upstream_model="m")
         async with node(settings={"model": asking}) as http, sdk(str(http.base_url)) as client:
             await client.chat.completions.create(model="m", messages=ASKED, logprobs=True, top_logprobs=2)

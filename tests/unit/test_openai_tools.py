@@ -6,15 +6,13 @@ import json
 from typing import Any
 
 import openai
-import orjson
 import pytest
-from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, scripted_upstream
+from tests.helpers import recording_upstream, streaming_upstream
 
 PROMPT = "What is the weather in Paris?"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -168,17 +166,11 @@ async def test_an_upstreams_call_streamed_in_pieces_comes_back_whole(node: NodeF
         {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]},
     ]
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i, delta in enumerate(pieces):
-            finish = "tool_calls" if i == len(pieces) - 1 else None
-            chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    async with scripted_upstream(answer) as url:
+    choices = [
+        {"index": 0, "delta": delta, "finish_reason": "tool_calls" if i == len(pieces) - 1 else None}
+        for i, delta in enumerate(pieces)
+    ]
+    async with streaming_upstream(choices) as url:
         model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
         async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
             completion = await client.chat.completions.create(model="m", messages=ASKED, tools=TOOLS)

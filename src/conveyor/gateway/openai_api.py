@@ -1,43 +1,36 @@
-"""The OpenAI-compatible API: ``POST /v1/chat/completions`` (streaming and not) and ``GET /v1/models``.
+"""The OpenAI-compatible API: ``POST /v1/chat/completions``, the legacy ``POST /v1/completions``
+(each streaming and not) and ``GET /v1/models``.
 
 Every completion goes through the same durable pipeline as ``/v1/requests``: accepted onto
 the log, prepared (safety, redaction), generated, finalized with usage recorded once. Errors
-use OpenAI's shape, so the official SDKs raise their usual exceptions. A client that drops a
-streaming completion cancels it: generation stops within a step and only what was made is billed.
+use OpenAI's shape, so the official SDKs raise their usual exceptions. How answers are written
+is ``conveyor.gateway.openai_wire``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.sse import request_events
-from conveyor.gateway.streaming import EventStreamResponse, Last
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall, Usage
-from conveyor.view import TERMINAL, RequestView
+from conveyor.gateway.openai_wire import ChatWire, TextWire, Wire, stream
+from conveyor.gateway.streaming import EventStreamResponse
+from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
+from conveyor.view import RequestView
 
-_FINISH = {
-    "stop": "stop",
-    "length": "length",
-    "cancelled": "stop",
-    "deadline": "length",
-    "tool_calls": "tool_calls",
-}
 # The gateway's refusals as OpenAI answers them: (type, code); the rest keep their code.
 _REFUSALS = {
     "invalid_api_key": ("invalid_request_error", "invalid_api_key"),
     "rate_limited": ("requests", "rate_limit_exceeded"),
     "overloaded": ("server_error", "overloaded"),
 }
+# The legacy API's default, which its clients rely on (vLLM keeps it too).
+TEXT_COMPLETION_MAX_TOKENS = 16
 
 
 class TextPart(BaseModel):
@@ -124,15 +117,16 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    # Unknown fields are kept aside and ignored, as OpenAI-compatible servers do, except the
-    # features this gateway does not implement (_UNSUPPORTED), which are refused when asked for.
+class Sampled(BaseModel):
+    """What both completions take. Unknown fields are kept aside and ignored, as OpenAI-compatible
+    servers do, except the features this gateway does not implement (``unsupported``), which are
+    refused when asked for."""
+
     model_config = ConfigDict(extra="allow")
+    unsupported: ClassVar[dict[str, Callable[[Any], bool]]]
 
     model: str
-    messages: list[ChatCompletionMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -143,14 +137,76 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
+    priority: int = Field(0, ge=-9, le=9)
+
+    def asked_max_tokens(self, default: int) -> int:
+        return self.max_tokens or default
+
+    def sampling(self, **more: Any) -> Sampling:
+        return Sampling(
+            temperature=self.temperature or 0.0,
+            top_p=self.top_p or 1.0,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias or {},
+            **more,
+        )
+
+
+def _not_none(value: Any) -> bool:
+    return value is not None
+
+
+class ChatCompletionRequest(Sampled):
+    # OpenAI's features that no backend here implements, each with what asks for it. Their "off"
+    # values are accepted, since some clients send them always; asking for one is refused rather
+    # than answered as if it had not been.
+    unsupported = {
+        "functions": bool,  # the deprecated form of tools
+        "function_call": lambda value: value not in (None, "none"),
+        "audio": _not_none,
+        "modalities": lambda value: value not in (None, ["text"]),
+    }
+
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # the models here make one call at a time either way
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # Not OpenAI's: vLLM's extension, with its meaning (lower is served sooner); see SubmitRequest.
-    priority: int = Field(0, ge=-9, le=9)
+
+    def asked_max_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionRequest(Sampled):
+    unsupported = {
+        "echo": bool,
+        "suffix": _not_none,
+        "best_of": lambda value: value not in (None, 1),
+    }
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)  # how many alternatives, as the legacy API has it
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("give one prompt per request (a list of one is accepted)")
+        if not self.text():
+            raise ValueError("the prompt is empty")
+        return self
+
+    def text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
+
+R = TypeVar("R", bound=Sampled)
 
 
 class OpenAIError(Exception):
@@ -179,35 +235,8 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _not_none(value: Any) -> bool:
-    return value is not None
-
-
-# OpenAI's features that no backend here implements, each with what asks for it. Their "off"
-# values (an empty list of tools, logprobs false, ...) are accepted, since some
-# clients send them always; asking for one is refused rather than answered as if it had not been.
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "functions": bool,  # the deprecated form of tools
-    "function_call": lambda value: value not in (None, "none"),
-    "audio": _not_none,
-    "modalities": lambda value: value not in (None, ["text"]),
-}
-
-
-_REQUEST_BODY = {
-    "required": True,
-    "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
-}
-
-
-def _usage(view: RequestView) -> dict[str, Any]:
-    usage = view.usage or Usage()
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
+def _request_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
 
 
 def add_openai_routes(
@@ -229,9 +258,10 @@ def add_openai_routes(
             "data": [{"id": m, "object": "model", "created": 0, "owned_by": "conveyor"} for m in models],
         }
 
-    async def parse(request: Request) -> ChatCompletionRequest:
+    async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
+        """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""
         try:
-            body = ChatCompletionRequest.model_validate_json(await request.body())
+            body = kind.model_validate_json(await request.body())
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             param = ".".join(str(p) for p in first["loc"]) or None
@@ -245,52 +275,47 @@ def add_openai_routes(
         if body.n != 1:
             raise OpenAIError(400, "only n=1 is supported", code="invalid_request", param="n")
         for name, value in (body.model_extra or {}).items():
-            if name in _UNSUPPORTED and _UNSUPPORTED[name](value):
+            if name in kind.unsupported and kind.unsupported[name](value):
                 raise OpenAIError(
                     400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
                 )
-        if not any(m.role == "user" for m in body.messages):
-            raise OpenAIError(
-                400, "messages need at least one user message", code="invalid_request", param="messages"
-            )
-        _check_tools(body)
-        if body.top_logprobs is not None and not body.logprobs:
-            raise OpenAIError(
-                400, "top_logprobs needs logprobs: true", code="invalid_request", param="top_logprobs"
-            )
-        fmt = body.response_format
-        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-            raise OpenAIError(
-                400,
-                "response_format of type json_schema needs json_schema.schema",
-                code="invalid_request",
-                param="response_format",
-            )
-        max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
+        max_tokens = body.asked_max_tokens(default_max_tokens)
         if max_tokens > limits.max_tokens:
             raise OpenAIError(
                 400, f"max_tokens exceeds {limits.max_tokens}", code="invalid_request", param="max_tokens"
             )
-        return body
+        return body, max_tokens
 
-    def accepted_payload(body: ChatCompletionRequest) -> RequestAccepted:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    async def answer(body: Sampled, payload: RequestAccepted, wire: type[Wire], tenant: str) -> Response:
+        try:
+            accepted = await core.accept(payload, tenant=tenant, priority=body.priority)
+        except Refused as exc:
+            raise OpenAIError.refused(exc) from None
+        rid = accepted.id
+        writer = wire(rid, body.model, int(time.time()))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStreamResponse(stream(core, rid, tenant, writer, include_usage=include_usage))
+        view = await core.wait(rid, limits.max_completion_seconds, tenant=tenant)
+        if view is None or not view.terminal:
+            raise OpenAIError(
+                504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
+            )
+        _raise_if_failed(view)
+        return JSONResponse(writer.whole(view))
+
+    async def chat(request: Request, tenant: str) -> Response:
+        body, max_tokens = await parse(request, ChatCompletionRequest, limits.default_max_tokens)
+        _check_chat(body)
         asked, named = body.tool_choice or "auto", None
         if isinstance(asked, NamedToolChoice):
             named = asked.function.name
             asked = "required"
-        return RequestAccepted(
+        payload = RequestAccepted(
             prompt=next(m.text() for m in reversed(body.messages) if m.role == "user"),
-            max_tokens=body.max_completion_tokens or body.max_tokens or limits.default_max_tokens,
+            max_tokens=max_tokens,
             messages=[m.payload() for m in body.messages],
-            sampling=Sampling(
-                temperature=body.temperature or 0.0,
-                top_p=body.top_p or 1.0,
-                stop=stop,
-                seed=body.seed,
-                presence_penalty=body.presence_penalty or 0.0,
-                frequency_penalty=body.frequency_penalty or 0.0,
-                logit_bias=body.logit_bias or {},
+            sampling=body.sampling(
                 json_schema=_json_schema(body.response_format),
                 tools=[Tool(**t.function.model_dump(exclude={"strict"})) for t in body.tools or []],
                 tool_choice=asked,
@@ -299,48 +324,54 @@ def add_openai_routes(
             ),
             metadata={"api": "openai.chat.completions"},
         )
+        return await answer(body, payload, ChatWire, tenant)
 
-    async def complete(request: Request, tenant: str) -> Response:
-        body = await parse(request)
-        try:
-            accepted = await core.accept(accepted_payload(body), tenant=tenant, priority=body.priority)
-        except Refused as exc:
-            raise OpenAIError.refused(exc) from None
-        rid, created = accepted.id, int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStreamResponse(_stream(core, rid, tenant, body.model, created, include_usage))
-        view = await core.wait(rid, limits.max_completion_seconds, tenant=tenant)
-        if view is None or not view.terminal:
-            raise OpenAIError(
-                504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
-            )
-        _raise_if_failed(view)
-        completion = {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": _message(view),
-                    "finish_reason": _FINISH.get(view.finish_reason or "stop", "stop"),
-                    "logprobs": None
-                    if view.logprobs is None
-                    else _logprobs([e.model_dump() for e in view.logprobs]),
-                }
-            ],
-            "usage": _usage(view),
-        }
-        return JSONResponse(completion)
-
-    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra={"requestBody": _REQUEST_BODY})
+    @app.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        openapi_extra={"requestBody": _request_body(ChatCompletionRequest)},
+    )
     async def chat_completions(request: Request, tenant: str = tenant_of_key) -> Response:
         """OpenAI's chat completion, through the durable pipeline; ``stream`` for SSE chunks."""
-        return await complete(request, tenant)
+        return await chat(request, tenant)
 
-    return complete
+    @app.post(
+        "/v1/completions", tags=["openai"], openapi_extra={"requestBody": _request_body(CompletionRequest)}
+    )
+    async def completions(request: Request, tenant: str = tenant_of_key) -> Response:
+        """OpenAI's legacy text completion: the model continues the prompt as it is, without its
+        chat template; through the durable pipeline; ``stream`` for SSE chunks."""
+        body, max_tokens = await parse(request, CompletionRequest, TEXT_COMPLETION_MAX_TOKENS)
+        payload = RequestAccepted(
+            prompt=body.text(),
+            max_tokens=max_tokens,
+            sampling=body.sampling(logprobs=body.logprobs),
+            continuation=True,
+            metadata={"api": "openai.completions"},
+        )
+        return await answer(body, payload, TextWire, tenant)
+
+    return chat
+
+
+def _check_chat(body: ChatCompletionRequest) -> None:
+    if not any(m.role == "user" for m in body.messages):
+        raise OpenAIError(
+            400, "messages need at least one user message", code="invalid_request", param="messages"
+        )
+    _check_tools(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIError(
+            400, "top_logprobs needs logprobs: true", code="invalid_request", param="top_logprobs"
+        )
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise OpenAIError(
+            400,
+            "response_format of type json_schema needs json_schema.schema",
+            code="invalid_request",
+            param="response_format",
+        )
 
 
 def _check_tools(body: ChatCompletionRequest) -> None:
@@ -366,34 +397,6 @@ def _check_tools(body: ChatCompletionRequest) -> None:
         )
 
 
-def _tool_calls(view: RequestView) -> list[dict[str, Any]]:
-    return [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in view.tool_calls
-    ]
-
-
-def _message(view: RequestView) -> dict[str, Any]:
-    if not view.tool_calls:
-        return {"role": "assistant", "content": view.output or ""}
-    return {"role": "assistant", "content": view.output or None, "tool_calls": _tool_calls(view)}
-
-
-def _logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens' logprobs as OpenAI writes them, each with its UTF-8 bytes."""
-
-    def weighed(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return {
-        "content": [
-            {**weighed(e["token"], e["logprob"]), "top_logprobs": [weighed(**t) for t in e["top_logprobs"]]}
-            for e in entries
-        ],
-        "refusal": None,
-    }
-
-
 def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     """What the answer must match: nothing for text, any object for json_object."""
     if fmt is None or fmt.type == "text":
@@ -412,87 +415,3 @@ def _raise_if_failed(view: RequestView) -> None:
     message = error.message if error else "the request failed"
     status = 400 if code == "safety_blocked" else 500
     raise OpenAIError(status, message, code="content_policy_violation" if status == 400 else code)
-
-
-async def _stream(
-    core: GatewayCore, rid: str, tenant: str, model: str, created: int, include_usage: bool
-) -> AsyncGenerator[str, None]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-        data = {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
-        }
-        return f"data: {orjson.dumps(data).decode()}\n\n"
-
-    def ending(kind: str, data: dict[str, Any]) -> str:
-        """The stream's last chunks: the error, or the finish reason and (if asked for) the usage."""
-        if kind == "failed":
-            failure = data["error"]
-            error = {"message": failure["message"], "type": "server_error", "code": failure["code"]}
-            return f"data: {orjson.dumps({'error': error}).decode()}\n\n"
-        view = RequestView.model_validate(data)
-        last = chunk({}, _FINISH.get(view.finish_reason or "stop", "stop"))
-        if view.tool_calls:  # whole, in one delta: the models here make a call at once
-            calls = [{"index": i, **call} for i, call in enumerate(_tool_calls(view))]
-            last = chunk({"tool_calls": calls}) + last
-        if not include_usage:
-            return last
-        usage = {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [],
-            "usage": _usage(view),
-        }
-        return f"{last}data: {orjson.dumps(usage).decode()}\n\n"
-
-    finished = False
-    head = chunk({"role": "assistant", "content": ""})  # leaves with the first tokens, in one write
-    try:
-        updates = request_events(core, rid, 0, tenant=tenant)
-        async with contextlib.aclosing(updates):
-            async for events in updates:
-                if events is None:
-                    yield f"{head}: keepalive\n\n"
-                    head = ""
-                    continue
-                pieces = [head]  # the events that came together leave in one write
-                for _, kind, data in events:
-                    if kind == "token" and data["text"]:
-                        logprobs = _logprobs(data["logprobs"]) if "logprobs" in data else None
-                        pieces.append(chunk({"content": data["text"]}, logprobs=logprobs))
-                    elif kind in TERMINAL:
-                        finished = True
-                        pieces.append(ending(kind, data))
-                        break
-                if finished:
-                    yield Last("".join(pieces) + "data: [DONE]\n\n")
-                    return
-                if len(pieces) > 1:
-                    yield "".join(pieces)
-                    head = ""
-        yield Last(f"{head}data: [DONE]\n\n")
-    finally:
-        if not finished:  # the client went away mid-stream: stop paying for tokens nobody reads
-            view = await _quietly(core.view(rid, tenant=tenant))
-            if view is not None and not view.terminal:
-                _background(core.cancel(view, reason="client disconnected"))
-
-
-_TASKS: set[asyncio.Task[Any]] = set()
-
-
-def _background(coro: Any) -> None:
-    task = asyncio.get_running_loop().create_task(coro)
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
-
-
-async def _quietly(coro: Any) -> Any:
-    with contextlib.suppress(Exception):
-        return await coro
-    return None

@@ -35,6 +35,7 @@ class GenerationRequest:
     prompt: str
     max_tokens: int
     messages: tuple[ChatMessage, ...] = ()  # the conversation; empty: the prompt is one user turn
+    continuation: bool = False  # continue the prompt as it is, without the chat template
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()

@@ -255,7 +255,12 @@ class LocalModel:
 
     def _sequence(self, request: GenerationRequest, emit: Callable[[Token], None]) -> _Sequence:
         """``request`` made ready for the engine; PermanentError if the model cannot take it."""
-        prompt = self._tokenize(self.chat_prompt(request), special=True)
+        if request.continuation:  # the user's text: what looks like a special token is text
+            prompt = self._tokenize(request.prompt.encode(), special=False)
+        else:
+            prompt = self._tokenize(self.chat_prompt(request), special=True)
+        if not prompt:
+            raise PermanentError("the prompt is empty: there is nothing to continue")
         if len(prompt) + request.max_tokens > self._context_per_slot:
             limit = self._context_per_slot - request.max_tokens
             raise PermanentError(

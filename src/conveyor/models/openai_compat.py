@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import GenerationRequest, ModelInfo, Token
-from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, Usage
+from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, TopLogprob, Usage
 
 logger = logging.getLogger("conveyor.models.openai_compat")
 
@@ -43,6 +43,7 @@ class OpenAICompatModel:
         license: str = "see the upstream provider",
     ) -> None:
         self._url = f"{base_url.rstrip('/')}/chat/completions"
+        self._completions_url = f"{base_url.rstrip('/')}/completions"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Each read waits at most ``timeout`` (a long generation is no failure, a silent server is).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
@@ -82,11 +83,11 @@ class OpenAICompatModel:
                 task.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
+    def _request(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """Where to send ``request`` and what: a chat completion, or a text completion for a
+        continuation."""
         body: dict[str, Any] = {
             "model": self._model,
-            "messages": [_message(m) for m in request.messages]
-            or [{"role": "user", "content": request.prompt}],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -105,6 +106,14 @@ class OpenAICompatModel:
             body["frequency_penalty"] = request.frequency_penalty
         if request.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+        if request.continuation:
+            body["prompt"] = request.prompt
+            if request.logprobs is not None:  # the legacy API's form: how many alternatives
+                body["logprobs"] = request.logprobs
+            return self._completions_url, body
+        body["messages"] = [_message(m) for m in request.messages] or [
+            {"role": "user", "content": request.prompt}
+        ]
         if request.json_schema is not None:
             schema = {"name": "answer", "schema": request.json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
@@ -119,8 +128,12 @@ class OpenAICompatModel:
                 if request.tool_name is not None
                 else request.tool_choice
             )
+        return self._url, body
+
+    async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
+        url, body = self._request(request)
         try:
-            async with self._client().post(self._url, data=orjson.dumps(body)) as response:
+            async with self._client().post(url, data=orjson.dumps(body)) as response:
                 if response.status >= 400:
                     raise _classify(response.status, response.reason, await response.text())
                 finish: FinishReason = "stop"
@@ -139,7 +152,7 @@ class OpenAICompatModel:
                     chunk = orjson.loads(data)
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or {}
-                        text = delta.get("content") or ""
+                        text = (choice.get("text") if request.continuation else delta.get("content")) or ""
                         weighed = _logprobs(choice.get("logprobs"))
                         if text or weighed:
                             yield Token(request.id, text, logprobs=weighed)
@@ -200,12 +213,23 @@ class _ToolCalls:
 
 
 def _logprobs(found: Any) -> tuple[TokenLogprob, ...]:
-    """The logprobs of a streamed choice's tokens, if the server sent them (as OpenAI writes them)."""
-    if not found or not found.get("content"):
+    """The logprobs of a streamed choice's tokens, if the server sent them: as chat completions
+    write them, or as the legacy text completions do (parallel lists)."""
+    if not found:
         return ()
     try:
-        return tuple(TokenLogprob.model_validate(entry) for entry in found["content"])
-    except (AttributeError, ValidationError) as exc:
+        if "tokens" in found:
+            tops = found.get("top_logprobs") or [{}] * len(found["tokens"])
+            return tuple(
+                TokenLogprob(
+                    token=token,
+                    logprob=logprob,
+                    top_logprobs=[TopLogprob(token=t, logprob=p) for t, p in (top or {}).items()],
+                )
+                for token, logprob, top in zip(found["tokens"], found["token_logprobs"], tops, strict=True)
+            )
+        return tuple(TokenLogprob.model_validate(entry) for entry in found.get("content") or ())
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         logger.warning("ignoring the upstream's malformed logprobs %.200r: %s", found, exc)
         return ()
 

@@ -38,7 +38,7 @@ def finalize_stage() -> Stage:
         if await ctx.store.create(Namespace.USAGE, event.request_id, orjson.dumps(record)) is not None:
             USAGE_TOKENS.inc(generated.usage.total_tokens, tenant=event.tenant)
         completed = RequestCompleted(
-            output=postprocess(generated.text),
+            output=generated.text if generated.continuation else postprocess(generated.text),
             streamed_chars=len(generated.text),
             finish_reason=generated.finish_reason,
             usage=generated.usage,

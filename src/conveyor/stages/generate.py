@@ -111,6 +111,7 @@ class _Stream:
             id=event.request_id,
             prompt=self._prepared.prompt,
             messages=tuple(self._prepared.messages),
+            continuation=self._prepared.continuation,
             max_tokens=self._prepared.max_tokens,
             temperature=self._prepared.sampling.temperature,
             top_p=self._prepared.sampling.top_p,
@@ -228,6 +229,7 @@ class _Stream:
             usage=usage,
             tool_calls=list(last.tool_calls),
             logprobs=None if self.request.logprobs is None else self._logprobs,
+            continuation=self.request.continuation,
         )
         generated = self._ctx.derive(self._source, type=EventType.GENERATED, payload=completed)
         return [Output(Topic.STREAM, self._chunk(self._pending, finish)), Output(Topic.GENERATED, generated)]

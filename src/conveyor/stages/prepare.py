@@ -71,6 +71,7 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
             metadata=request.metadata,
             messages=messages,
             sampling=request.sampling,
+            continuation=request.continuation,
         )
         return [Output(Topic.PREPARED, ctx.derive(event, type=EventType.PREPARED, payload=prepared))]
 
