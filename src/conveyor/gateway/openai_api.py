@@ -9,6 +9,7 @@ is ``conveyor.gateway.openai_wire``'s.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -31,6 +32,7 @@ _REFUSALS = {
 }
 # The legacy API's default, which its clients rely on (vLLM keeps it too).
 TEXT_COMPLETION_MAX_TOKENS = 16
+MAX_CHOICES = 16
 
 
 class TextPart(BaseModel):
@@ -130,7 +132,7 @@ class Sampled(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices: one request each
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -272,8 +274,6 @@ def add_openai_routes(
             raise OpenAIError(
                 404, f"the model {body.model!r} does not exist; try {list(models)}", code="model_not_found"
             )
-        if body.n != 1:
-            raise OpenAIError(400, "only n=1 is supported", code="invalid_request", param="n")
         for name, value in (body.model_extra or {}).items():
             if name in kind.unsupported and kind.unsupported[name](value):
                 raise OpenAIError(
@@ -286,23 +286,53 @@ def add_openai_routes(
             )
         return body, max_tokens
 
+    async def accept(body: Sampled, payload: RequestAccepted, tenant: str) -> list[str]:
+        """The ids of the requests of the ``body.n`` choices, all accepted, or none: a choice
+        refused cancels those accepted."""
+        if body.n == 1:
+            choices = [payload]
+        else:  # one request per choice; a seed gives each its own draws, all reproducible
+            seed = payload.sampling.seed
+            choices = [
+                payload.model_copy(
+                    update={"sampling": payload.sampling.model_copy(update={"seed": seed + i})}
+                )
+                if seed is not None
+                else payload
+                for i in range(body.n)
+            ]
+        outcomes = await asyncio.gather(
+            *(core.accept(p, tenant=tenant, priority=body.priority) for p in choices), return_exceptions=True
+        )
+        rids = [outcome.id for outcome in outcomes if not isinstance(outcome, BaseException)]
+        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+        if failure is None:
+            return rids
+        for rid in rids:
+            await core.cancel(RequestView(id=rid, tenant=tenant), reason="another choice was refused")
+        if isinstance(failure, Refused):
+            raise OpenAIError.refused(failure) from None
+        raise failure
+
     async def answer(body: Sampled, payload: RequestAccepted, wire: type[Wire], tenant: str) -> Response:
-        try:
-            accepted = await core.accept(payload, tenant=tenant, priority=body.priority)
-        except Refused as exc:
-            raise OpenAIError.refused(exc) from None
-        rid = accepted.id
-        writer = wire(rid, body.model, int(time.time()))
+        rids = await accept(body, payload, tenant)
+        created = int(time.time())
+        wires = [wire(rids[0], body.model, created, index) for index in range(len(rids))]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStreamResponse(stream(core, rid, tenant, writer, include_usage=include_usage))
-        view = await core.wait(rid, limits.max_completion_seconds, tenant=tenant)
-        if view is None or not view.terminal:
-            raise OpenAIError(
-                504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
-            )
-        _raise_if_failed(view)
-        return JSONResponse(writer.whole(view))
+            return EventStreamResponse(stream(core, rids, tenant, wires, include_usage=include_usage))
+        views = await asyncio.gather(
+            *(core.wait(rid, limits.max_completion_seconds, tenant=tenant) for rid in rids)
+        )
+        for rid, view in zip(rids, views, strict=True):
+            if view is None or not view.terminal:
+                raise OpenAIError(
+                    504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
+                )
+            _raise_if_failed(view)
+        ended = [view for view in views if view is not None]
+        answers = [w.answer(view) for w, view in zip(wires, ended, strict=True)]
+        return JSONResponse(wires[0].whole(answers, ended))
 
     async def chat(request: Request, tenant: str) -> Response:
         body, max_tokens = await parse(request, ChatCompletionRequest, limits.default_max_tokens)

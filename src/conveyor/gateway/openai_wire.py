@@ -29,13 +29,15 @@ _FINISH = {
 }
 
 
-def _usage(view: RequestView) -> dict[str, Any]:
-    usage = view.usage or Usage()
+def _usage(views: list[RequestView]) -> dict[str, Any]:
+    """What the choices' requests cost together (each read the prompt: each is billed for it)."""
+    usages = [view.usage or Usage() for view in views]
+    prompt, completion = sum(u.prompt_tokens for u in usages), sum(u.completion_tokens for u in usages)
     return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
     }
 
 
@@ -48,14 +50,15 @@ def _sse(data: dict[str, Any]) -> str:
 
 
 class Wire:
-    """One completion's shapes; ``rid`` is the request's id, ``created`` its time (Unix seconds)."""
+    """The shapes of choice ``index`` of a completion named after request ``rid`` (its first
+    choice's), made at ``created`` (Unix seconds)."""
 
     prefix: ClassVar[str]  # of the completion's id
     whole_object: ClassVar[str]
     chunk_object: ClassVar[str]
 
-    def __init__(self, rid: str, model: str, created: int) -> None:
-        self.rid, self.model, self.created = rid, model, created
+    def __init__(self, rid: str, model: str, created: int, index: int = 0) -> None:
+        self.rid, self.model, self.created, self.index = rid, model, created, index
 
     def _envelope(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -67,22 +70,24 @@ class Wire:
             **extra,
         }
 
-    def whole(self, view: RequestView) -> dict[str, Any]:
-        """The answer to a request that did not ask for a stream."""
-        return self._envelope(self.whole_object, [self.answer(view)], usage=_usage(view))
+    def whole(self, answers: list[dict[str, Any]], views: list[RequestView]) -> dict[str, Any]:
+        """The completion, for a client that did not ask for a stream: the ``answers`` of its
+        choices (each one's ``answer``) and what all cost."""
+        return self._envelope(self.whole_object, answers, usage=_usage(views))
 
     def chunk(self, choice: dict[str, Any]) -> str:
         return _sse(self._envelope(self.chunk_object, [choice]))
 
-    def usage(self, view: RequestView) -> str:
-        """The chunk with the usage, after the last one, for a stream that asked for it."""
-        return _sse(self._envelope(self.chunk_object, [], usage=_usage(view)))
+    def usage(self, views: list[RequestView]) -> str:
+        """The chunk with the usage of all choices, after the last one, for a stream that asked for it."""
+        return _sse(self._envelope(self.chunk_object, [], usage=_usage(views)))
 
     def head(self) -> str:
         """What the stream starts with (it leaves with the first tokens, in one write)."""
         return ""
 
     def answer(self, view: RequestView) -> dict[str, Any]:
+        """This choice, finished, in the whole completion."""
         raise NotImplementedError
 
     def piece(self, data: dict[str, Any]) -> str:
@@ -97,16 +102,17 @@ class Wire:
 class ChatWire(Wire):
     prefix, whole_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    @staticmethod
-    def _choice(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+    def _choice(
+        self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        return {"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
     def answer(self, view: RequestView) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": view.output or ""}
         if view.tool_calls:
             message = {"role": "assistant", "content": view.output or None, "tool_calls": _tool_calls(view)}
         logprobs = None if view.logprobs is None else _chat_logprobs([e.model_dump() for e in view.logprobs])
-        return {"index": 0, "message": message, "finish_reason": _finish(view), "logprobs": logprobs}
+        return {"index": self.index, "message": message, "finish_reason": _finish(view), "logprobs": logprobs}
 
     def head(self) -> str:
         return self.chunk(self._choice({"role": "assistant", "content": ""}))
@@ -127,9 +133,8 @@ class ChatWire(Wire):
 class TextWire(Wire):
     prefix, whole_object, chunk_object = "cmpl-", "text_completion", "text_completion"
 
-    @staticmethod
-    def _choice(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
+    def _choice(self, text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"index": self.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
     def answer(self, view: RequestView) -> dict[str, Any]:
         logprobs = None if view.logprobs is None else _text_logprobs(view.logprobs, 0)
@@ -182,14 +187,18 @@ def _text_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
     }
 
 
-async def stream(
-    core: GatewayCore, rid: str, tenant: str, wire: Wire, *, include_usage: bool
-) -> AsyncGenerator[str, None]:
-    """The request's answer as ``wire``'s chunks, then ``[DONE]``."""
-    finished = False
-    head = wire.head()
-    try:
-        updates = request_events(core, rid, 0, tenant=tenant)
+class _Choice:
+    """One request of a completion, as its choice ``wire.index``: its chunks as they come; at its
+    end, the last of them in ``last`` (to leave with the end of the stream) and its ``view``."""
+
+    def __init__(self, core: GatewayCore, rid: str, tenant: str, wire: Wire) -> None:
+        self.core, self.rid, self.tenant, self.wire = core, rid, tenant, wire
+        self.last: str | None = None
+        self.view: RequestView | None = None  # None at the end: it failed (``last`` says how)
+
+    async def chunks(self) -> AsyncGenerator[str, None]:
+        head = self.wire.head()
+        updates = request_events(self.core, self.rid, 0, tenant=self.tenant)
         async with contextlib.aclosing(updates):
             async for events in updates:
                 if events is None:
@@ -199,34 +208,79 @@ async def stream(
                 pieces = [head]  # the events that came together leave in one write
                 for _, kind, data in events:
                     if kind == "token" and data["text"]:
-                        pieces.append(wire.piece(data))
+                        pieces.append(self.wire.piece(data))
                     elif kind in TERMINAL:
-                        finished = True
-                        pieces.append(_ending(wire, kind, data, include_usage))
-                        break
-                if finished:
-                    yield Last("".join(pieces) + "data: [DONE]\n\n")
-                    return
+                        self.last = "".join(pieces) + self._ending(kind, data)
+                        return
                 if len(pieces) > 1:
                     yield "".join(pieces)
                     head = ""
-        yield Last(f"{head}data: [DONE]\n\n")
+        self.last = head
+
+    def _ending(self, kind: str, data: dict[str, Any]) -> str:
+        if kind == "failed":
+            failure = data["error"]
+            error = {"message": failure["message"], "type": "server_error", "code": failure["code"]}
+            return _sse({"error": error})
+        self.view = RequestView.model_validate(data)
+        return self.wire.ending(self.view)
+
+
+async def stream(
+    core: GatewayCore, rids: list[str], tenant: str, wires: list[Wire], *, include_usage: bool
+) -> AsyncGenerator[str, None]:
+    """The answer of a completion of ``len(rids)`` choices (one request each) as ``wires``' chunks,
+    each choice's as they come, then the usage of all (if asked for) and ``[DONE]``."""
+    choices = [_Choice(core, rid, tenant, wire) for rid, wire in zip(rids, wires, strict=True)]
+    try:
+        if len(choices) == 1:
+            async for chunk in choices[0].chunks():
+                yield chunk
+        else:
+            async for chunk in _merged(choices):
+                yield chunk
+        ended = [c.view for c in choices]
+        usage = ""
+        if include_usage and all(view is not None for view in ended):
+            usage = wires[0].usage([view for view in ended if view is not None])
+        yield Last("".join(c.last or "" for c in choices) + usage + "data: [DONE]\n\n")
     finally:
-        if not finished:  # the client went away mid-stream: stop paying for tokens nobody reads
-            view = await _quietly(core.view(rid, tenant=tenant))
-            if view is not None and not view.terminal:
-                _background(core.cancel(view, reason="client disconnected"))
+        for choice in choices:
+            if choice.last is None:  # the client went away mid-stream: stop paying for tokens nobody reads
+                view = await _quietly(core.view(choice.rid, tenant=tenant))
+                if view is not None and not view.terminal:
+                    _background(core.cancel(view, reason="client disconnected"))
 
 
-def _ending(wire: Wire, kind: str, data: dict[str, Any], include_usage: bool) -> str:
-    """The stream's last chunks: the error, or how it finished and (if asked for) the usage."""
-    if kind == "failed":
-        failure = data["error"]
-        return _sse(
-            {"error": {"message": failure["message"], "type": "server_error", "code": failure["code"]}}
-        )
-    view = RequestView.model_validate(data)
-    return wire.ending(view) + (wire.usage(view) if include_usage else "")
+async def _merged(choices: list[_Choice]) -> AsyncGenerator[str, None]:
+    """The chunks of all ``choices`` as they come; the choices that failed end all of them."""
+    queue: asyncio.Queue[str | Exception | None] = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for chunk in choice.chunks():
+                queue.put_nowait(chunk)
+            queue.put_nowait(None)
+        except Exception as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is not None:
+                yield item
+                continue
+            running -= 1
+            if any(c.last is not None and c.view is None for c in choices):
+                return  # one failed: its error is the stream's end, the others are cancelled
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _TASKS: set[asyncio.Task[Any]] = set()
