@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
+import openai
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -59,6 +60,11 @@ async def sse_events(
         if events[-1][1] in ("completed", "failed", "cancelled") or len(events) == stop_after:
             break
     return events
+
+
+def sdk(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
+    """The official OpenAI client pointed at a gateway: no retries, a timeout."""
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
 def streamed_text(events: list[tuple[int, str, dict[str, Any]]]) -> str:

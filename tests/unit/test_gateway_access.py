@@ -26,7 +26,7 @@ from conveyor.log.nats import NatsEventLog
 from conveyor.payloads import RequestAccepted
 from conveyor.testing import MemoryEventLog, MemoryStateStore
 from tests.conftest import NodeFactory, unique_prefix
-from tests.helpers import read_sse, wait_final
+from tests.helpers import read_sse, sdk, wait_final
 
 ACME, GLOBEX = "sk-acme-7f3a9c", "sk-globex-41d0e2"
 CHAT = {"model": "simulated", "messages": [{"role": "user", "content": "hi"}]}
@@ -41,10 +41,6 @@ async def with_key(client: httpx.AsyncClient, headers: dict[str, str]) -> AsyncI
     """Another client of the same gateway that sends ``headers`` with every request."""
     async with httpx.AsyncClient(base_url=client.base_url, headers=headers, timeout=30) as keyed:
         yield keyed
-
-
-def sdk(client: httpx.AsyncClient, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{client.base_url}/v1", api_key=key, max_retries=0, timeout=30)
 
 
 async def chat(client: openai.AsyncOpenAI) -> ChatCompletion:
@@ -90,13 +86,13 @@ async def test_without_a_valid_key_every_api_request_is_401(node: NodeFactory, k
 
 async def test_the_openai_sdk_raises_authentication_error(node: NodeFactory, keys_file: Path) -> None:
     async with node(settings={"api_keys_file": keys_file}) as http:
-        async with sdk(http, "sk-wrong") as client:
+        async with sdk(str(http.base_url), "sk-wrong") as client:
             with pytest.raises(openai.AuthenticationError) as raised:
                 await chat(client)
             assert raised.value.code == "invalid_api_key"
             with pytest.raises(openai.AuthenticationError):
                 await client.models.list()
-        async with sdk(http, ACME) as client:
+        async with sdk(str(http.base_url), ACME) as client:
             assert [m.id async for m in client.models.list()] == ["simulated"]
             completion = await chat(client)
         async with with_key(http, bearer(ACME)) as acme:
@@ -174,7 +170,7 @@ async def test_a_tenants_own_rate_from_the_keys_file_and_the_sdks_rate_limit_err
     keys = tmp_path / "keys.txt"
     keys.write_text(f"{ACME}=acme,rate=0.001,burst=1\n{GLOBEX}=globex\n")
     async with node(settings={"api_keys_file": keys}) as http:
-        async with sdk(http, ACME) as client:
+        async with sdk(str(http.base_url), ACME) as client:
             await chat(client)
             with pytest.raises(openai.RateLimitError) as raised:
                 await chat(client)
@@ -216,7 +212,7 @@ async def test_submits_get_503_while_prepare_is_too_far_behind(node: NodeFactory
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "overloaded"
-            async with sdk(client, "unused") as openai_client:
+            async with sdk(str(client.base_url), "unused") as openai_client:
                 with pytest.raises(openai.InternalServerError) as raised:
                     await chat(openai_client)
             assert (raised.value.status_code, raised.value.code) == (503, "overloaded")

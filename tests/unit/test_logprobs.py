@@ -6,20 +6,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import read_sse, recording_upstream, streamed_text, streaming_upstream, submit, wait_final
+from tests.helpers import (
+    read_sse,
+    recording_upstream,
+    sdk,
+    streamed_text,
+    streaming_upstream,
+    submit,
+    wait_final,
+)
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 async def test_each_token_comes_with_its_logprob_and_alternatives_streamed_or_not(node: NodeFactory) -> None:

@@ -12,14 +12,10 @@ from openai.types.chat import ChatCompletionMessageParam
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import SAMPLING_FIELDS, recording_upstream, wait_final
+from tests.helpers import SAMPLING_FIELDS, recording_upstream, sdk, wait_final
 
 PROMPT = "Write a haiku about queues"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 async def test_a_chat_completion_answers_with_the_models_text_and_usage(node: NodeFactory) -> None:

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import collections
 
-import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream
+from tests.helpers import recording_upstream, sdk
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 async def test_each_choice_is_answered_and_billed_streamed_or_not(node: NodeFactory) -> None:

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import openai
 import pytest
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, streaming_upstream
+from tests.helpers import recording_upstream, sdk, streaming_upstream
 
 PROMPT = "In the beginning"
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 async def test_a_text_completion_continues_the_prompt_streamed_or_not(node: NodeFactory) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, streaming_upstream
+from tests.helpers import recording_upstream, sdk, streaming_upstream
 
 PROMPT = "What is the weather in Paris?"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -27,10 +26,6 @@ TOOLS: list[ChatCompletionToolParam] = [
     },
 ]
 ASKED: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
-
-
-def sdk(base_url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 async def test_a_required_call_of_a_named_tool_comes_back_as_that_call_streamed_or_not(
