@@ -15,13 +15,11 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 from conveyor.config import LOCAL_WEIGHTS, STAGES, Settings
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, RejectedError, UnavailableError
 from conveyor.log.base import EventLog
-from conveyor.view import TERMINAL
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -252,42 +250,37 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    base = args.url.rstrip("/")
-    body: dict[str, object] = {"prompt": args.prompt}
-    if args.max_tokens:
-        body["max_tokens"] = args.max_tokens
-    if args.key:
-        body["key"] = args.key
-    for field in ("temperature", "seed", "priority"):
+    from conveyor.client import Client
+
+    fields: dict[str, object] = {}
+    for field in ("max_tokens", "key", "temperature", "seed", "priority"):
         if getattr(args, field) is not None:
-            body[field] = getattr(args, field)
+            fields[field] = getattr(args, field)
     if args.json_schema is not None:
         try:
-            body["json_schema"] = json.loads(args.json_schema)
+            fields["json_schema"] = json.loads(args.json_schema)
         except ValueError as exc:
             print(f"error: --json-schema is not JSON: {exc}", file=sys.stderr)
             return 2
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    final: dict[str, object] = {}
-    with httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10, read=None)) as client:
-        try:  # submitted and streamed in one call
-            with client.stream("POST", "/v1/requests", json={**body, "stream": True}) as events:
-                if events.status_code >= 400:
-                    print(f"error: {events.status_code} {events.read().decode()}", file=sys.stderr)
-                    return 1
-                event = ""
-                for line in events.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: ") and event == "accepted":
-                        print(f"request {json.loads(line[6:])['id']}", file=sys.stderr)
-                    elif line.startswith("data: ") and event == "token":
-                        print(json.loads(line[6:])["text"], end="", flush=True)
-                    elif line.startswith("data: ") and event in TERMINAL:
-                        final = json.loads(line[6:])
-        except httpx.TransportError as exc:
-            print(f"error: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
-            return 2
+
+    async def main() -> dict[str, Any]:
+        final: dict[str, Any] = {}
+        async with Client(args.url, api_key=args.api_key) as client:  # retried, resumed if dropped
+            async for event in client.stream(args.prompt, **fields):
+                if event.kind == "accepted":
+                    print(f"request {event.data['id']}", file=sys.stderr)
+                print(event.text, end="", flush=True)
+                final = event.data if event.final else final
+        return final
+
+    try:
+        final = asyncio.run(main())
+    except UnavailableError as exc:
+        print(f"error: cannot reach the gateway at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    except RejectedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print()
     print(f"status: {final.get('status')}", file=sys.stderr)
     if final.get("error"):

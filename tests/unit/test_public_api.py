@@ -10,6 +10,7 @@ PACKAGES = [
     "conveyor",
     "conveyor.log",
     "conveyor.store",
+    "conveyor.client",
     "conveyor.models",
     "conveyor.runtime",
     "conveyor.testing",
