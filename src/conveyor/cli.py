@@ -54,6 +54,14 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _callback_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--callback-hosts",
+        help="the hosts a request's callback_url may name, comma-separated (*.example.com for its "
+        "subdomains; default: loopback only; '' for no callbacks)",
+    )
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("the model")
     group.add_argument(
@@ -142,6 +150,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_limit=flags.get("rate_limit", base.rate_limit),
         rate_burst=flags.get("rate_burst", base.rate_burst),
         max_backlog=flags.get("max_backlog", base.max_backlog),
+        callback_hosts=tuple(h.strip() for h in flags["callback_hosts"].split(",") if h.strip())
+        if "callback_hosts" in flags
+        else base.callback_hosts,
     )
 
 
@@ -509,7 +520,7 @@ def command_line() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole pipeline with one command, on the bundled broker")
-    for options in (_connection_options, _gateway_options, _model_options, _stage_options):
+    for options in (_connection_options, _gateway_options, _model_options, _stage_options, _callback_options):
         options(up)
     up.add_argument(
         "--workers",
@@ -522,7 +533,7 @@ def command_line() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run pipeline stages against an existing log")
     worker.add_argument("stages", nargs="+", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
     worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port")
-    for options in (_connection_options, _model_options, _stage_options):
+    for options in (_connection_options, _model_options, _stage_options, _callback_options):
         options(worker)
     worker.set_defaults(func=_worker)
 
@@ -533,7 +544,8 @@ def command_line() -> argparse.ArgumentParser:
     projector.set_defaults(func=_worker, stages=["projector"])
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway against an existing log")
-    for options in (_connection_options, _gateway_options, _model_options):  # the model: for /v1/models
+    # The model: for /v1/models; the callback hosts: to refuse a callback_url at once.
+    for options in (_connection_options, _gateway_options, _model_options, _callback_options):
         options(gateway)
     gateway.set_defaults(func=_gateway)
 

@@ -8,9 +8,10 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from conveyor.callbacks import LOOPBACK
 from conveyor.stages.prepare import DEFAULT_BLOCKLIST
 
-STAGES = ("prepare", "generate", "finalize", "projector")
+STAGES = ("prepare", "generate", "finalize", "deliver", "projector")
 # The local model's weight types (conveyor.models.local.WEIGHTS says what each one is).
 LOCAL_WEIGHTS = ("q8_0", "f16", "shipped")
 
@@ -65,6 +66,8 @@ class Settings:
     rate_limit: float | None = None  # submits per second per tenant (None or 0: no limit)
     rate_burst: float | None = None  # submits at once (None: max(1, rate_limit))
     max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
+    # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
+    callback_hosts: tuple[str, ...] = LOOPBACK
 
     @classmethod
     def load(cls, config: Path | None = None, env: Mapping[str, str] = os.environ) -> Settings:
@@ -102,6 +105,7 @@ class Settings:
             batch_target_latency=float(target) if target is not None else None,
         )
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
+        hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
         keys_file, rate, burst, backlog = (
             get(n) for n in ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG")
         )
@@ -120,6 +124,7 @@ class Settings:
             rate_limit=float(rate) if rate is not None else None,
             rate_burst=float(burst) if burst is not None else None,
             max_backlog=int(backlog) if backlog is not None else None,
+            callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -145,6 +150,7 @@ class Settings:
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
+            "CONVEYOR_CALLBACK_HOSTS": "\n".join(self.callback_hosts),
         }
         if self.model.batch_target_latency is not None:
             env["CONVEYOR_BATCH_TARGET_LATENCY"] = repr(self.model.batch_target_latency)
@@ -193,6 +199,7 @@ NAMES = frozenset(
         "RATE_LIMIT",
         "RATE_BURST",
         "MAX_BACKLOG",
+        "CALLBACK_HOSTS",
     }
 )
 

@@ -23,7 +23,8 @@ SPEC_VERSION = "1.0"
 
 
 class Topic(StrEnum):
-    """The topics of the built-in pipeline (DESIGN.md §2)."""
+    """The topics of the built-in pipeline (DESIGN.md §2). [callbacks] carries the outcomes of
+    the requests that asked to be called back, and only those."""
 
     REQUESTS = "requests"
     PREPARED = "prepared"
@@ -33,6 +34,7 @@ class Topic(StrEnum):
     PROGRESS = "progress"
     CONTROL = "control"
     DLQ = "dlq"
+    CALLBACKS = "callbacks"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +59,7 @@ class Envelope:
     model_license: str = ""
     traceparent: str = ""
     redrive: str = ""  # sent back from the dead-letter topic: only this stage handles it
+    callback: str = ""  # the URL told of the request's outcome (stages/deliver.py), if any
 
     @property
     def subject(self) -> str:
@@ -84,6 +87,7 @@ class Envelope:
             model_version=self.model_version,
             model_license=self.model_license,
             traceparent=self.traceparent,
+            callback=self.callback,
         )
 
     def to_headers(self) -> dict[str, str]:
@@ -110,6 +114,7 @@ class Envelope:
             "ce-modellicense": self.model_license,
             "traceparent": self.traceparent,
             "ce-redrive": self.redrive,
+            "ce-callback": self.callback,
         }
         headers.update({k: v for k, v in optional.items() if v})
         return headers
@@ -142,6 +147,7 @@ class Envelope:
                 model_license=h.get("ce-modellicense", ""),
                 traceparent=h.get("traceparent", ""),
                 redrive=h.get("ce-redrive", ""),
+                callback=h.get("ce-callback", ""),
             )
         except ValueError as exc:
             raise InvalidEventError(f"malformed event header: {exc}") from exc

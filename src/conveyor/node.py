@@ -31,7 +31,14 @@ from conveyor.observability.metrics import REGISTRY
 from conveyor.pipeline import BatchPolicy, Pipeline
 from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
-from conveyor.stages import CancelWatch, SafetyPolicy, finalize_stage, generate_stage, prepare_stage
+from conveyor.stages import (
+    CancelWatch,
+    SafetyPolicy,
+    deliver_stage,
+    finalize_stage,
+    generate_stage,
+    prepare_stage,
+)
 from conveyor.store.base import StateStore
 from conveyor.supervisor import WorkerProcesses
 
@@ -100,10 +107,13 @@ def build_pipeline(settings: Settings, model: ModelBackend | None, cancels: Canc
         if model is not None
         else None
     )
+    # The secret that signs callbacks: the environment only, like every secret.
+    secret = os.environ.get("CONVEYOR_CALLBACK_SECRET", "")
     stages = [
         prepare_stage(SafetyPolicy(settings.blocklist)),
         generate,
         finalize_stage(),
+        deliver_stage(hosts=settings.callback_hosts, secret=secret),
         Projector().stage(),
     ]
     return Pipeline([stage for stage in stages if stage is not None])
@@ -117,7 +127,10 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
         raise ValueError(f"--max-backlog must be 0 or more, not {settings.max_backlog}")
     rate = Rate.of(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
-    return GatewayLimits(rate=rate, max_backlog=settings.max_backlog), keys
+    limits = GatewayLimits(
+        rate=rate, max_backlog=settings.max_backlog, callback_hosts=settings.callback_hosts
+    )
+    return limits, keys
 
 
 class _Server(uvicorn.Server):

@@ -28,6 +28,7 @@ from conveyor.payloads import (
 
 Status = Literal["accepted", "prepared", "generating", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+_OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")
 _RANK = {"accepted": 0, "prepared": 1, "generating": 2, "completed": 3, "failed": 3, "cancelled": 3}
 
 
@@ -59,6 +60,12 @@ class RequestView(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def outcome(self) -> dict[str, Any]:
+        """How it ended, without the stage timestamps (which may still be filling in): what the
+        final event of its stream and its callback carry."""
+        public = self.public()
+        return {k: public[k] for k in _OUTCOME}
 
     def public(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"cancel_requested"})

@@ -374,5 +374,5 @@ async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_rea
     text = output.decode()
     assert up.returncode == 1
     assert "--model openai needs --upstream-url" in text
-    assert "worker process 0 (prepare generate finalize) exited with 1" in text
+    assert "worker process 0 (prepare generate finalize deliver) exited with 1" in text
     assert "Conveyor is up" not in text

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from conveyor.callbacks import refusal
 from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys
@@ -78,6 +79,12 @@ class SubmitRequest(BaseModel):
         le=9,
         description="Lower is served sooner where requests wait for the model (e.g. a slot of the "
         "local model); negative for interactive traffic, positive for background work.",
+    )
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POST the outcome here once the request has ended (the status API's outcome "
+        "fields; signed if the deployment has a secret). Only the hosts the deployment allows.",
     )
     stream: bool = Field(
         False,
@@ -230,6 +237,8 @@ def create_app(
             raise ApiError(422, "max_tokens_too_large", f"max_tokens exceeds {limits.max_tokens}")
         if body.stream and wait:
             raise ApiError(422, "invalid_request", "stream and wait exclude each other: use one")
+        if body.callback_url is not None and (why := refusal(body.callback_url, limits.callback_hosts)):
+            raise ApiError(422, "callback_not_allowed", why)
         payload = RequestAccepted(
             prompt=body.prompt,
             max_tokens=max_tokens,
@@ -244,6 +253,7 @@ def create_app(
                 key=body.key,
                 timeout=body.timeout,
                 priority=body.priority,
+                callback=body.callback_url or "",
                 idempotency_key=idempotency_key,
                 # How the answer is delivered is no part of the request.
                 fingerprint=body.model_dump(mode="json", exclude={"stream"}) if idempotency_key else None,

@@ -16,6 +16,7 @@ import orjson
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from conveyor.callbacks import LOOPBACK
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys, presented_key
@@ -46,6 +47,7 @@ class GatewayLimits:
     max_completion_seconds: float = 600.0  # a non-streaming chat completion
     rate: Rate | None = None  # submits per tenant (the API keys file may give a tenant its own)
     max_backlog: int | None = None  # refuse submits while prepare is further behind than this
+    callback_hosts: tuple[str, ...] = LOOPBACK  # what a callback_url may name (conveyor.callbacks)
 
 
 class Refused(Exception):
@@ -159,6 +161,7 @@ class GatewayCore:
         key: str | None = None,
         timeout: float | None = None,
         priority: int = 0,
+        callback: str = "",
         idempotency_key: str | None = None,
         fingerprint: Any = None,
         wait: float = 0.0,
@@ -173,6 +176,7 @@ class GatewayCore:
             tenant=tenant,
             deadline=time.time() + timeout if timeout else None,
             priority=priority,
+            callback=callback,
         )
         rid = event.id
         idem = digest = ""

@@ -116,11 +116,9 @@ class Sequencer:
         if self.position < total:
             return []  # the rest of the stream is still on its way
         self.done = True
-        # Only the outcome, not the stage timestamps: those may still be filling in, and a
-        # resumed stream must repeat this event exactly.
-        outcome = self.final.public()
-        data = {k: outcome[k] for k in _OUTCOME}
-        return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, data)
+        # A resumed stream must repeat this event exactly: the outcome, not the stage timestamps.
+        outcome = self.final.outcome()
+        return self._emit(_FIRST_TOKEN + 1 + max(total, self.position), self.final.status, outcome)
 
 
 def _logprobs_after(chunk: TokenChunk, skip: int) -> list[dict[str, Any]]:
@@ -132,9 +130,6 @@ def _logprobs_after(chunk: TokenChunk, skip: int) -> list[dict[str, Any]]:
             out.append(entry.model_dump())
         at += len(entry.token)
     return out
-
-
-_OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")
 
 
 async def _pump_chunks(

@@ -10,6 +10,7 @@ from conveyor.events import Envelope, Topic, now_rfc3339
 from conveyor.observability.metrics import USAGE_TOKENS
 from conveyor.payloads import EventType, GenerationCompleted, RequestCompleted, decode
 from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.stages.deliver import settled
 from conveyor.store.base import Namespace
 
 
@@ -46,7 +47,7 @@ def finalize_stage() -> Stage:
             tool_calls=generated.tool_calls,
             logprobs=generated.logprobs,
         )
-        return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.COMPLETED, payload=completed))]
+        return settled(ctx.derive(event, type=EventType.COMPLETED, payload=completed))
 
     return Stage(
         name="finalize",

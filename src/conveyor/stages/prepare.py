@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from conveyor.events import Envelope, Topic
 from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
+from conveyor.stages.deliver import settled
 from conveyor.stages.redact import redact
 
 # A deliberately small default; real deployments pass their own list (--blocklist-file).
@@ -46,7 +47,7 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
                 message=f"the prompt was refused by the safety policy (matched {blocked!r})",
                 stage=ctx.stage,
             )
-            return [Output(Topic.COMPLETED, ctx.derive(event, type=EventType.FAILED, payload=failed))]
+            return settled(ctx.derive(event, type=EventType.FAILED, payload=failed))
         prompt, redactions = redact(request.prompt)
         messages = []
 

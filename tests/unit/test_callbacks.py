@@ -1,0 +1,141 @@
+"""Callbacks: a request's outcome POSTed to its callback_url, through the whole pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from conveyor.callbacks import SIGNATURE_HEADER, refusal, sign, verify
+from conveyor.models.simulated import SimulatedModel
+from conveyor.observability.metrics import EVENTS_HANDLED
+from tests.conftest import NodeFactory
+from tests.helpers import submit, wait_final
+
+PROMPT = "Write a haiku about queues"
+SECRET = "s3cret"
+
+
+class Receiver:
+    """A callback receiver answering each call with the next of ``statuses`` (then 200)."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.called = asyncio.Event()
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read()))
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            self.called.set()
+        return web.Response(status=status, text="not today" if status >= 400 else "ok")
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/hook", receiver.answer)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("/hook"))
+
+
+async def test_the_outcome_is_posted_once_signed_when_the_request_ends(
+    node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONVEYOR_CALLBACK_SECRET", SECRET)
+    receiver = Receiver()
+    async with receiving(receiver) as url, node() as http:
+        rid = await submit(http, PROMPT, max_tokens=40, callback_url=url)
+        async with asyncio.timeout(30):
+            await receiver.called.wait()
+        view = await wait_final(http, rid)
+    ((headers, body),) = receiver.calls
+    outcome = orjson.loads(body)
+    tokens, _ = SimulatedModel().answer(PROMPT, 40)
+    assert outcome["id"] == rid
+    assert (outcome["status"], outcome["output"]) == ("completed", "".join(tokens))
+    assert outcome["usage"] == view["usage"]
+    assert headers["Conveyor-Request-Id"] == rid
+    assert headers["Conveyor-Event-Id"]
+    assert verify(SECRET, body, headers[SIGNATURE_HEADER])
+    assert not verify("another secret", body, headers[SIGNATURE_HEADER])
+
+
+async def test_a_receiver_that_fails_for_a_while_is_called_again_until_it_takes_it(node: NodeFactory) -> None:
+    receiver = Receiver(503, 500)
+    async with receiving(receiver) as url, node() as http:
+        await submit(http, PROMPT, callback_url=url)
+        async with asyncio.timeout(30):
+            await receiver.called.wait()
+    assert len(receiver.calls) == 3
+    assert len({headers["Conveyor-Event-Id"] for headers, _ in receiver.calls}) == 1  # one event, resent
+    assert SIGNATURE_HEADER not in receiver.calls[0][0]  # no secret: unsigned
+
+
+async def test_a_receiver_that_refuses_it_puts_it_on_the_dead_letter_topic_once(node: NodeFactory) -> None:
+    receiver = Receiver(400)
+    handled = EVENTS_HANDLED.value(stage="deliver", outcome="ok")
+    async with receiving(receiver) as url, node() as http:
+        rid = await submit(http, PROMPT, callback_url=url)
+        view: dict[str, Any] = {}
+        async with asyncio.timeout(30):
+            while "deliver" not in view.get("stages", {}):
+                view = (await http.get(f"/v1/requests/{rid}", params={"wait": 1})).json()
+        again = await submit(http, "another", callback_url=url)  # the stage goes on with the next
+        async with asyncio.timeout(30):
+            await receiver.called.wait()
+            # The stage also read the dead letter of its own call, and let it be: a poll of a
+            # counter, the one sign of an event handled without a side effect.
+            while EVENTS_HANDLED.value(stage="deliver", outcome="ok") < handled + 2:
+                assert len(receiver.calls) == 2  # nothing more meanwhile
+                await asyncio.sleep(0.01)
+    assert view["status"] == "completed"  # the request itself finished; only its call failed
+    assert "dead_lettered_at" in view["stages"]["deliver"]
+    called_about = [orjson.loads(body)["id"] for _, body in receiver.calls]
+    assert called_about == [rid, again]  # and never about the letter
+
+
+async def test_a_refused_prompt_is_called_back_as_failed(node: NodeFactory) -> None:
+    receiver = Receiver()
+    async with receiving(receiver) as url, node() as http:
+        await submit(http, "how to build a bomb", callback_url=url)
+        async with asyncio.timeout(30):
+            await receiver.called.wait()
+    outcome = orjson.loads(receiver.calls[0][1])
+    assert outcome["status"] == "failed"
+    assert outcome["error"]["code"] == "safety_blocked"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.com/hook", "ftp://127.0.0.1/hook", "http://127.0.0.1.example.com/x", "not a url"]
+)
+async def test_a_callback_to_a_host_not_allowed_is_refused_before_anything_is_sent(
+    node: NodeFactory, url: str
+) -> None:
+    async with node() as http:
+        refused = await http.post("/v1/requests", json={"prompt": PROMPT, "callback_url": url})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "callback_not_allowed"
+
+
+def test_the_allowed_hosts_and_the_signature() -> None:
+    hosts = ("127.0.0.1", "*.hooks.example")
+    assert refusal("http://127.0.0.1:8080/x", hosts) is None
+    assert refusal("https://a.hooks.example/x", hosts) is None
+    assert refusal("https://hooks.example/x", hosts) is not None  # the wildcard is for subdomains
+    assert refusal("https://evilhooks.example/x", hosts) is not None
+    assert refusal("http://127.0.0.1/x", ()) is not None  # none allowed: no callbacks
+    body = b'{"id": "r"}'
+    signature = sign(SECRET, body)
+    assert verify(SECRET, body, signature)
+    assert not verify(SECRET, body + b" ", signature)
+    assert not verify(SECRET, body, sign(SECRET, body, int(time.time()) - 3600))  # too old: a replay
+    assert not verify(SECRET, body, "garbage")
