@@ -80,6 +80,7 @@ def deliver_stage(*, hosts: Sequence[str] = LOOPBACK, secret: str = "", timeout:
         handler=handle,
         accepts=frozenset({EventType.COMPLETED, EventType.FAILED, EventType.DEAD_LETTER}),
         timeout=timeout + 5.0,
-        # A receiver down for a minute is worth waiting for; longer, the dead-letter topic keeps it.
-        retry=RetryPolicy(max_attempts=6, initial_backoff=0.5, max_backoff=30.0),
+        # A receiver down for a minute or two is worth waiting for (8 attempts over ~1 minute on
+        # average, ~2 at most); longer, the dead-letter topic keeps the call.
+        retry=RetryPolicy(max_attempts=8, initial_backoff=1.0, max_backoff=60.0),
     )
