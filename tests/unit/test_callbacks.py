@@ -14,8 +14,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from conveyor.callbacks import SIGNATURE_HEADER, refusal, sign, verify
+from conveyor.deadletters import dead_letters, sent_back
+from conveyor.events import Topic, new_event
 from conveyor.models.simulated import SimulatedModel
 from conveyor.observability.metrics import EVENTS_HANDLED
+from conveyor.payloads import EventType, RequestCompleted
+from conveyor.stages import deliver_stage
+from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
 from tests.conftest import NodeFactory
 from tests.helpers import submit, wait_final
 
@@ -139,3 +144,21 @@ def test_the_allowed_hosts_and_the_signature() -> None:
     assert not verify(SECRET, body + b" ", signature)
     assert not verify(SECRET, body, sign(SECRET, body, int(time.time()) - 3600))  # too old: a replay
     assert not verify(SECRET, body, "garbage")
+
+
+async def test_a_call_that_failed_for_good_is_made_once_sent_back_from_the_dead_letter_topic() -> None:
+    log, store = MemoryEventLog(), MemoryStateStore()
+    receiver = Receiver(404)  # the receiver's route was missing
+    async with receiving(receiver) as url:
+        done = RequestCompleted(output="the answer", streamed_chars=10)
+        event = new_event(type=EventType.COMPLETED, source="test", payload=done, callback=url)
+        async with StageHarness(deliver_stage(), log=log, store=store).running():
+            await log.publish(Topic.CALLBACKS, [event])
+            async with asyncio.timeout(30), contextlib.aclosing(dead_letters(log, follow=True)) as letters:
+                letter = await anext(letters)
+            assert (letter.letter.stage, letter.letter.topic) == ("deliver", Topic.CALLBACKS)
+            assert "answered 404" in letter.letter.error
+            await log.publish(letter.letter.topic, [sent_back(letter.letter)])  # once it is fixed
+            async with asyncio.timeout(30):
+                await receiver.called.wait()
+    assert [orjson.loads(body)["output"] for _, body in receiver.calls] == ["the answer"] * 2
