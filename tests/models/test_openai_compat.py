@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
+from conveyor.config import ModelSettings
 from conveyor.embedded import free_port, terminate
 from conveyor.errors import PermanentError, UnavailableError
 from conveyor.models.base import GenerationRequest
@@ -19,11 +23,12 @@ from conveyor.models.openai_compat import OpenAICompatModel, _usage
 from conveyor.models.simulated import SimulatedModel
 from conveyor.testing import UpProcess
 from tests.conftest import NodeFactory
-from tests.helpers import submit, wait_final
+from tests.helpers import sdk, submit, wait_final
 
 pytestmark = pytest.mark.model
 
 PROMPT = "Write a haiku about queues"
+CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,51 @@ async def test_an_unreachable_server_is_retryable() -> None:
             await collect(model, GenerationRequest(id="d", prompt="hi", max_tokens=4))
     finally:
         await model.close()
+
+
+async def test_tool_calls_logprobs_and_text_completions_pass_through_to_a_real_server(
+    server: str, node: NodeFactory
+) -> None:
+    tools: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+    ]
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    upstream = ModelSettings(backend="openai", upstream_url=server, upstream_model="smollm2")
+    async with node(settings={"model": upstream}) as http, sdk(str(http.base_url)) as client:
+        called = await client.chat.completions.create(
+            model="smollm2", messages=asked, tools=tools, tool_choice=named
+        )
+        # The server streams the call in pieces (repeating its name in each): it comes back whole.
+        streamed = await client.chat.completions.create(
+            model="smollm2", messages=asked, tools=tools, tool_choice=named, stream=True
+        )
+        deltas = [
+            d async for chunk in streamed if chunk.choices for d in chunk.choices[0].delta.tool_calls or []
+        ]
+        weighed = await client.chat.completions.create(
+            model="smollm2", messages=asked, max_tokens=8, logprobs=True, top_logprobs=2
+        )
+        continued = await client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=4, logprobs=2
+        )
+    (call,) = called.choices[0].message.tool_calls or []
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert "Paris" in json.loads(call.function.arguments)["city"]
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert [(d.function.name, json.loads(d.function.arguments or "")) for d in deltas if d.function] == [
+        ("get_weather", json.loads(call.function.arguments))
+    ]
+    content = weighed.choices[0].logprobs and weighed.choices[0].logprobs.content
+    assert content
+    assert "".join(e.token for e in content) == weighed.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 for e in content)
+    assert continued.choices[0].text.startswith(" Paris")
+    legacy = continued.choices[0].logprobs
+    assert legacy is not None
+    assert legacy.tokens is not None
+    assert "".join(legacy.tokens) == continued.choices[0].text
 
 
 async def test_conveyor_up_serves_an_upstream_model_through_the_pipeline(server: str, tmp_path: Path) -> None:

@@ -194,8 +194,8 @@ def _message(message: ChatMessage) -> dict[str, Any]:
 
 
 class _ToolCalls:
-    """The calls of a streamed answer, put together from their pieces: each delta adds to call
-    ``index`` its id, its name or a piece of its arguments."""
+    """The calls of a streamed answer, put together from their pieces: each delta gives call
+    ``index`` its id or its name, or adds a piece of its arguments."""
 
     def __init__(self) -> None:
         self._parts: dict[int, dict[str, str]] = {}
@@ -205,7 +205,7 @@ class _ToolCalls:
             part = self._parts.setdefault(int(delta.get("index", 0)), {"id": "", "name": "", "arguments": ""})
             function = delta.get("function") or {}
             part["id"] = delta.get("id") or part["id"]
-            part["name"] += function.get("name") or ""
+            part["name"] = function.get("name") or part["name"]  # whole; some servers repeat it
             part["arguments"] += function.get("arguments") or ""
 
     def made(self) -> tuple[ToolCall, ...]:
