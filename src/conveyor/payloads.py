@@ -209,6 +209,8 @@ class DeadLetter(Payload):
     attempts: list[Attempt] = Field(default_factory=list)
     original_headers: dict[str, str] = Field(default_factory=dict)
     original_body: str = ""
+    # The stage's refusal code, when it rejected the request (RejectedError): what the client is told.
+    code: str = ""
 
 
 P = TypeVar("P", bound=Payload)

@@ -81,6 +81,10 @@ def _advance(view: RequestView, status: Status) -> None:
         view.status = status
 
 
+def _dead_lettered(view: RequestView, stage: str) -> bool:
+    return "dead_lettered_at" in view.stages.get(stage, {})
+
+
 def _stamp(view: RequestView, stage: str, mark: str, at: str) -> None:
     view.stages.setdefault(stage, {}).setdefault(mark, at)
 
@@ -116,7 +120,7 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
             v.finish_reason, v.tool_calls = completed.finish_reason, completed.tool_calls
             v.logprobs = completed.logprobs
             v.model = event.model or v.model
-            if v.status == "failed" and v.error is not None and v.error.code == "dead_lettered":
+            if v.status == "failed" and v.error is not None and _dead_lettered(v, v.error.stage):
                 # Redriven from the dead-letter topic and finished after all (in whichever order
                 # the two arrive, the completion stands; the dead letter stays in ``stages``).
                 v.status, v.error = "generating", None
@@ -139,6 +143,9 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
             letter = decode(DeadLetter, event.data)
             _stamp(v, letter.stage, "dead_lettered_at", at)
             if not v.terminal:
-                v.error = ErrorInfo(code="dead_lettered", message=letter.error, stage=letter.stage)
+                # A refusal's own code (e.g. context_length_exceeded) tells the client what to fix.
+                v.error = ErrorInfo(
+                    code=letter.code or "dead_lettered", message=letter.error, stage=letter.stage
+                )
             _advance(v, "failed")
     return v

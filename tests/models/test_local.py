@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from conveyor.config import LOCAL_WEIGHTS, ModelSettings
@@ -19,7 +20,7 @@ from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import PROMPT_TOKENS
 from conveyor.payloads import ChatMessage, TokenLogprob, Tool
 from tests.conftest import NodeFactory
-from tests.helpers import read_sse, submit, wait_final
+from tests.helpers import read_sse, sdk, submit, wait_final
 
 pytestmark = pytest.mark.model
 
@@ -385,6 +386,28 @@ async def test_through_the_pipeline_a_more_urgent_request_overtakes_those_waitin
         assert (await wait_final(http, busy))["status"] == "completed"
     order = sorted(queued, key=lambda p: views[p]["stages"]["generate"]["finished_at"])
     assert order == [-5, 0, 5]
+
+
+async def test_a_prompt_too_long_for_the_context_is_the_clients_error_through_the_pipeline(
+    node: NodeFactory,
+) -> None:
+    settings = {"model": ModelSettings(backend="local", slots=1, context=128)}
+    async with node(settings=settings) as http, sdk(str(http.base_url)) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model="smollm2-135m-instruct",
+                messages=[{"role": "user", "content": PROMPTS[0]}],
+                max_tokens=200,
+            )
+        rid = await submit(http, PROMPTS[0], max_tokens=200)
+        view = await wait_final(http, rid)
+    assert refused.value.code == "context_length_exceeded"
+    assert "exceed the context of 128 tokens" in refused.value.message
+    assert (view["status"], view["error"]["code"], view["error"]["stage"]) == (
+        "failed",
+        "context_length_exceeded",
+        "generate",
+    )
 
 
 async def test_cancelling_one_request_frees_its_slot_and_the_others_finish_unchanged(

@@ -104,3 +104,20 @@ def test_a_completion_wins_over_a_dead_letter_in_either_order() -> None:
         view = fold_all([ROOT, *order])
         assert (view.status, view.error, view.output) == ("completed", None, "hi"), order
         assert view.stages["generate"]["dead_lettered_at"] == letter.time  # what happened stays told
+
+
+def test_a_dead_letter_of_a_refusal_tells_its_code_and_a_completion_still_wins_over_it() -> None:
+    letter = child(
+        EventType.DEAD_LETTER,
+        DeadLetter(
+            stage="generate", topic="prepared", error="prompt too long", code="context_length_exceeded"
+        ),
+    )
+    refused = fold_all([ROOT, PREPARED, letter])
+    assert refused.error is not None
+    assert (refused.status, refused.error.code, refused.error.stage) == (
+        "failed",
+        "context_length_exceeded",
+        "generate",
+    )
+    assert fold_all([ROOT, PREPARED, letter, COMPLETED]).status == "completed"  # sent back, and finished

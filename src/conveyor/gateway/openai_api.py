@@ -437,11 +437,20 @@ def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
     return fmt.json_schema.json_schema
 
 
+# Failures that were the request's own doing, answered 400 with OpenAI's code for them.
+_REFUSED = {
+    "safety_blocked": "content_policy_violation",
+    "context_length_exceeded": "context_length_exceeded",
+    "invalid_request": "invalid_request",
+}
+
+
 def _raise_if_failed(view: RequestView) -> None:
     if view.status != "failed":
         return
     error = view.error
     code = error.code if error else "failed"
     message = error.message if error else "the request failed"
-    status = 400 if code == "safety_blocked" else 500
-    raise OpenAIError(status, message, code="content_policy_violation" if status == 400 else code)
+    if code in _REFUSED:
+        raise OpenAIError(400, message, code=_REFUSED[code])
+    raise OpenAIError(500, message, code=code)

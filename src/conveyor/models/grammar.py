@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.errors import PermanentError
+from conveyor.errors import PermanentError, RejectedError
 
 # llama_token_data: {int32 id; float logit; float p}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
@@ -29,7 +29,9 @@ def json_grammar(schema: dict[str, Any]) -> bytes:
     try:
         return str(json_schema_to_gbnf(json.dumps(schema))).encode()
     except Exception as exc:  # the converter raises whatever it meets: all mean "not this schema"
-        raise PermanentError(f"response_format: this JSON Schema cannot be followed ({exc})") from exc
+        raise RejectedError(
+            "invalid_request", f"response_format: this JSON Schema cannot be followed ({exc})"
+        ) from exc
 
 
 class Grammar:
@@ -39,7 +41,7 @@ class Grammar:
         self._llama = llama
         self._sampler = llama.llama_sampler_init_grammar(vocab, grammar, b"root")
         if not self._sampler:
-            raise PermanentError("response_format: llama.cpp could not build the grammar")
+            raise RejectedError("invalid_request", "response_format: llama.cpp could not build the grammar")
 
     @classmethod
     def check(cls, llama: Any, vocab: Any, grammar: bytes) -> None:

@@ -41,7 +41,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from conveyor.errors import MissingExtraError, PermanentError, UnavailableError
+from conveyor.errors import MissingExtraError, PermanentError, RejectedError, UnavailableError
 from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
 from conveyor.models.grammar import Grammar, json_grammar
 from conveyor.observability.metrics import PROMPT_TOKENS
@@ -260,18 +260,21 @@ class LocalModel:
         else:
             prompt = self._tokenize(self.chat_prompt(request), special=True)
         if not prompt:
-            raise PermanentError("the prompt is empty: there is nothing to continue")
+            raise RejectedError("invalid_request", "the prompt is empty: there is nothing to continue")
         if len(prompt) + request.max_tokens > self._context_per_slot:
             limit = self._context_per_slot - request.max_tokens
-            raise PermanentError(
+            raise RejectedError(
+                "context_length_exceeded",
                 f"prompt of {len(prompt)} tokens + max_tokens {request.max_tokens} exceed the "
-                f"context of {self._context_per_slot} tokens per request (prompt limit {limit})"
+                f"context of {self._context_per_slot} tokens per request (prompt limit {limit})",
             )
         bias = None
         if request.logit_bias:
             unknown = [token for token, _ in request.logit_bias if not 0 <= token < self._n_vocab]
             if unknown:
-                raise PermanentError(f"logit_bias names tokens the model does not have: {unknown}")
+                raise RejectedError(
+                    "invalid_request", f"logit_bias names tokens the model does not have: {unknown}"
+                )
             bias = np.zeros(self._n_vocab, dtype=np.float32)
             for token, value in request.logit_bias:
                 bias[token] += value

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
-from conveyor.errors import InvalidEventError, PermanentError, UnavailableError
+from conveyor.errors import InvalidEventError, PermanentError, RejectedError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event, now_rfc3339
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
@@ -311,7 +311,8 @@ class StageWorker:
                     if not dead_letter:
                         return False
                     for delivery, event in items:
-                        await self._dead_letter(delivery, event, _describe(exc), attempts)
+                        code = exc.code if isinstance(exc, RejectedError) else ""
+                        await self._dead_letter(delivery, event, _describe(exc), attempts, code)
                     return True
                 RETRIES.inc(stage=stage.name)
                 await asyncio.sleep(stage.retry.backoff(len(attempts)))
@@ -335,12 +336,13 @@ class StageWorker:
         await _all(self._log.publish(topic, events) for topic, events in by_topic.items())
 
     async def _dead_letter(
-        self, delivery: Delivery, event: Envelope | None, error: str, attempts: list[Attempt]
+        self, delivery: Delivery, event: Envelope | None, error: str, attempts: list[Attempt], code: str = ""
     ) -> None:
         payload = DeadLetter(
             stage=self.stage.name,
             topic=delivery.topic,
             error=error,
+            code=code,
             attempts=attempts,
             original_headers=delivery.headers,
             original_body=delivery.body.decode("utf-8", "backslashreplace"),
