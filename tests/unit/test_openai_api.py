@@ -62,6 +62,9 @@ async def test_a_streamed_chat_completion_streams_the_same_text(node: NodeFactor
 async def test_models_are_listed_and_unknown_ones_refused(node: NodeFactory) -> None:
     async with node() as http, sdk(str(http.base_url)) as client:
         assert [m.id async for m in client.models.list()] == ["simulated"]
+        assert (await client.models.retrieve("simulated")).id == "simulated"
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            await client.models.retrieve("gpt-9")
         with pytest.raises(openai.NotFoundError, match="does not exist"):
             await client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(openai.BadRequestError, match="messages"):

@@ -252,13 +252,22 @@ def add_openai_routes(
 
     tenant_of_key = Depends(core.tenant_dependency(OpenAIError.refused))  # a default: see app.py
 
+    def described(model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "conveyor"}
+
     @app.get("/v1/models", tags=["openai"])
     async def list_models(_: str = tenant_of_key) -> dict[str, Any]:
         """The models this deployment serves."""
-        return {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": 0, "owned_by": "conveyor"} for m in models],
-        }
+        return {"object": "list", "data": [described(m) for m in models]}
+
+    @app.get("/v1/models/{model:path}", tags=["openai"])
+    async def retrieve_model(model: str, _: str = tenant_of_key) -> dict[str, Any]:
+        """One model this deployment serves."""
+        if model not in models:
+            raise OpenAIError(
+                404, f"the model {model!r} does not exist; try {list(models)}", code="model_not_found"
+            )
+        return described(model)
 
     async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
         """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""

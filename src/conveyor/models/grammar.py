@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.errors import PermanentError, RejectedError
+from conveyor.errors import RejectedError
 
 # llama_token_data: {int32 id; float logit; float p}
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 
 
 def json_grammar(schema: dict[str, Any]) -> bytes:
-    """The GBNF grammar of JSON text that matches ``schema``; PermanentError if it has none."""
+    """The GBNF grammar of JSON text that matches ``schema``; RejectedError if it has none."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
@@ -45,7 +45,7 @@ class Grammar:
 
     @classmethod
     def check(cls, llama: Any, vocab: Any, grammar: bytes) -> None:
-        """Raise PermanentError now, on the caller's thread, if ``grammar`` cannot be built."""
+        """Raise RejectedError now, on the caller's thread, if ``grammar`` cannot be built."""
         cls(llama, vocab, grammar).close()
 
     def allows(self, token: int) -> bool:
