@@ -28,3 +28,9 @@ async def test_batched_stage_example() -> None:
     assert sum(calls) == 12  # every event went through the model once
     assert max(calls) > 1  # in batches...
     assert max(calls) <= 8  # ...of at most the policy's size
+
+
+async def test_callback_receiver_example() -> None:
+    taken, forgery = await load("callback_receiver").main()
+    assert taken == ["completed: Queues hum softly"]  # delivered twice, taken once
+    assert forgery == 401
