@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conveyor.callbacks import refusal
 from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
+from conveyor.gateway.anthropic_api import add_anthropic_routes
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
 from conveyor.gateway.fastpath import FastPath
@@ -273,6 +274,7 @@ def create_app(
         return JSONResponse(content, status_code=200 if accepted.replayed else 202)
 
     complete = add_openai_routes(app, core, models=models, limits=limits)
+    add_anthropic_routes(app, core, models=models, limits=limits)
     app.add_middleware(
         FastPath,
         core=core,

@@ -56,6 +56,7 @@ class Wire:
     prefix: ClassVar[str]  # of the completion's id
     whole_object: ClassVar[str]
     chunk_object: ClassVar[str]
+    done: ClassVar[str] = "data: [DONE]\n\n"  # what ends the stream
 
     def __init__(self, rid: str, model: str, created: int, index: int = 0) -> None:
         self.rid, self.model, self.created, self.index = rid, model, created, index
@@ -97,6 +98,10 @@ class Wire:
     def ending(self, view: RequestView) -> str:
         """The stream's last chunks before the usage: how it finished."""
         raise NotImplementedError
+
+    def failure(self, error: dict[str, Any]) -> str:
+        """The stream's last chunk when the request failed (``error``: the view's)."""
+        return _sse({"error": {"message": error["message"], "type": "server_error", "code": error["code"]}})
 
 
 class ChatWire(Wire):
@@ -219,9 +224,7 @@ class _Choice:
 
     def _ending(self, kind: str, data: dict[str, Any]) -> str:
         if kind == "failed":
-            failure = data["error"]
-            error = {"message": failure["message"], "type": "server_error", "code": failure["code"]}
-            return _sse({"error": error})
+            return self.wire.failure(data["error"])
         self.view = RequestView.model_validate(data)
         return self.wire.ending(self.view)
 
@@ -230,7 +233,7 @@ async def stream(
     core: GatewayCore, rids: list[str], tenant: str, wires: list[Wire], *, include_usage: bool
 ) -> AsyncGenerator[str, None]:
     """The answer of a completion of ``len(rids)`` choices (one request each) as ``wires``' chunks,
-    each choice's as they come, then the usage of all (if asked for) and ``[DONE]``."""
+    each choice's as they come, then the usage of all (if asked for) and the wire's end."""
     choices = [_Choice(core, rid, tenant, wire) for rid, wire in zip(rids, wires, strict=True)]
     try:
         if len(choices) == 1:
@@ -243,7 +246,7 @@ async def stream(
         usage = ""
         if include_usage and all(view is not None for view in ended):
             usage = wires[0].usage([view for view in ended if view is not None])
-        yield Last("".join(c.last or "" for c in choices) + usage + "data: [DONE]\n\n")
+        yield Last("".join(c.last or "" for c in choices) + usage + wires[0].done)
     finally:
         for choice in choices:
             if choice.last is None:  # the client went away mid-stream: stop paying for tokens nobody reads
