@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -65,6 +66,11 @@ async def sse_events(
 def sdk(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
     """The official OpenAI client pointed at a gateway: no retries, a timeout."""
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+def anthropic_sdk(base_url: str, api_key: str = "unused") -> anthropic.AsyncAnthropic:
+    """The official Anthropic client pointed at a gateway: no retries, a timeout."""
+    return anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
 
 
 def streamed_text(events: list[tuple[int, str, dict[str, Any]]]) -> str:

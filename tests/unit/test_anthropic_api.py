@@ -11,7 +11,7 @@ from anthropic.types import MessageParam, ToolParam
 from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream
+from tests.helpers import anthropic_sdk, recording_upstream
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[MessageParam] = [{"role": "user", "content": PROMPT}]
@@ -19,12 +19,8 @@ CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "st
 TOOLS: list[ToolParam] = [{"name": "get_weather", "description": "Weather now", "input_schema": CITY}]
 
 
-def sdk(base_url: str, api_key: str = "unused") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
-
-
 async def test_a_message_is_answered_streamed_or_not_with_its_usage(node: NodeFactory) -> None:
-    async with node(token_delay=0.002) as http, sdk(str(http.base_url)) as client:
+    async with node(token_delay=0.002) as http, anthropic_sdk(str(http.base_url)) as client:
         message = await client.messages.create(
             model="simulated", max_tokens=40, system="Be brief.", messages=ASKED
         )
@@ -49,7 +45,7 @@ async def test_a_message_is_answered_streamed_or_not_with_its_usage(node: NodeFa
 
 
 async def test_a_tool_is_used_and_its_result_sent_back(node: NodeFactory) -> None:
-    async with node() as http, sdk(str(http.base_url)) as client:
+    async with node() as http, anthropic_sdk(str(http.base_url)) as client:
         used = await client.messages.create(
             model="simulated",
             max_tokens=64,
@@ -92,7 +88,7 @@ async def test_a_tool_is_used_and_its_result_sent_back(node: NodeFactory) -> Non
 async def test_the_conversation_reaches_an_upstream_as_openai_turns(node: NodeFactory) -> None:
     async with recording_upstream() as (url, received):
         model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
+        async with node(settings={"model": model}) as http, anthropic_sdk(str(http.base_url)) as client:
             reply = await client.messages.create(
                 model="m",
                 max_tokens=16,
@@ -129,7 +125,7 @@ async def test_the_conversation_reaches_an_upstream_as_openai_turns(node: NodeFa
 
 
 async def test_errors_come_in_anthropics_shape(node: NodeFactory) -> None:
-    async with node() as http, sdk(str(http.base_url)) as client:
+    async with node() as http, anthropic_sdk(str(http.base_url)) as client:
         with pytest.raises(anthropic.NotFoundError, match="does not exist"):
             await client.messages.create(model="claude-9", max_tokens=8, messages=ASKED)
         with pytest.raises(anthropic.BadRequestError, match="top_k"):

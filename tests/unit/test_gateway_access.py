@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
 import pytest
 import websockets
+from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletion
 from websockets.exceptions import InvalidStatus
 
@@ -26,7 +28,7 @@ from conveyor.log.nats import NatsEventLog
 from conveyor.payloads import RequestAccepted
 from conveyor.testing import MemoryEventLog, MemoryStateStore
 from tests.conftest import NodeFactory, unique_prefix
-from tests.helpers import read_sse, sdk, wait_final
+from tests.helpers import anthropic_sdk, read_sse, sdk, wait_final
 
 ACME, GLOBEX = "sk-acme-7f3a9c", "sk-globex-41d0e2"
 CHAT = {"model": "simulated", "messages": [{"role": "user", "content": "hi"}]}
@@ -82,6 +84,25 @@ async def test_without_a_valid_key_every_api_request_is_401(node: NodeFactory, k
         # What operators and browsers need stays open.
         for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"):
             assert (await client.get(path)).status_code == 200, path
+
+
+async def test_the_anthropic_sdk_sends_its_key_and_gets_its_own_error(
+    node: NodeFactory, keys_file: Path
+) -> None:
+    asked: list[MessageParam] = [{"role": "user", "content": "hi"}]
+    async with node(settings={"api_keys_file": keys_file}) as http:
+        async with anthropic_sdk(str(http.base_url), "sk-wrong") as client:
+            with pytest.raises(anthropic.AuthenticationError) as raised:
+                await client.messages.create(model="simulated", max_tokens=8, messages=asked)
+        async with anthropic_sdk(str(http.base_url), GLOBEX) as client:
+            message = await client.messages.create(model="simulated", max_tokens=8, messages=asked)
+        async with with_key(http, bearer(GLOBEX)) as globex:
+            view = await wait_final(globex, message.id.removeprefix("msg_"))
+    assert raised.value.body == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "the API key is not valid"},
+    }
+    assert view["tenant"] == "globex"  # the key in x-api-key named the tenant
 
 
 async def test_the_openai_sdk_raises_authentication_error(node: NodeFactory, keys_file: Path) -> None:
