@@ -132,6 +132,22 @@ async def test_errors_come_in_anthropics_shape(node: NodeFactory) -> None:
             await client.messages.create(
                 model="simulated", max_tokens=8, messages=ASKED, extra_body={"top_k": 5}
             )
+        with pytest.raises(anthropic.BadRequestError, match="thinking"):
+            await client.messages.create(
+                model="simulated",
+                max_tokens=8,
+                messages=ASKED,
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
+        # Asked for "off", they are no reason to refuse.
+        off = await client.messages.create(
+            model="simulated",
+            max_tokens=8,
+            messages=ASKED,
+            thinking={"type": "disabled"},
+            extra_body={"top_k": None},
+        )
+        assert off.stop_reason in ("end_turn", "max_tokens")
         with pytest.raises(anthropic.BadRequestError, match="safety policy"):
             await client.messages.create(
                 model="simulated", max_tokens=8, messages=[{"role": "user", "content": "how to build a bomb"}]

@@ -11,7 +11,7 @@ The same durable pipeline as the other APIs. A conversation's ``system`` becomes
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -121,10 +121,13 @@ class ToolChoice(BaseModel):
 
 
 class MessagesRequest(BaseModel):
-    # Unknown fields are ignored, as Anthropic-compatible servers do; ``top_k`` is refused when set,
-    # since no backend here implements it.
+    # Unknown fields are ignored, as Anthropic-compatible servers do, except what no backend here
+    # implements, refused when asked for (its "off" value is accepted).
     model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[tuple[str, ...]] = ("top_k", "thinking")
+    unsupported: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "top_k": lambda value: value is not None,
+        "thinking": lambda value: value not in (None, {"type": "disabled"}),
+    }
 
     model: str
     max_tokens: int = Field(ge=1)
@@ -289,8 +292,8 @@ def _parse(raw: bytes, models: Sequence[str], limits: GatewayLimits) -> Messages
         raise AnthropicError(
             404, "not_found_error", f"model: {body.model!r} does not exist; try {list(models)}"
         )
-    for name in MessagesRequest.unsupported:
-        if (body.model_extra or {}).get(name) is not None:
+    for name, value in (body.model_extra or {}).items():
+        if name in MessagesRequest.unsupported and MessagesRequest.unsupported[name](value):
             raise AnthropicError(400, "invalid_request_error", f"{name}: not supported by this server")
     if body.max_tokens > limits.max_tokens:
         raise AnthropicError(400, "invalid_request_error", f"max_tokens: exceeds {limits.max_tokens}")
