@@ -155,3 +155,29 @@ async def recording_upstream() -> AsyncIterator[tuple[str, list[dict[str, Any]]]
 
     async with scripted_upstream(answer) as url:
         yield url, received
+
+
+class Receiver:
+    """A callback receiver answering each call with the next of ``statuses`` (then 200); ``called``
+    is set at the first 200."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.called = asyncio.Event()
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read()))
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            self.called.set()
+        return web.Response(status=status, text="not today" if status >= 400 else "ok")
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[str]:
+    """``receiver`` listening on loopback; yields its URL."""
+    app = web.Application()
+    app.router.add_post("/hook", receiver.answer)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("/hook"))

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from conveyor.backends import open_store
+from conveyor.callbacks import SIGNATURE_HEADER, verify
 from conveyor.events import Topic, new_event
 from conveyor.log.kafka import KafkaEventLog
 from conveyor.log.nats import NatsEventLog
@@ -24,7 +25,7 @@ from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestPre
 from conveyor.store.base import Namespace
 from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
-from tests.helpers import read_sse, streamed_text, submit, wait_final
+from tests.helpers import Receiver, read_sse, receiving, streamed_text, submit, wait_final
 
 pytestmark = pytest.mark.slow
 
@@ -358,6 +359,29 @@ async def test_conveyor_bench_loads_the_gateway_and_reports_what_clients_saw(
     assert code == 1
     assert re.search(r"error: 2 x HTTP 4\d\d: \S+: .*max_tokens", report), report
     assert up.stop() == 0
+
+
+async def test_callbacks_come_signed_from_the_worker_processes_and_only_to_the_allowed_hosts(
+    conveyor: ConveyorFactory,
+) -> None:
+    receiver = Receiver()
+    async with receiving(receiver) as url:
+        # The hosts and the secret reach the gateway and the worker process it starts.
+        up = conveyor("--callback-hosts", "127.0.0.1", env={"CONVEYOR_CALLBACK_SECRET": "s3cret"}).start()
+        async with httpx.AsyncClient(base_url=up.url) as client:
+            rid = await submit(client, "Write a haiku about queues", callback_url=url)
+            async with asyncio.timeout(30):
+                await receiver.called.wait()
+            view = await wait_final(client, rid)
+            other = url.replace("127.0.0.1", "localhost")  # loopback too, but not in the list
+            refused = await client.post("/v1/requests", json={"prompt": "hi", "callback_url": other})
+        assert up.stop() == 0
+    ((headers, body),) = receiver.calls
+    assert verify("s3cret", body, headers[SIGNATURE_HEADER])
+    assert json.loads(body) == {k: view[k] for k in json.loads(body)}
+    assert json.loads(body)["status"] == "completed"
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "callback_not_allowed"
 
 
 async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_reason(tmp_path: Path) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from conveyor.callbacks import SIGNATURE_HEADER, refusal, sign, verify
 from conveyor.deadletters import dead_letters, sent_back
@@ -22,34 +19,10 @@ from conveyor.payloads import EventType, RequestCompleted
 from conveyor.stages import deliver_stage
 from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
 from tests.conftest import NodeFactory
-from tests.helpers import submit, wait_final
+from tests.helpers import Receiver, receiving, submit, wait_final
 
 PROMPT = "Write a haiku about queues"
 SECRET = "s3cret"
-
-
-class Receiver:
-    """A callback receiver answering each call with the next of ``statuses`` (then 200)."""
-
-    def __init__(self, *statuses: int) -> None:
-        self.statuses = list(statuses)
-        self.calls: list[tuple[dict[str, str], bytes]] = []
-        self.called = asyncio.Event()
-
-    async def answer(self, request: web.Request) -> web.Response:
-        self.calls.append((dict(request.headers), await request.read()))
-        status = self.statuses.pop(0) if self.statuses else 200
-        if status == 200:
-            self.called.set()
-        return web.Response(status=status, text="not today" if status >= 400 else "ok")
-
-
-@contextlib.asynccontextmanager
-async def receiving(receiver: Receiver) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/hook", receiver.answer)
-    async with TestServer(app, host="127.0.0.1") as server:
-        yield str(server.make_url("/hook"))
 
 
 async def test_the_outcome_is_posted_once_signed_when_the_request_ends(
