@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.openai_wire import Wire, stream
 from conveyor.gateway.streaming import EventStreamResponse
+from conveyor.gateway.wire import Wire, stream
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
 from conveyor.view import RequestView
 

@@ -4,7 +4,7 @@
 Every completion goes through the same durable pipeline as ``/v1/requests``: accepted onto
 the log, prepared (safety, redaction), generated, finalized with usage recorded once. Errors
 use OpenAI's shape, so the official SDKs raise their usual exceptions. How answers are written
-is ``conveyor.gateway.openai_wire``'s.
+is ``conveyor.gateway.wire``'s.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.openai_wire import ChatWire, TextWire, Wire, stream
 from conveyor.gateway.streaming import EventStreamResponse
+from conveyor.gateway.wire import ChatWire, TextWire, Wire, stream
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
 from conveyor.view import RequestView
 

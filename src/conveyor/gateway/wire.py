@@ -1,8 +1,9 @@
-"""How the OpenAI-compatible API writes an answer: whole, or as a stream of chunks.
+"""How the model APIs write an answer: whole, or as a stream of chunks.
 
-A chat completion and a (legacy) text completion differ only in shape: ``ChatWire`` and
-``TextWire`` write them, and ``stream`` turns a request's events into either's chunks. A client that
-drops a stream cancels its request: generation stops within a step and only what was made is billed.
+The APIs differ only in shape: ``ChatWire`` and ``TextWire`` write OpenAI's chat and (legacy) text
+completions, ``conveyor.gateway.anthropic_api.MessagesWire`` Anthropic's messages, and ``stream``
+turns a request's events into any of them. A client that drops a stream cancels its request:
+generation stops within a step and only what was made is billed.
 """
 
 from __future__ import annotations
