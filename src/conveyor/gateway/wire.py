@@ -8,6 +8,7 @@ generation stops within a step and only what was made is billed.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
@@ -50,7 +51,7 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {orjson.dumps(data).decode()}\n\n"
 
 
-class Wire:
+class Wire(abc.ABC):
     """The shapes of choice ``index`` of a completion named after request ``rid`` (its first
     choice's), made at ``created`` (Unix seconds)."""
 
@@ -88,17 +89,17 @@ class Wire:
         """What the stream starts with (it leaves with the first tokens, in one write)."""
         return ""
 
+    @abc.abstractmethod
     def answer(self, view: RequestView) -> dict[str, Any]:
         """This choice, finished, in the whole completion."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def piece(self, data: dict[str, Any]) -> str:
         """The chunk of a ``token`` event of the request's stream."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ending(self, view: RequestView) -> str:
         """The stream's last chunks before the usage: how it finished."""
-        raise NotImplementedError
 
     def failure(self, error: dict[str, Any]) -> str:
         """The stream's last chunk when the request failed (``error``: the view's)."""
