@@ -266,6 +266,10 @@ async def test_health_readiness_metrics_and_docs(node: NodeFactory) -> None:
         assert 'conveyor_consumer_pending{topic="requests",group="prepare"} 0' in metrics
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/v1/requests", "/v1/requests/{rid}", "/v1/requests/{rid}/events"} <= set(paths)
+        # The model APIs document their request bodies.
+        for api in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
+            body = paths[api]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            assert "model" in body["properties"], api
 
 
 async def test_a_websocket_streams_the_same_events_and_can_cancel(node: NodeFactory) -> None:

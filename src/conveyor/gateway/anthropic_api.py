@@ -259,7 +259,9 @@ def add_anthropic_routes(
 
     tenant_of_key = Depends(core.tenant_dependency(AnthropicError.refused))
 
-    @app.post("/v1/messages", tags=["anthropic"])
+    schema = {"content": {"application/json": {"schema": MessagesRequest.model_json_schema()}}}
+
+    @app.post("/v1/messages", tags=["anthropic"], openapi_extra={"requestBody": {"required": True, **schema}})
     async def messages(request: Request, tenant: str = tenant_of_key) -> Response:
         """Anthropic's Messages API, through the durable pipeline; ``stream`` for its events."""
         body = _parse(await request.body(), models, limits)
