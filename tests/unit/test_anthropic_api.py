@@ -124,6 +124,14 @@ async def test_the_conversation_reaches_an_upstream_as_openai_turns(node: NodeFa
     assert sent["tools"][0]["function"]["parameters"] == CITY
 
 
+async def test_the_models_are_listed_in_anthropics_shape_to_its_sdk(node: NodeFactory) -> None:
+    async with node() as http, anthropic_sdk(str(http.base_url)) as client:
+        listed = [m async for m in client.models.list()]
+        one = await client.models.retrieve("simulated")
+    assert [(m.type, m.id) for m in listed] == [("model", "simulated")]
+    assert (one.id, one.display_name) == ("simulated", "simulated")
+
+
 async def test_errors_come_in_anthropics_shape(node: NodeFactory) -> None:
     async with node() as http, anthropic_sdk(str(http.base_url)) as client:
         with pytest.raises(anthropic.NotFoundError, match="does not exist"):

@@ -252,22 +252,28 @@ def add_openai_routes(
 
     tenant_of_key = Depends(core.tenant_dependency(OpenAIError.refused))  # a default: see app.py
 
-    def described(model: str) -> dict[str, Any]:
+    def described(model: str, request: Request) -> dict[str, Any]:
+        if request.headers.get("anthropic-version"):  # Anthropic's SDK, listing models its way
+            return {"type": "model", "id": model, "display_name": model, "created_at": "1970-01-01T00:00:00Z"}
         return {"id": model, "object": "model", "created": 0, "owned_by": "conveyor"}
 
-    @app.get("/v1/models", tags=["openai"])
-    async def list_models(_: str = tenant_of_key) -> dict[str, Any]:
-        """The models this deployment serves."""
-        return {"object": "list", "data": [described(m) for m in models]}
+    @app.get("/v1/models", tags=["openai", "anthropic"])
+    async def list_models(request: Request, _: str = tenant_of_key) -> dict[str, Any]:
+        """The models this deployment serves (in Anthropic's shape for its SDK)."""
+        data = [described(m, request) for m in models]
+        if request.headers.get("anthropic-version"):
+            first, last = (models[0], models[-1]) if models else (None, None)
+            return {"data": data, "has_more": False, "first_id": first, "last_id": last}
+        return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{model:path}", tags=["openai"])
-    async def retrieve_model(model: str, _: str = tenant_of_key) -> dict[str, Any]:
+    @app.get("/v1/models/{model:path}", tags=["openai", "anthropic"])
+    async def retrieve_model(model: str, request: Request, _: str = tenant_of_key) -> dict[str, Any]:
         """One model this deployment serves."""
         if model not in models:
             raise OpenAIError(
                 404, f"the model {model!r} does not exist; try {list(models)}", code="model_not_found"
             )
-        return described(model)
+        return described(model, request)
 
     async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
         """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""
