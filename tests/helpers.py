@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx
@@ -14,8 +14,12 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from conveyor.store.base import Namespace, StateStore
+
+if TYPE_CHECKING:
+    from tests.conftest import NodeFactory
 
 
 async def submit(client: httpx.AsyncClient, prompt: str, **fields: Any) -> str:
@@ -131,6 +135,24 @@ async def streaming_upstream(choices: Sequence[dict[str, Any]]) -> AsyncIterator
 
     async with scripted_upstream(answer) as url:
         yield url
+
+
+def upstream(url: str, model: str = "m") -> dict[str, Any]:
+    """The settings of a node whose model is the OpenAI-compatible server at ``url``."""
+    return {"model": ModelSettings(backend="openai", upstream_url=url, upstream_model=model)}
+
+
+@contextlib.asynccontextmanager
+async def relaying(node: NodeFactory) -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, Any]]]]:
+    """A node whose model is a ``recording_upstream``: yields the node's client and the bodies the
+    upstream received."""
+    async with recording_upstream() as (url, received), node(settings=upstream(url)) as http:
+        yield http, received
+
+
+def turns(body: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(role, content) of each message of a chat completion an upstream received."""
+    return [(m["role"], m.get("content")) for m in body["messages"]]
 
 
 # What an OpenAI-compatible server's sampling fields are called on the wire.

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from conveyor.config import ModelSettings
 from conveyor.embedded import free_port, terminate
 from conveyor.errors import PermanentError, UnavailableError
 from conveyor.models.base import GenerationRequest
@@ -23,7 +22,7 @@ from conveyor.models.openai_compat import OpenAICompatModel, _usage
 from conveyor.models.simulated import SimulatedModel
 from conveyor.testing import UpProcess
 from tests.conftest import NodeFactory
-from tests.helpers import sdk, submit, wait_final
+from tests.helpers import sdk, submit, upstream, wait_final
 
 pytestmark = pytest.mark.model
 
@@ -156,8 +155,7 @@ async def test_tool_calls_logprobs_and_text_completions_pass_through_to_a_real_s
     ]
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
     asked: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
-    upstream = ModelSettings(backend="openai", upstream_url=server, upstream_model="smollm2")
-    async with node(settings={"model": upstream}) as http, sdk(str(http.base_url)) as client:
+    async with node(settings=upstream(server, "smollm2")) as http, sdk(str(http.base_url)) as client:
         called = await client.chat.completions.create(
             model="smollm2", messages=asked, tools=tools, tool_choice=named
         )

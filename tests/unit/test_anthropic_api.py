@@ -8,10 +8,9 @@ import anthropic
 import pytest
 from anthropic.types import MessageParam, ToolParam
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import anthropic_sdk, recording_upstream
+from tests.helpers import anthropic_sdk, relaying, turns
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[MessageParam] = [{"role": "user", "content": PROMPT}]
@@ -86,38 +85,31 @@ async def test_a_tool_is_used_and_its_result_sent_back(node: NodeFactory) -> Non
 
 
 async def test_the_conversation_reaches_an_upstream_as_openai_turns(node: NodeFactory) -> None:
-    async with recording_upstream() as (url, received):
-        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, anthropic_sdk(str(http.base_url)) as client:
-            reply = await client.messages.create(
-                model="m",
-                max_tokens=16,
-                system="Be brief.",
-                stop_sequences=["."],
-                extra_body={"temperature": 0.5},  # this SDK version no longer names it
-                messages=[
-                    *ASKED,
-                    {
-                        "role": "assistant",
-                        "content": [
-                            {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Oslo"}}
-                        ],
-                    },
-                    {
-                        "role": "user",
-                        "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "cold"}],
-                    },
-                ],
-                tools=TOOLS,
-            )
+    async with relaying(node) as (http, received), anthropic_sdk(str(http.base_url)) as client:
+        reply = await client.messages.create(
+            model="m",
+            max_tokens=16,
+            system="Be brief.",
+            stop_sequences=["."],
+            extra_body={"temperature": 0.5},  # this SDK version no longer names it
+            messages=[
+                *ASKED,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Oslo"}}
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "cold"}],
+                },
+            ],
+            tools=TOOLS,
+        )
     assert [getattr(b, "text", None) for b in reply.content] == ["ok"]
     (sent,) = received
-    assert [(m["role"], m.get("content")) for m in sent["messages"]] == [
-        ("system", "Be brief."),
-        ("user", PROMPT),
-        ("assistant", None),
-        ("tool", "cold"),
-    ]
+    assert turns(sent) == [("system", "Be brief."), ("user", PROMPT), ("assistant", None), ("tool", "cold")]
     assert json.loads(sent["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
     assert sent["messages"][3]["tool_call_id"] == "t1"
     assert (sent["stop"], sent["temperature"], sent["max_tokens"]) == (["."], 0.5, 16)

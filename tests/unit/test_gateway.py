@@ -267,7 +267,7 @@ async def test_health_readiness_metrics_and_docs(node: NodeFactory) -> None:
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/v1/requests", "/v1/requests/{rid}", "/v1/requests/{rid}/events"} <= set(paths)
         # The model APIs document their request bodies.
-        for api in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
+        for api in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
             body = paths[api]["post"]["requestBody"]["content"]["application/json"]["schema"]
             assert "model" in body["properties"], api
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
 from tests.helpers import (
@@ -18,6 +17,7 @@ from tests.helpers import (
     streamed_text,
     streaming_upstream,
     submit,
+    upstream,
     wait_final,
 )
 
@@ -97,11 +97,9 @@ async def test_an_upstream_is_asked_for_logprobs_and_its_own_reach_the_client(no
         for text, lp, finish in (("Hi", -0.25, None), (" there", -1.5, "stop"))
     ]
     async with recording_upstream() as (recorder, received), streaming_upstream(choices) as url:
-        asking = ModelSettings(backend="openai", upstream_url=recorder, upstream_model="m")
-        async with node(settings={"model": asking}) as http, sdk(str(http.base_url)) as client:
+        async with node(settings=upstream(recorder)) as http, sdk(str(http.base_url)) as client:
             await client.chat.completions.create(model="m", messages=ASKED, logprobs=True, top_logprobs=2)
-        answering = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": answering}) as http, sdk(str(http.base_url)) as client:
+        async with node(settings=upstream(url)) as http, sdk(str(http.base_url)) as client:
             completion = await client.chat.completions.create(model="m", messages=ASKED, logprobs=True)
     assert (received[0]["logprobs"], received[0]["top_logprobs"]) == (True, 2)
     logprobs = completion.choices[0].logprobs

@@ -9,10 +9,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import SAMPLING_FIELDS, recording_upstream, sdk, wait_final
+from tests.helpers import SAMPLING_FIELDS, relaying, sdk, wait_final
 
 PROMPT = "Write a haiku about queues"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -143,24 +142,22 @@ async def test_the_chat_completion_fast_path_answers_as_the_routed_endpoint(node
 
 
 async def test_the_sampling_asked_for_reaches_the_model_through_the_pipeline(node: NodeFactory) -> None:
-    async with recording_upstream() as (url, received):
-        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
-            completion = await client.chat.completions.create(
-                model="m",
-                messages=[{"role": "user", "content": PROMPT}],
-                temperature=0.7,
-                top_p=0.9,
-                stop=["x"],
-                seed=-42,
-                presence_penalty=0.5,
-                frequency_penalty=1.0,
-                logit_bias={"42": 5},
-                response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
-            )
-            submitted = await http.post(
-                "/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7, "json_schema": {"type": "object"}}
-            )
+    async with relaying(node) as (http, received), sdk(str(http.base_url)) as client:
+        completion = await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": PROMPT}],
+            temperature=0.7,
+            top_p=0.9,
+            stop=["x"],
+            seed=-42,
+            presence_penalty=0.5,
+            frequency_penalty=1.0,
+            logit_bias={"42": 5},
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}},
+        )
+        submitted = await http.post(
+            "/v1/requests?wait=30", json={"prompt": PROMPT, "seed": 7, "json_schema": {"type": "object"}}
+        )
     assert completion.choices[0].message.content == "ok"
     assert submitted.json()["output"] == "ok"
     chat, job = received

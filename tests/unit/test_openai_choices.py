@@ -7,10 +7,9 @@ import collections
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, sdk
+from tests.helpers import relaying, sdk
 
 PROMPT = "Write a haiku about queues"
 ASKED: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
@@ -48,12 +47,8 @@ async def test_each_choice_is_answered_and_billed_streamed_or_not(node: NodeFact
 
 
 async def test_a_seed_gives_each_choice_its_own_reproducible_draws(node: NodeFactory) -> None:
-    async with recording_upstream() as (url, received):
-        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
-            answer = await client.chat.completions.create(
-                model="m", messages=ASKED, n=3, seed=7, temperature=1.0
-            )
+    async with relaying(node) as (http, received), sdk(str(http.base_url)) as client:
+        answer = await client.chat.completions.create(model="m", messages=ASKED, n=3, seed=7, temperature=1.0)
     assert [c.message.content for c in answer.choices] == ["ok"] * 3
     assert sorted(body["seed"] for body in received) == [7, 8, 9]
 

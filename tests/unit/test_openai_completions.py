@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, sdk, streaming_upstream
+from tests.helpers import recording_upstream, sdk, streaming_upstream, upstream
 
 PROMPT = "In the beginning"
 
@@ -80,11 +79,9 @@ async def test_an_upstream_gets_a_text_completion_and_its_answer_comes_back(node
         for text, finish in ((" there", None), (" was a queue.", "stop"))
     ]
     async with recording_upstream() as (recorder, received), streaming_upstream(choices) as url:
-        asking = ModelSettings(backend="openai", upstream_url=recorder, upstream_model="m")
-        async with node(settings={"model": asking}) as http, sdk(str(http.base_url)) as client:
+        async with node(settings=upstream(recorder)) as http, sdk(str(http.base_url)) as client:
             recorded = await client.completions.create(model="m", prompt=PROMPT, logprobs=1, stop=["."])
-        answering = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": answering}) as http, sdk(str(http.base_url)) as client:
+        async with node(settings=upstream(url)) as http, sdk(str(http.base_url)) as client:
             completion = await client.completions.create(model="m", prompt=PROMPT, logprobs=1)
     (sent,) = received
     assert "messages" not in sent

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from conveyor.config import ModelSettings
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import recording_upstream, sdk, streaming_upstream
+from tests.helpers import relaying, sdk, streaming_upstream, upstream
 
 PROMPT = "What is the weather in Paris?"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -109,18 +108,14 @@ async def test_tools_calls_and_results_reach_an_upstream_as_they_came(node: Node
         },
         {"role": "tool", "tool_call_id": "call_9", "content": "noon"},
     ]
-    async with recording_upstream() as (url, received):
-        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
-            await client.chat.completions.create(
-                model="m", messages=history, tools=TOOLS, tool_choice="required"
-            )
-            await client.chat.completions.create(
-                model="m",
-                messages=ASKED,
-                tools=TOOLS,
-                tool_choice={"type": "function", "function": {"name": "get_time"}},
-            )
+    async with relaying(node) as (http, received), sdk(str(http.base_url)) as client:
+        await client.chat.completions.create(model="m", messages=history, tools=TOOLS, tool_choice="required")
+        await client.chat.completions.create(
+            model="m",
+            messages=ASKED,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
     first, named = received
     assert first["tools"] == [
         {
@@ -165,10 +160,12 @@ async def test_an_upstreams_call_streamed_in_pieces_comes_back_whole(node: NodeF
         {"index": 0, "delta": delta, "finish_reason": "tool_calls" if i == len(pieces) - 1 else None}
         for i, delta in enumerate(pieces)
     ]
-    async with streaming_upstream(choices) as url:
-        model = ModelSettings(backend="openai", upstream_url=url, upstream_model="m")
-        async with node(settings={"model": model}) as http, sdk(str(http.base_url)) as client:
-            completion = await client.chat.completions.create(model="m", messages=ASKED, tools=TOOLS)
+    async with (
+        streaming_upstream(choices) as url,
+        node(settings=upstream(url)) as http,
+        sdk(str(http.base_url)) as client,
+    ):
+        completion = await client.chat.completions.create(model="m", messages=ASKED, tools=TOOLS)
     assert completion.choices[0].finish_reason == "tool_calls"
     (call,) = completion.choices[0].message.tool_calls or []
     assert call.type == "function"

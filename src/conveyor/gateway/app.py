@@ -26,6 +26,7 @@ from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
 from conveyor.gateway.ratelimit import RateLimiter
+from conveyor.gateway.responses_api import add_responses_routes
 from conveyor.gateway.sse import request_events, stream_request
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.log.base import EventLog
@@ -275,6 +276,7 @@ def create_app(
 
     complete = add_openai_routes(app, core, models=models, limits=limits)
     add_anthropic_routes(app, core, models=models, limits=limits)
+    add_responses_routes(app, core, models=models, limits=limits)
     app.add_middleware(
         FastPath,
         core=core,

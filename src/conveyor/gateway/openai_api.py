@@ -119,7 +119,16 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class Sampled(BaseModel):
+class ModelRequest(BaseModel):
+    """A request to one of the models this deployment serves."""
+
+    model: str
+
+
+M = TypeVar("M", bound=ModelRequest)
+
+
+class Sampled(ModelRequest):
     """What both completions take. Unknown fields are kept aside and ignored, as OpenAI-compatible
     servers do, except the features this gateway does not implement (``unsupported``), which are
     refused when asked for."""
@@ -127,7 +136,6 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="allow")
     unsupported: ClassVar[dict[str, Callable[[Any], bool]]]
 
-    model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -237,6 +245,23 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def validated(kind: type[M], raw: bytes, models: Sequence[str]) -> M:
+    """``raw`` as a ``kind`` for one of ``models``; OpenAIError (400, 404) saying what is wrong."""
+    try:
+        body = kind.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise OpenAIError(
+            400, f"{param or 'body'}: {first['msg']}", code="invalid_request", param=param
+        ) from exc
+    if body.model not in models:
+        raise OpenAIError(
+            404, f"the model {body.model!r} does not exist; try {list(models)}", code="model_not_found"
+        )
+    return body
+
+
 def _request_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
 
@@ -277,18 +302,7 @@ def add_openai_routes(
 
     async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
         """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""
-        try:
-            body = kind.model_validate_json(await request.body())
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise OpenAIError(
-                400, f"{param or 'body'}: {first['msg']}", code="invalid_request", param=param
-            ) from exc
-        if body.model not in models:
-            raise OpenAIError(
-                404, f"the model {body.model!r} does not exist; try {list(models)}", code="model_not_found"
-            )
+        body = validated(kind, await request.body(), models)
         for name, value in (body.model_extra or {}).items():
             if name in kind.unsupported and kind.unsupported[name](value):
                 raise OpenAIError(
