@@ -148,6 +148,8 @@ class Client:
                         yield event
                         if event.final:
                             return
+                # Ended before the final event (a gateway going away): read it again, as a drop.
+                raise httpx.RemoteProtocolError("the event stream ended before its final event")
             except (httpx.TransportError, _Again) as exc:
                 failures += 1
                 if failures > self._retries:

@@ -17,11 +17,14 @@ PROMPT = "Write a haiku about queues"
 class Flaky(httpx.AsyncBaseTransport):
     """The network between client and gateway: loses the answer to the first ``lost_answers``
     POSTs (after the gateway took them) and cuts the first ``cut_streams`` event streams after
-    ``cut_after`` bytes."""
+    ``cut_after`` bytes: a reset, or (``clean``) an end as if the gateway had closed the stream."""
 
-    def __init__(self, *, lost_answers: int = 0, cut_streams: int = 0, cut_after: int = 0) -> None:
+    def __init__(
+        self, *, lost_answers: int = 0, cut_streams: int = 0, cut_after: int = 0, clean: bool = False
+    ) -> None:
         self._real = httpx.AsyncHTTPTransport()
         self.lost_answers, self.cut_streams, self.cut_after = lost_answers, cut_streams, cut_after
+        self.clean = clean
         self.seen: list[tuple[str, str, str | None]] = []  # method, path, Last-Event-ID
         self.submitted: list[tuple[str, str]] = []  # each POST's Idempotency-Key and the id answered
 
@@ -38,7 +41,9 @@ class Flaky(httpx.AsyncBaseTransport):
         if request.url.path.endswith("/events") and self.cut_streams:
             self.cut_streams -= 1
             return httpx.Response(
-                response.status_code, headers=response.headers, stream=_Cut(response, self.cut_after)
+                response.status_code,
+                headers=response.headers,
+                stream=_Cut(response, self.cut_after, clean=self.clean),
             )
         return response
 
@@ -47,8 +52,10 @@ class Flaky(httpx.AsyncBaseTransport):
 
 
 class _Cut(httpx.AsyncByteStream):
-    def __init__(self, response: httpx.Response, limit: int) -> None:
-        self._response, self._limit = response, limit
+    """The body of ``response`` up to ``limit`` bytes, then a reset, or (``clean``) its end."""
+
+    def __init__(self, response: httpx.Response, limit: int, *, clean: bool) -> None:
+        self._response, self._limit, self._clean = response, limit, clean
 
     async def __aiter__(self):  # type: ignore[no-untyped-def]
         sent = 0
@@ -58,6 +65,8 @@ class _Cut(httpx.AsyncByteStream):
             yield piece
             if sent >= self._limit:
                 await self._response.aclose()
+                if self._clean:
+                    return
                 raise httpx.RemoteProtocolError("peer closed connection mid-stream")
 
     async def aclose(self) -> None:
@@ -97,6 +106,21 @@ async def test_a_dropped_event_stream_is_read_again_from_where_it_stopped(node: 
     assert events[-1].final
     assert events[-1].kind == "completed"
     assert "".join(e.text for e in events) == view.output  # no gap
+
+
+async def test_a_stream_that_keeps_ending_before_its_end_is_given_up_on_after_the_retries(
+    node: NodeFactory,
+) -> None:
+    flaky = Flaky(cut_streams=1000, cut_after=1, clean=True)  # not one whole event gets through
+    async with (
+        node() as http,
+        Client(str(http.base_url), transport=flaky, retries=3, backoff=0.01) as conveyor,
+    ):
+        rid = await conveyor.submit(PROMPT)
+        with pytest.raises(UnavailableError, match="keeps failing"):
+            async for _ in conveyor.events(rid):
+                pass
+    assert len([path for _, path, _ in flaky.seen if path.endswith("/events")]) == 4  # the first and 3 more
 
 
 async def test_refusals_raise_what_they_mean(node: NodeFactory) -> None:
