@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai
 import pytest
 from openai.types.responses import FunctionToolParam, ResponseInputParam
 
 from conveyor.models.simulated import SimulatedModel
 from tests.conftest import NodeFactory
-from tests.helpers import relaying, sdk, turns
+from tests.helpers import read_sse, relaying, sdk, turns, wait_final
 
 PROMPT = "Write a haiku about queues"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -98,6 +99,36 @@ async def test_the_conversation_reaches_an_upstream_as_chat_turns(node: NodeFact
     assert sent["tools"][0]["function"]["name"] == "get_weather"
 
 
+async def test_a_background_response_is_queued_then_read_as_it_goes_or_cancelled(node: NodeFactory) -> None:
+    async with node(token_delay=0.02) as http, sdk(str(http.base_url)) as client:
+        queued = await client.responses.create(model="simulated", input=PROMPT, background=True)
+        await wait_final(http, queued.id.removeprefix("resp_"))
+        done = await client.responses.retrieve(queued.id)
+        long = await client.responses.create(
+            model="simulated", input="a long answer", background=True, max_output_tokens=2000
+        )
+        events = await read_sse(http, long.id.removeprefix("resp_"), stop_after=4)
+        assert events[-1][1] == "token"  # it is generating
+        cancelling = await client.responses.cancel(long.id)
+        await wait_final(http, long.id.removeprefix("resp_"))
+        cancelled = await client.responses.retrieve(long.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve("resp_no-such-response")
+    assert queued.status in ("queued", "in_progress")
+    assert queued.output == []
+    assert (done.id, done.status, done.output_text) == (
+        queued.id,
+        "completed",
+        "".join(SimulatedModel().answer(PROMPT, 256)[0]),
+    )
+    assert done.usage is not None
+    assert done.usage.output_tokens > 0
+    assert (cancelling.id, cancelling.status == "completed") == (long.id, False)  # as the view had it then
+    assert cancelled.status == "cancelled"
+    assert cancelled.usage is not None
+    assert 0 < cancelled.usage.output_tokens < 2000  # what was made, billed
+
+
 @pytest.mark.parametrize(
     ("asked", "param"),
     [
@@ -105,6 +136,7 @@ async def test_the_conversation_reaches_an_upstream_as_chat_turns(node: NodeFact
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"input": [{"type": "web_search_call", "id": "x"}]}, "input.0"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"background": True, "stream": True}, "stream"),
         ({"input": [{"role": "assistant", "content": "hi"}]}, "input"),
     ],
 )

@@ -5,14 +5,18 @@ The same durable pipeline as the other APIs. ``input`` (text, or messages, funct
 outputs), ``instructions``, ``tools`` and ``tool_choice``, ``text.format`` and the sampling fields
 become the pipeline's request; the answer is a response whose ``output`` holds the message and any
 function calls, streamed as Responses events (``response.created`` … ``response.output_text.delta``
-… ``response.completed``). Nothing is kept to continue from: ``previous_response_id`` is refused,
-and a conversation is sent whole, as ``input``.
+… ``response.completed``). ``background`` answers at once with a queued response, which
+``GET /v1/responses/{id}`` reads as it goes (from the request's status view) and
+``POST /v1/responses/{id}/cancel`` cancels: the durable job the pipeline runs anyway. Nothing is
+kept to continue from: ``previous_response_id`` is refused, and a conversation is sent whole, as
+``input``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -61,7 +65,6 @@ class ResponsesRequest(ModelRequest):
     model_config = ConfigDict(extra="allow")
     unsupported: ClassVar[dict[str, Any]] = {
         "previous_response_id": None,
-        "background": False,
         "reasoning": None,
         "conversation": None,
         "prompt": None,
@@ -77,6 +80,8 @@ class ResponsesRequest(ModelRequest):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextOptions | None = None
+    # Answered at once with a queued response; GET /v1/responses/{id} tells how it goes.
+    background: bool = False
 
 
 def _turns(body: ResponsesRequest) -> list[ChatMessage]:
@@ -184,16 +189,21 @@ class ResponsesWire(Wire):
             "content": content,
         }
 
-    def _response(self, view: RequestView | None, text: str | None = None) -> dict[str, Any]:
+    def _response(
+        self, view: RequestView | None, text: str | None = None, status: str = "in_progress"
+    ) -> dict[str, Any]:
+        """The response as ``view`` has it (None: just begun, in ``status``); an ended one with its
+        output (``text``, if given, as its message's)."""
         usage = view.usage if view is not None and view.usage is not None else Usage()
-        status, incomplete = "in_progress", None
+        incomplete, error = None, None
         output: list[dict[str, Any]] = []
         if view is not None:
-            status = {"length": "incomplete", "deadline": "incomplete", "cancelled": "cancelled"}.get(
-                view.finish_reason or "stop", "completed"
-            )
+            status = _status(view)
             if status == "incomplete":
                 incomplete = {"reason": "max_output_tokens"}
+            if status == "failed" and view.error is not None:
+                error = {"code": view.error.code, "message": view.error.message}
+        if view is not None and view.status in ("completed", "cancelled"):
             said = view.output if text is None else text
             output = [self._message(said)] if said or not view.tool_calls else []
             output += [_function_call(call) for call in view.tool_calls]
@@ -205,7 +215,7 @@ class ResponsesWire(Wire):
             "status": status,
             "output": output,
             "incomplete_details": incomplete,
-            "error": None,
+            "error": error,
             "usage": {
                 "input_tokens": usage.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": usage.cached_tokens},
@@ -218,6 +228,14 @@ class ResponsesWire(Wire):
 
     def whole(self, answers: list[dict[str, Any]], views: list[RequestView]) -> dict[str, Any]:
         (view,) = views
+        return self._response(view)
+
+    def queued(self) -> dict[str, Any]:
+        """A background response, just accepted."""
+        return self._response(None, status="queued")
+
+    def snapshot(self, view: RequestView) -> dict[str, Any]:
+        """The response as it is now."""
         return self._response(view)
 
     def answer(self, view: RequestView) -> dict[str, Any]:
@@ -283,6 +301,17 @@ class ResponsesWire(Wire):
         return self._event("error", code=error["code"], message=error["message"], param=None)
 
 
+def _status(view: RequestView) -> str:
+    """The Responses API's status of a request as ``view`` has it."""
+    if view.status in ("accepted", "prepared"):
+        return "queued"
+    if view.status == "generating":
+        return "in_progress"
+    if view.status in ("failed", "cancelled"):
+        return view.status
+    return "incomplete" if view.finish_reason in ("length", "deadline") else "completed"
+
+
 def _echoed(choice: str | FunctionChoice | None) -> Any:
     return choice.model_dump() if isinstance(choice, FunctionChoice) else choice or "auto"
 
@@ -323,6 +352,8 @@ def add_responses_routes(
             "tools": [t.model_dump() for t in body.tools or []],
         }
         wire = ResponsesWire(accepted.id, body.model, int(time.time()), echo)
+        if body.background:
+            return JSONResponse(wire.queued())
         if body.stream:
             return EventStreamResponse(stream(core, [accepted.id], tenant, [wire], include_usage=False))
         view = await core.wait(accepted.id, limits.max_completion_seconds, tenant=tenant)
@@ -335,6 +366,30 @@ def add_responses_routes(
             raise OpenAIError(400 if refused else 500, message, code=code)
         return JSONResponse(wire.whole([], [view]))
 
+    async def found(response_id: str, tenant: str) -> tuple[RequestView, ResponsesWire]:
+        rid = response_id.removeprefix(ResponsesWire.prefix)
+        view = await core.view(rid, tenant=tenant)
+        if view is None:
+            raise OpenAIError(404, f"no response {response_id!r}", code="not_found", param="response_id")
+        accepted = view.stages.get("gateway", {}).get("accepted_at", "")
+        created = int(datetime.fromisoformat(accepted).timestamp()) if accepted else 0
+        echo = {"parallel_tool_calls": False, "tool_choice": "auto", "tools": []}  # not kept
+        return view, ResponsesWire(rid, view.model or "", created, echo)
+
+    @app.get("/v1/responses/{response_id}", tags=["openai"])
+    async def retrieve(response_id: str, tenant: str = tenant_of_key) -> JSONResponse:
+        """A response as it is now: a background one queued, in progress, or ended with its output."""
+        view, wire = await found(response_id, tenant)
+        return JSONResponse(wire.snapshot(view))
+
+    @app.post("/v1/responses/{response_id}/cancel", tags=["openai"])
+    async def cancel(response_id: str, tenant: str = tenant_of_key) -> JSONResponse:
+        """Cancel a response: its generation stops at its next token; one ended stays as it was."""
+        view, wire = await found(response_id, tenant)
+        if not view.terminal:
+            await core.cancel(view)
+        return JSONResponse(wire.snapshot(view))
+
 
 def _parse(
     raw: bytes, models: Sequence[str], limits: GatewayLimits
@@ -345,6 +400,13 @@ def _parse(
             raise OpenAIError(
                 400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
             )
+    if body.background and body.stream:
+        raise OpenAIError(
+            400,
+            "background with stream is not supported: retrieve the response instead",
+            code="invalid_request",
+            param="stream",
+        )
     max_tokens = body.max_output_tokens or limits.default_max_tokens
     if max_tokens > limits.max_tokens:
         raise OpenAIError(
