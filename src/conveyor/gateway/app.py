@@ -138,7 +138,8 @@ def create_app(
     models: Sequence[str] = ("simulated",),
     keys: ApiKeys | None = None,
 ) -> FastAPI:
-    """The gateway: the job API, the OpenAI-compatible API for ``models``, health and metrics.
+    """The gateway: the job API, the OpenAI- and Anthropic-compatible APIs for ``models``, health
+    and metrics.
 
     With ``keys``, every API request needs one of them and belongs to its tenant; ``limits``
     may set a per-tenant rate and a backlog above which submits are refused.
