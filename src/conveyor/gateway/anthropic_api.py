@@ -11,15 +11,16 @@ The same durable pipeline as the other APIs. A conversation's ``system`` becomes
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
+from conveyor.gateway.model_request import ModelRequest, given
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import Wire, stream
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
@@ -120,16 +121,12 @@ class ToolChoice(BaseModel):
     name: str | None = None
 
 
-class MessagesRequest(BaseModel):
-    # Unknown fields are ignored, as Anthropic-compatible servers do, except what no backend here
-    # implements, refused when asked for (its "off" value is accepted).
-    model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "top_k": lambda value: value is not None,
+class MessagesRequest(ModelRequest):
+    unsupported = {
+        "top_k": given,
         "thinking": lambda value: value not in (None, {"type": "disabled"}),
     }
 
-    model: str
     max_tokens: int = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
@@ -188,9 +185,9 @@ class MessagesWire(Wire):
             },
         }
 
-    def whole(self, answers: list[dict[str, Any]], views: list[RequestView]) -> dict[str, Any]:
+    def whole(self, views: list[RequestView]) -> dict[str, Any]:
         (view,) = views
-        return {**self._message(view), "content": answers[0]["content"]}
+        return {**self._message(view), **self.answer(view)}
 
     def answer(self, view: RequestView) -> dict[str, Any]:
         text = [{"type": "text", "text": view.output}] if view.output or not view.tool_calls else []
@@ -280,7 +277,7 @@ def add_anthropic_routes(
             message = view.error.message if view.error else "the request failed"
             kind = _ERRORS.get(code, "api_error")
             raise AnthropicError(400 if kind == "invalid_request_error" else 500, kind, message)
-        return JSONResponse(wire.whole([wire.answer(view)], [view]))
+        return JSONResponse(wire.whole([view]))
 
 
 def _parse(raw: bytes, models: Sequence[str], limits: GatewayLimits) -> MessagesRequest:
@@ -294,9 +291,8 @@ def _parse(raw: bytes, models: Sequence[str], limits: GatewayLimits) -> Messages
         raise AnthropicError(
             404, "not_found_error", f"model: {body.model!r} does not exist; try {list(models)}"
         )
-    for name, value in (body.model_extra or {}).items():
-        if name in MessagesRequest.unsupported and MessagesRequest.unsupported[name](value):
-            raise AnthropicError(400, "invalid_request_error", f"{name}: not supported by this server")
+    if (name := body.refused_field()) is not None:
+        raise AnthropicError(400, "invalid_request_error", f"{name}: not supported by this server")
     if body.max_tokens > limits.max_tokens:
         raise AnthropicError(400, "invalid_request_error", f"max_tokens: exceeds {limits.max_tokens}")
     if not any(m.role == "user" for m in body.messages):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
+from conveyor.gateway.model_request import ModelRequest, given
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import ChatWire, TextWire, Wire, stream
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
@@ -119,22 +120,11 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ModelRequest(BaseModel):
-    """A request to one of the models this deployment serves."""
-
-    model: str
-
-
 M = TypeVar("M", bound=ModelRequest)
 
 
 class Sampled(ModelRequest):
-    """What both completions take. Unknown fields are kept aside and ignored, as OpenAI-compatible
-    servers do, except the features this gateway does not implement (``unsupported``), which are
-    refused when asked for."""
-
-    model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[dict[str, Callable[[Any], bool]]]
+    """What both completions take."""
 
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -166,18 +156,11 @@ class Sampled(ModelRequest):
         )
 
 
-def _not_none(value: Any) -> bool:
-    return value is not None
-
-
 class ChatCompletionRequest(Sampled):
-    # OpenAI's features that no backend here implements, each with what asks for it. Their "off"
-    # values are accepted, since some clients send them always; asking for one is refused rather
-    # than answered as if it had not been.
     unsupported = {
         "functions": bool,  # the deprecated form of tools
         "function_call": lambda value: value not in (None, "none"),
-        "audio": _not_none,
+        "audio": given,
         "modalities": lambda value: value not in (None, ["text"]),
     }
 
@@ -197,7 +180,7 @@ class ChatCompletionRequest(Sampled):
 class CompletionRequest(Sampled):
     unsupported = {
         "echo": bool,
-        "suffix": _not_none,
+        "suffix": given,
         "best_of": lambda value: value not in (None, 1),
     }
 
@@ -303,11 +286,10 @@ def add_openai_routes(
     async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
         """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""
         body = validated(kind, await request.body(), models)
-        for name, value in (body.model_extra or {}).items():
-            if name in kind.unsupported and kind.unsupported[name](value):
-                raise OpenAIError(
-                    400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
-                )
+        if (name := body.refused_field()) is not None:
+            raise OpenAIError(
+                400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
+            )
         max_tokens = body.asked_max_tokens(default_max_tokens)
         if max_tokens > limits.max_tokens:
             raise OpenAIError(
@@ -351,17 +333,9 @@ def add_openai_routes(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStreamResponse(stream(core, rids, tenant, wires, include_usage=include_usage))
         views = await asyncio.gather(
-            *(core.wait(rid, limits.max_completion_seconds, tenant=tenant) for rid in rids)
+            *(ended(core, rid, tenant, limits.max_completion_seconds) for rid in rids)
         )
-        for rid, view in zip(rids, views, strict=True):
-            if view is None or not view.terminal:
-                raise OpenAIError(
-                    504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
-                )
-            _raise_if_failed(view)
-        ended = [view for view in views if view is not None]
-        answers = [w.answer(view) for w, view in zip(wires, ended, strict=True)]
-        return JSONResponse(wires[0].whole(answers, ended))
+        return JSONResponse(wires[0].whole(views))
 
     async def chat(request: Request, tenant: str) -> Response:
         body, max_tokens = await parse(request, ChatCompletionRequest, limits.default_max_tokens)
@@ -474,9 +448,15 @@ _REFUSED = {
 }
 
 
-def _raise_if_failed(view: RequestView) -> None:
+async def ended(core: GatewayCore, rid: str, tenant: str, seconds: float) -> RequestView:
+    """The request's view once it has ended; OpenAIError if it failed or did not end in time."""
+    view = await core.wait(rid, seconds, tenant=tenant)
+    if view is None or not view.terminal:
+        raise OpenAIError(
+            504, f"request {rid} did not finish in time; see /v1/requests/{rid}", code="timeout"
+        )
     if view.status != "failed":
-        return
+        return view
     error = view.error
     code = error.code if error else "failed"
     message = error.message if error else "the request failed"

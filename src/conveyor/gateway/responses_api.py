@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.openai_api import ModelRequest, OpenAIError, validated
+from conveyor.gateway.model_request import ModelRequest, given
+from conveyor.gateway.openai_api import OpenAIError, ended, validated
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import Wire, stream
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall, Usage
@@ -61,13 +62,12 @@ class FunctionChoice(BaseModel):
 
 
 class ResponsesRequest(ModelRequest):
-    # Unknown fields are ignored, except what needs a state or a feature this server does not keep.
-    model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[dict[str, Any]] = {
-        "previous_response_id": None,
-        "reasoning": None,
-        "conversation": None,
-        "prompt": None,
+    # Refused: what needs a state this server does not keep, or a feature it does not have.
+    unsupported = {
+        "previous_response_id": given,
+        "reasoning": given,
+        "conversation": given,
+        "prompt": given,
     }
 
     input: str | list[dict[str, Any]]
@@ -226,7 +226,7 @@ class ResponsesWire(Wire):
             **self.echo,
         }
 
-    def whole(self, answers: list[dict[str, Any]], views: list[RequestView]) -> dict[str, Any]:
+    def whole(self, views: list[RequestView]) -> dict[str, Any]:
         (view,) = views
         return self._response(view)
 
@@ -234,11 +234,8 @@ class ResponsesWire(Wire):
         """A background response, just accepted."""
         return self._response(None, status="queued")
 
-    def snapshot(self, view: RequestView) -> dict[str, Any]:
-        """The response as it is now."""
-        return self._response(view)
-
     def answer(self, view: RequestView) -> dict[str, Any]:
+        """The response as ``view`` has it: ended, or (a background one) as it goes."""
         return self._response(view)
 
     def usage(self, views: list[RequestView]) -> str:
@@ -356,15 +353,8 @@ def add_responses_routes(
             return JSONResponse(wire.queued())
         if body.stream:
             return EventStreamResponse(stream(core, [accepted.id], tenant, [wire], include_usage=False))
-        view = await core.wait(accepted.id, limits.max_completion_seconds, tenant=tenant)
-        if view is None or not view.terminal:
-            raise OpenAIError(504, f"request {accepted.id} did not finish in time", code="timeout")
-        if view.status == "failed":
-            code = view.error.code if view.error else "failed"
-            message = view.error.message if view.error else "the request failed"
-            refused = code in ("safety_blocked", "context_length_exceeded", "invalid_request")
-            raise OpenAIError(400 if refused else 500, message, code=code)
-        return JSONResponse(wire.whole([], [view]))
+        view = await ended(core, accepted.id, tenant, limits.max_completion_seconds)
+        return JSONResponse(wire.whole([view]))
 
     async def found(response_id: str, tenant: str) -> tuple[RequestView, ResponsesWire]:
         rid = response_id.removeprefix(ResponsesWire.prefix)
@@ -380,7 +370,7 @@ def add_responses_routes(
     async def retrieve(response_id: str, tenant: str = tenant_of_key) -> JSONResponse:
         """A response as it is now: a background one queued, in progress, or ended with its output."""
         view, wire = await found(response_id, tenant)
-        return JSONResponse(wire.snapshot(view))
+        return JSONResponse(wire.answer(view))
 
     @app.post("/v1/responses/{response_id}/cancel", tags=["openai"])
     async def cancel(response_id: str, tenant: str = tenant_of_key) -> JSONResponse:
@@ -388,18 +378,17 @@ def add_responses_routes(
         view, wire = await found(response_id, tenant)
         if not view.terminal:
             await core.cancel(view)
-        return JSONResponse(wire.snapshot(view))
+        return JSONResponse(wire.answer(view))
 
 
 def _parse(
     raw: bytes, models: Sequence[str], limits: GatewayLimits
 ) -> tuple[ResponsesRequest, RequestAccepted]:
     body = validated(ResponsesRequest, raw, models)
-    for name, off in ResponsesRequest.unsupported.items():
-        if (body.model_extra or {}).get(name, off) not in (off, None):
-            raise OpenAIError(
-                400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
-            )
+    if (name := body.refused_field()) is not None:
+        raise OpenAIError(
+            400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
+        )
     if body.background and body.stream:
         raise OpenAIError(
             400,

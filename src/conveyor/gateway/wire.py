@@ -73,9 +73,10 @@ class Wire(abc.ABC):
             **extra,
         }
 
-    def whole(self, answers: list[dict[str, Any]], views: list[RequestView]) -> dict[str, Any]:
-        """The completion, for a client that did not ask for a stream: the ``answers`` of its
-        choices (each one's ``answer``) and what all cost."""
+    def whole(self, views: list[RequestView]) -> dict[str, Any]:
+        """The completion, for a client that did not ask for a stream: choice i as ``views[i]``
+        ended, and what all cost."""
+        answers = [{**self.answer(view), "index": i} for i, view in enumerate(views)]
         return self._envelope(self.whole_object, answers, usage=_usage(views))
 
     def chunk(self, choice: dict[str, Any]) -> str:
