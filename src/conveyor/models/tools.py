@@ -76,17 +76,20 @@ class _Answer:
             return [token]
         self._held += token.text
         self._weighed += token.logprobs
-        released = dataclasses.replace(token, text=self._held, logprobs=tuple(self._weighed))
         if token.finish_reason is None:
             start = self._held.lstrip()
             if start and not start.startswith("{") and not self._required:  # it answers in text
                 self._streaming = True
-                return [released]
+                return [self._released(token)]
             return []
         call = self._call() if token.finish_reason == "stop" else None
         if call is None:
-            return [released]
+            return [self._released(token)]
         return [Token(self.id, "", "tool_calls", usage=token.usage, tool_calls=(call,))]
+
+    def _released(self, token: Token) -> Token:
+        """``token`` carrying all the text held back, and its logprobs."""
+        return dataclasses.replace(token, text=self._held, logprobs=tuple(self._weighed))
 
     def _call(self) -> ToolCall | None:
         """The call the held answer makes, if it is one of a tool this request offers."""
