@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from conveyor.config import LOCAL_WEIGHTS, STAGES, Settings
+from conveyor.config import LOCAL_WEIGHTS, STAGES, ModelSettings, Settings
 from conveyor.errors import ConveyorError, RejectedError, UnavailableError
 from conveyor.log.base import EventLog
 
@@ -90,6 +90,48 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _served_options(parser: argparse.ArgumentParser, *, serve: bool = True) -> None:
+    group = parser.add_argument_group("more models (a request names one by its id; the first is the default)")
+    group.add_argument(
+        "--add-model",
+        action="append",
+        metavar="ID=BACKEND[,SETTING=VALUE...]",
+        help="serve this model too, e.g. fast=simulated or 'gpt=openai,upstream_url=http://127.0.0.1:8080/v1,"
+        "upstream_model=gpt-4o-mini' (settings as in a config file's [[models]]; repeat for more)",
+    )
+    if serve:
+        group.add_argument(
+            "--serve", help="generate only for these models, by id, comma-separated (default: every one)"
+        )
+
+
+def _added_model(spec: str) -> ModelSettings:
+    """``--add-model ID=BACKEND[,SETTING=VALUE...]`` as a model's settings."""
+    name, _, rest = spec.partition("=")
+    backend, *settings = rest.split(",")
+    if not name.strip() or not backend.strip():
+        raise ValueError(f"--add-model {spec!r}: expected ID=BACKEND[,SETTING=VALUE...]")
+    fields: dict[str, Any] = {"name": name.strip(), "backend": backend.strip()}
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(ModelSettings)}
+    parse: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "float | None": float,
+        "bool": lambda text: text.lower() in ("1", "true", "yes", "on"),
+    }
+    for setting in settings:
+        key, equals, value = (part.strip() for part in setting.partition("="))
+        if not equals or key not in kinds:
+            raise ValueError(
+                f"--add-model {spec!r}: {setting!r} is not SETTING=VALUE; settings: {sorted(kinds)}"
+            )
+        try:
+            fields[key] = parse.get(kinds[key], str)(value)
+        except ValueError:
+            raise ValueError(f"--add-model {spec!r}: {key} must be a {kinds[key]}, not {value!r}") from None
+    return ModelSettings.of(fields)
+
+
 def _stage_options(parser: argparse.ArgumentParser, *, generate: bool = True) -> None:
     group = parser.add_argument_group("the stages")
     group.add_argument(
@@ -153,6 +195,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         callback_hosts=tuple(h.strip() for h in flags["callback_hosts"].split(",") if h.strip())
         if "callback_hosts" in flags
         else base.callback_hosts,
+        models=(*base.models, *(_added_model(spec) for spec in flags.get("add_model", ()))),
+        serve=tuple(m.strip() for m in flags["serve"].split(",") if m.strip())
+        if "serve" in flags
+        else base.serve,
     )
 
 
@@ -217,8 +263,14 @@ READY = "  Ctrl-C drains in-flight work and stops."  # the last line of every ba
 
 
 def _model_label(settings: Settings) -> str:
-    local = settings.model.backend == "local"
-    return f"local ({settings.model.weights} weights)" if local else settings.model.backend
+    """The models this process generates for: their backends, and their ids if there are several."""
+
+    def backend(model: ModelSettings) -> str:
+        return f"local ({model.weights} weights)" if model.backend == "local" else model.backend
+
+    if not settings.models:
+        return backend(settings.model)
+    return ", ".join(f"{m.id} = {backend(m)}" for m in settings.generated_here)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -404,11 +456,11 @@ def _replay(args: argparse.Namespace) -> int:
 
     async def each(log: EventLog) -> None:
         requests = await history(log, window)
-        model = build_model(settings)
+        model = build_model(settings.model, settings.data_dir)
         statuses: collections.Counter[str] = collections.Counter()
         differ = 0
         try:
-            pipeline = build_pipeline(settings, model, CancelWatch(log))
+            pipeline = build_pipeline(settings, {settings.model.id: model}, CancelWatch(log))
             async with contextlib.aclosing(replay(log, requests, pipeline)) as results:
                 async for result in results:
                     print(json.dumps(result.to_json()), flush=True)
@@ -511,7 +563,11 @@ def _run(coro: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = command_line().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as exc:  # settings that cannot be: say which, without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -520,7 +576,14 @@ def command_line() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the whole pipeline with one command, on the bundled broker")
-    for options in (_connection_options, _gateway_options, _model_options, _stage_options, _callback_options):
+    for options in (
+        _connection_options,
+        _gateway_options,
+        _model_options,
+        _served_options,
+        _stage_options,
+        _callback_options,
+    ):
         options(up)
     up.add_argument(
         "--workers",
@@ -533,7 +596,7 @@ def command_line() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run pipeline stages against an existing log")
     worker.add_argument("stages", nargs="+", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
     worker.add_argument("--metrics-port", type=int, help="serve this worker's /metrics on this port")
-    for options in (_connection_options, _model_options, _stage_options, _callback_options):
+    for options in (_connection_options, _model_options, _served_options, _stage_options, _callback_options):
         options(worker)
     worker.set_defaults(func=_worker)
 
@@ -547,6 +610,7 @@ def command_line() -> argparse.ArgumentParser:
     # The model: for /v1/models; the callback hosts: to refuse a callback_url at once.
     for options in (_connection_options, _gateway_options, _model_options, _callback_options):
         options(gateway)
+    _served_options(gateway, serve=False)
     gateway.set_defaults(func=_gateway)
 
     submit = commands.add_parser("submit", help="submit a prompt and print the output as it streams")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from conveyor.callbacks import LOOPBACK
+from conveyor.events import model_token
+from conveyor.models.base import MODEL_IDS
 from conveyor.stages.prepare import DEFAULT_BLOCKLIST
 
 STAGES = ("prepare", "generate", "finalize", "deliver", "projector")
@@ -44,6 +48,30 @@ class ModelSettings:
         if self.weights not in LOCAL_WEIGHTS:
             raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
 
+    @property
+    def id(self) -> str:
+        """The id clients ask for: ``name``, else the upstream's model name or the backend's own."""
+        if self.name:
+            return self.name
+        if self.backend == "openai":
+            return self.upstream_model
+        return MODEL_IDS.get(self.backend, self.backend)
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any]) -> ModelSettings:
+        """A model from a table of its fields by name (``[[models]]`` in a config file)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"a model's unknown settings {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise ValueError(f"a model's settings are wrong: {exc}") from exc
+
+    def to_fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
@@ -58,6 +86,11 @@ class Settings:
     ack_wait: float = 10.0
     metrics_port: int | None = None  # worker processes: serve /metrics here (0 picks a free port)
     model: ModelSettings = ModelSettings()
+    # More models served beside ``model`` (the default: a request that names none gets it);
+    # a request names one by its id, and waits for it on a topic of its own.
+    models: tuple[ModelSettings, ...] = ()
+    # The models whose requests this process generates, by id (empty: every one it serves).
+    serve: tuple[str, ...] = ()
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
     # The gateway: with a keys file (lines key=tenant) every API request needs a key; without
@@ -68,6 +101,25 @@ class Settings:
     max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
+
+    def __post_init__(self) -> None:
+        ids = [m.id for m in self.served]
+        if len(set(ids)) != len(ids) or len({model_token(i) for i in ids}) != len(ids):
+            raise ValueError(f"the models served need distinct ids (up to case and punctuation), not {ids}")
+        if any(not model_token(i) for i in ids):
+            raise ValueError(f"a model's id needs a letter or a digit, not {ids}")
+        if unknown := sorted(set(self.serve) - set(ids)):
+            raise ValueError(f"--serve names models not served here: {unknown}; served: {ids}")
+
+    @property
+    def served(self) -> tuple[ModelSettings, ...]:
+        """Every model of the deployment, the default first."""
+        return (self.model, *self.models)
+
+    @property
+    def generated_here(self) -> tuple[ModelSettings, ...]:
+        """The models this process generates for (``serve``, or all of them)."""
+        return tuple(m for m in self.served if not self.serve or m.id in self.serve)
 
     @classmethod
     def load(cls, config: Path | None = None, env: Mapping[str, str] = os.environ) -> Settings:
@@ -104,6 +156,7 @@ class Settings:
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
         )
+        models = get("MODELS")
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
         keys_file, rate, burst, backlog = (
@@ -119,6 +172,8 @@ class Settings:
             ack_wait=float(get("ACK_WAIT") or base.ack_wait),
             metrics_port=int(port) if (port := get("METRICS_PORT")) is not None else None,
             model=model,
+            models=tuple(ModelSettings.of(m) for m in _models(models)) if models else (),
+            serve=_phrases(get("SERVE") or ""),
             blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
             api_keys_file=Path(keys_file) if keys_file is not None else None,
             rate_limit=float(rate) if rate is not None else None,
@@ -151,6 +206,8 @@ class Settings:
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
             "CONVEYOR_CALLBACK_HOSTS": "\n".join(self.callback_hosts),
+            "CONVEYOR_MODELS": json.dumps([m.to_fields() for m in self.models]),
+            "CONVEYOR_SERVE": "\n".join(self.serve),
         }
         if self.model.batch_target_latency is not None:
             env["CONVEYOR_BATCH_TARGET_LATENCY"] = repr(self.model.batch_target_latency)
@@ -200,6 +257,8 @@ NAMES = frozenset(
         "RATE_BURST",
         "MAX_BACKLOG",
         "CALLBACK_HOSTS",
+        "MODELS",
+        "SERVE",
     }
 )
 
@@ -212,9 +271,25 @@ def _read_config(path: Path) -> dict[str, str]:
     unknown = sorted(k for k in table if k.upper() not in NAMES)
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(n.lower() for n in NAMES)}")
-    return {
-        f"CONVEYOR_{k.upper()}": "\n".join(v) if isinstance(v, list) else str(v) for k, v in table.items()
-    }
+    return {f"CONVEYOR_{k.upper()}": _setting(v) for k, v in table.items()}
+
+
+def _setting(value: Any) -> str:
+    """A config file's value as the environment has it: a list of tables (``[[models]]``) as JSON,
+    a list of strings one per line."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return json.dumps(value)
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _models(value: str) -> list[Mapping[str, Any]]:
+    try:
+        models = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"CONVEYOR_MODELS is not JSON: {exc}") from exc
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise ValueError("CONVEYOR_MODELS must be a JSON list of objects, one per model")
+    return models
 
 
 def _flag(value: str | None, default: bool) -> bool:

@@ -8,6 +8,7 @@ proxy or a CloudEvents SDK can route and read events without knowing our schemas
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Mapping
 from enum import StrEnum
@@ -35,6 +36,18 @@ class Topic(StrEnum):
     CONTROL = "control"
     DLQ = "dlq"
     CALLBACKS = "callbacks"
+
+
+def model_token(model: str) -> str:
+    """``model`` as it names a topic and a stage: lower case letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+
+
+def prepared_topic(model: str) -> str:
+    """Where the prepared requests for ``model`` wait for generate: [prepared] for the deployment's
+    default model (``""``: events name no other), a topic of its own for each other model, so
+    each model's requests are consumed, scaled and counted as a backlog on their own."""
+    return f"{Topic.PREPARED}-{model_token(model)}" if model else Topic.PREPARED
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

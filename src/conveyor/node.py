@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -16,19 +17,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from conveyor.backends import open_log, open_store
-from conveyor.config import Settings
+from conveyor.config import ModelSettings, Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
+from conveyor.events import prepared_topic
 from conveyor.gateway.app import create_app
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.core import GatewayLimits
 from conveyor.gateway.ratelimit import Rate
 from conveyor.log.base import EventLog
-from conveyor.models.base import MODEL_IDS, ModelBackend, ModelInfo
+from conveyor.models.base import ModelBackend, ModelInfo
 from conveyor.models.simulated import SimulatedModel
 from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import REGISTRY
-from conveyor.pipeline import BatchPolicy, Pipeline
+from conveyor.pipeline import BatchPolicy, Pipeline, Stage
 from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
 from conveyor.stages import (
@@ -43,80 +45,98 @@ from conveyor.store.base import StateStore
 from conveyor.supervisor import WorkerProcesses
 
 
-def model_id(settings: Settings) -> str:
-    """The id clients use for the configured model in the OpenAI-compatible API."""
-    if settings.model.name:
-        return settings.model.name
-    if settings.model.backend == "openai":
-        return settings.model.upstream_model
-    return MODEL_IDS.get(settings.model.backend, settings.model.backend)
-
-
-def model_info(settings: Settings, model: ModelBackend) -> ModelInfo:
+def model_info(settings: ModelSettings, model: ModelBackend) -> ModelInfo:
     """What every event the model produced carries: the backend's own, overridden by settings."""
     own = model.info
     return ModelInfo(
-        name=model_id(settings),
-        version=settings.model.version or own.version,
-        license=settings.model.license or own.license,
+        name=settings.id,
+        version=settings.version or own.version,
+        license=settings.license or own.license,
     )
 
 
-def build_model(settings: Settings) -> ModelBackend:
-    """The model of ``--model``; those without tool calling of their own get it by prompt."""
-    if settings.model.backend == "simulated":
-        return PromptedTools(SimulatedModel(ttft=settings.model.ttft, token_delay=settings.model.token_delay))
-    if settings.model.backend == "local":
+def build_model(settings: ModelSettings, data_dir: Path) -> ModelBackend:
+    """The model ``settings`` describe; those without tool calling of their own get it by prompt."""
+    if settings.backend == "simulated":
+        return PromptedTools(SimulatedModel(ttft=settings.ttft, token_delay=settings.token_delay))
+    if settings.backend == "local":
         from conveyor.models.local import LocalModel  # needs the "local" extra
 
-        local = settings.model
         return PromptedTools(
             LocalModel(
-                cache_dir=settings.data_dir / "models",
-                slots=local.slots,
-                context_per_slot=local.context,
-                prefix_cache=local.prefix_cache,
-                weights=local.weights,
+                cache_dir=data_dir / "models",
+                slots=settings.slots,
+                context_per_slot=settings.context,
+                prefix_cache=settings.prefix_cache,
+                weights=settings.weights,
             )
         )
-    if settings.model.backend == "openai":
+    if settings.backend == "openai":
         from conveyor.models.openai_compat import OpenAICompatModel
 
-        if not settings.model.upstream_url or not settings.model.upstream_model:
+        if not settings.upstream_url or not settings.upstream_model:
             raise ValueError("--model openai needs --upstream-url and --upstream-model")
         api_key = os.environ.get("CONVEYOR_UPSTREAM_API_KEY")  # a secret: environment only
         return OpenAICompatModel(
-            base_url=settings.model.upstream_url, model=settings.model.upstream_model, api_key=api_key
+            base_url=settings.upstream_url, model=settings.upstream_model, api_key=api_key
         )
-    raise ValueError(f"unknown model {settings.model.backend!r}; available: local, openai, simulated")
+    raise ValueError(f"unknown model {settings.backend!r}; available: local, openai, simulated")
 
 
-def build_pipeline(settings: Settings, model: ModelBackend | None, cancels: CancelWatch) -> Pipeline:
-    """Every stage; without a model (a process that does not run ``generate``), all but that one."""
-    generate = (
+async def build_models(settings: Settings) -> dict[str, ModelBackend]:
+    """The backends of the models this process generates for, by id; closed again if one fails."""
+    built: dict[str, ModelBackend] = {}
+    try:
+        for model in settings.generated_here:
+            built[model.id] = build_model(model, settings.data_dir)
+    except BaseException:
+        for backend in built.values():
+            await backend.close()
+        raise
+    return built
+
+
+def _runs_here(stage: Stage, stages: tuple[str, ...]) -> bool:
+    """Whether ``stage`` is one of ``stages``, where "generate" names every model's generate stage."""
+    return stage.name in stages or ("generate" in stages and stage.name.startswith("generate-"))
+
+
+def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cancels: CancelWatch) -> Pipeline:
+    """Every stage, with a generate stage for each of ``models`` (by id; none in a process that
+    does not generate). Requests for the default model wait on [prepared], for another on its own
+    topic (``prepared_topic``), so each model's generate stage is consumed and scaled on its own."""
+    served = {model.id: model for model in settings.served}
+    generates = [
         generate_stage(
-            model,
+            backend,
             cancels,
-            info=model_info(settings, model),
+            info=model_info(served[name], backend),
             batching=BatchPolicy(
-                max_size=settings.model.batch_max_size,
-                max_wait=settings.model.batch_max_wait,
-                target_latency=settings.model.batch_target_latency,
+                max_size=served[name].batch_max_size,
+                max_wait=served[name].batch_max_wait,
+                target_latency=served[name].batch_target_latency,
             ),
+            route=_route(settings, name),
         )
-        if model is not None
-        else None
-    )
+        for name, backend in models.items()
+    ]
     # The secret that signs callbacks: the environment only, like every secret.
     secret = os.environ.get("CONVEYOR_CALLBACK_SECRET", "")
-    stages = [
-        prepare_stage(SafetyPolicy(settings.blocklist)),
-        generate,
-        finalize_stage(),
-        deliver_stage(hosts=settings.callback_hosts, secret=secret),
-        Projector().stage(),
-    ]
-    return Pipeline([stage for stage in stages if stage is not None])
+    routes = {model.id: _route(settings, model.id) for model in settings.served}
+    return Pipeline(
+        [
+            prepare_stage(SafetyPolicy(settings.blocklist), routes=routes),
+            *generates,
+            finalize_stage(),
+            deliver_stage(hosts=settings.callback_hosts, secret=secret),
+            Projector().stage(also=[prepared_topic(route) for route in routes.values() if route]),
+        ]
+    )
+
+
+def _route(settings: Settings, model: str) -> str:
+    """What a request's events name as its model: nothing for the default one."""
+    return "" if model == settings.model.id else model
 
 
 def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
@@ -268,12 +288,14 @@ async def run_node(
         if worker_processes:
             local_stages = tuple(stage for stage in settings.stages if stage == "projector")
             child_stages = tuple(stage for stage in settings.stages if stage != "projector")
-        # Only a process that generates loads the model (the gateway, for one, never does).
-        model = build_model(settings) if "generate" in local_stages else None
+        # Only a process that generates loads the models (the gateway, for one, never does).
+        models = await build_models(settings) if "generate" in local_stages else {}
         cancels = CancelWatch(log)
-        pipeline = build_pipeline(settings, model, cancels)
+        pipeline = build_pipeline(settings, models, cancels)
         workers = [
-            StageWorker(pipeline[name], log, store, heartbeat=settings.ack_wait / 3) for name in local_stages
+            StageWorker(stage, log, store, heartbeat=settings.ack_wait / 3)
+            for stage in pipeline
+            if _runs_here(stage, local_stages)
         ]
         worker_stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(worker_stop), name=f"stage-{w.stage.name}") for w in workers]
@@ -292,7 +314,8 @@ async def run_node(
                 if metrics_sock is not None:
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
                 if sock is not None:
-                    app = create_app(log, store, limits=limits, keys=keys, models=[model_id(settings)])
+                    ids = [model.id for model in settings.served]
+                    app = create_app(log, store, limits=limits, keys=keys, models=ids)
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 ports = children.metrics_ports if children else []
                 if metrics_sock is not None:
@@ -310,5 +333,5 @@ async def run_node(
             for task in (*pending, *helpers):
                 task.cancel()
             await asyncio.gather(*tasks, *helpers, return_exceptions=True)
-            if model is not None:
-                await model.close()
+            for backend in models.values():
+                await backend.close()

@@ -85,7 +85,10 @@ class Projector:
     def _linger(events: Sequence[Envelope]) -> float:
         return 0.0 if any(event.type in _SETTLING for event in events) else LINGER
 
-    def stage(self) -> Stage:
+    def stage(self, *, also: Sequence[str] = ()) -> Stage:
+        """The projector as a stage, reading ``also`` beside PROJECTED_TOPICS (the topics where
+        the requests for the deployment's other models wait: see ``prepared_topic``)."""
+
         async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
             await self.apply(ctx.store, [event])
             return ()
@@ -96,7 +99,7 @@ class Projector:
 
         return Stage(
             name="projector",
-            consumes=PROJECTED_TOPICS,
+            consumes=(*PROJECTED_TOPICS, *also),
             handler=handle,
             handle_many=handle_many,
             linger=self._linger,

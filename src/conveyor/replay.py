@@ -4,8 +4,8 @@ The requests are read from [requests] (the log keeps every one, as it was accept
 each one's old answer from [completed]. They then go through the pipeline's own stages
 (prepare, generate, finalize and the projector) in this process, on in-memory backends: the
 running pipeline, its topics, views and usage ledger are not touched, nobody is billed
-twice, and the model is whichever this process was given. Deadlines are dropped (they
-belonged to the original callers).
+twice, and the model is whichever this process was given, whichever model a request named.
+Deadlines are dropped (they belonged to the original callers).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ async def replay(
             for event in requests:  # before they are published: no change can slip by
                 watching.enter_context(watch.subscribe(event.request_id, changes))
             await log.publish(
-                Topic.REQUESTS, [dataclasses.replace(event, deadline=None) for event in requests]
+                Topic.REQUESTS, [dataclasses.replace(event, deadline=None, model="") for event in requests]
             )
             ended: set[str] = set()
             while len(ended) < len(requests):

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.events import Envelope, new_event
+from conveyor.events import Envelope, new_event, prepared_topic
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.payloads import RequestAccepted
 
@@ -237,3 +237,13 @@ async def test_lag_counts_undelivered_and_unacknowledged_events_per_group(log: E
     await log.publish("requests", [event(f"q{i}", key=f"k{i}") for i in range(3)])
     again = [lag for lag in await log.lag() if (lag.topic, lag.group) == ("requests", "workers")]
     assert sum(lag.pending + lag.in_flight for lag in again) == 7
+
+
+async def test_lag_names_a_models_topic_as_it_was_published_to(log: EventLog) -> None:
+    topic = prepared_topic("gpt-4o")  # a topic of one model of several: "prepared-gpt-4o"
+    await log.subscribe(topic, "generate-gpt-4o")
+    await log.publish(topic, [event("p", key="k")])
+    mine = [lag for lag in await log.lag() if lag.topic == topic]
+    assert [(lag.group, lag.pending + lag.in_flight) for lag in mine if lag.pending + lag.in_flight] == [
+        ("generate-gpt-4o", 1)
+    ]

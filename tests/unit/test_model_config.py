@@ -8,7 +8,7 @@ from conveyor.cli import command_line, settings_from
 from conveyor.config import ModelSettings, Settings
 from conveyor.events import Topic, new_event
 from conveyor.models.simulated import SimulatedModel
-from conveyor.node import model_id, model_info
+from conveyor.node import model_info
 from conveyor.payloads import EventType, RequestPrepared
 from conveyor.stages import CancelWatch, generate_stage
 from conveyor.testing import MemoryEventLog, StageHarness
@@ -18,16 +18,12 @@ from tests.helpers import submit, wait_final
 
 def test_settings_name_version_and_license_override_the_backends_own() -> None:
     model = SimulatedModel()
-    default = Settings(model=ModelSettings(backend="simulated"))
-    assert model_info(default, model) == model.info
-    named = Settings(
-        model=ModelSettings(backend="simulated", name="acme-chat", version="2026-11", license="MIT")
-    )
+    assert model_info(ModelSettings(backend="simulated"), model) == model.info
+    named = ModelSettings(backend="simulated", name="acme-chat", version="2026-11", license="MIT")
     info = model_info(named, model)
     assert (info.name, info.version, info.license) == ("acme-chat", "2026-11", "MIT")
-    assert model_id(named) == "acme-chat"
-    upstream = Settings(model=ModelSettings(backend="openai", upstream_model="llama-3"))
-    assert model_id(upstream) == "llama-3"
+    assert named.id == "acme-chat"
+    assert ModelSettings(backend="openai", upstream_model="llama-3").id == "llama-3"
 
 
 def test_model_settings_survive_the_trip_to_a_worker_process() -> None:
@@ -72,9 +68,7 @@ def test_the_local_engine_is_sized_by_flags_over_the_environment(monkeypatch: py
 
 async def test_every_event_the_model_produced_carries_its_name_version_and_license() -> None:
     log = MemoryEventLog()
-    info = model_info(
-        Settings(model=ModelSettings(name="acme-chat", version="7", license="MIT")), SimulatedModel()
-    )
+    info = model_info(ModelSettings(name="acme-chat", version="7", license="MIT"), SimulatedModel())
     stage = generate_stage(SimulatedModel(token_delay=0.06), CancelWatch(log), info=info)
     prepared = new_event(
         type=EventType.PREPARED, source="test", payload=RequestPrepared(prompt="tell me more", max_tokens=8)

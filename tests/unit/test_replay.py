@@ -29,7 +29,8 @@ async def test_requests_of_a_window_are_answered_again_beside_their_old_answers(
     clock = [0.0]  # the log stamps each event as it was stored, on the days of this history
     source = MemoryEventLog(clock=lambda: clock[0])
     early = accepted("too early", "2026-11-01T00:00:00.000000Z")
-    answered = accepted("write to jane@example.com", "2026-11-02T00:00:00.000000Z")
+    # Asked of a model this deployment no longer serves: replayed with the model given.
+    answered = accepted("write to jane@example.com", "2026-11-02T00:00:00.000000Z", model="old-model")
     expired = accepted("a caller who gave up", "2026-11-02T01:00:00.000000Z", deadline=time.time() - 3600)
     other = accepted("someone else's", "2026-11-02T02:00:00.000000Z", tenant="globex")
     for event in (early, answered, expired, other):
@@ -51,7 +52,7 @@ async def test_requests_of_a_window_are_answered_again_beside_their_old_answers(
 
     model = SimulatedModel(token_delay=0.001)  # slow enough for a past deadline to stop it
     settings = Settings(model=ModelSettings(backend="simulated"))
-    pipeline = build_pipeline(settings, model, CancelWatch(source))
+    pipeline = build_pipeline(settings, {"simulated": model}, CancelWatch(source))
     results: dict[str, Replayed] = {}
     async with contextlib.aclosing(replay(source, requests, pipeline)) as replayed:
         async for result in replayed:

@@ -263,7 +263,7 @@ def add_anthropic_routes(
         """Anthropic's Messages API, through the durable pipeline; ``stream`` for its events."""
         body = _parse(await request.body(), models, limits)
         try:
-            accepted = await core.accept(body.payload(), tenant=tenant)
+            accepted = await core.accept(body.payload(), tenant=tenant, model=body.model)
         except Refused as exc:
             raise AnthropicError.refused(exc) from None
         wire = MessagesWire(accepted.id, body.model, int(time.time()))

@@ -82,6 +82,12 @@ class SubmitRequest(BaseModel):
         description="Lower is served sooner where requests wait for the model (e.g. a slot of the "
         "local model); negative for interactive traffic, positive for background work.",
     )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The id of the model to answer (`GET /v1/models` lists them); default: the "
+        "deployment's first.",
+    )
     callback_url: str | None = Field(
         None,
         max_length=2048,
@@ -149,7 +155,7 @@ def create_app(
     if limits.rate or tenant_rates:
         limiter = RateLimiter(store, default=limits.rate, tenants=tenant_rates)
     admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
-    core = GatewayCore(log, store, keys=keys, limiter=limiter, admission=admission)
+    core = GatewayCore(log, store, keys=keys, limiter=limiter, admission=admission, models=models)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -257,6 +263,7 @@ def create_app(
                 timeout=body.timeout,
                 priority=body.priority,
                 callback=body.callback_url or "",
+                model=body.model or "",
                 idempotency_key=idempotency_key,
                 # How the answer is delivered is no part of the request.
                 fingerprint=body.model_dump(mode="json", exclude={"stream"}) if idempotency_key else None,

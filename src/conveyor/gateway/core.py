@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -87,8 +87,11 @@ class GatewayCore:
         keys: ApiKeys | None = None,
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
+        models: Sequence[str] = (),
     ) -> None:
         self.log, self.store = log, store
+        # The models served, the default first: a request for it names no model on its events.
+        self.models = tuple(models)
         self.keys, self.limiter, self.admission = keys, limiter, admission
         self.watch = StatusWatch(store)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
@@ -162,12 +165,18 @@ class GatewayCore:
         timeout: float | None = None,
         priority: int = 0,
         callback: str = "",
+        model: str = "",
         idempotency_key: str | None = None,
         fingerprint: Any = None,
         wait: float = 0.0,
     ) -> Accepted:
         """Put the request on the log (durably, when this returns); raises Refused if it may not.
-        With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``)."""
+        With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``).
+        ``model``: one of ``models`` by id (empty: the default one)."""
+        if model and model not in self.models:
+            raise Refused(
+                404, "model_not_found", f"the model {model!r} does not exist; try {list(self.models)}"
+            )
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,
@@ -177,6 +186,7 @@ class GatewayCore:
             deadline=time.time() + timeout if timeout else None,
             priority=priority,
             callback=callback,
+            model="" if model == next(iter(self.models), "") else model,
         )
         rid = event.id
         idem = digest = ""

@@ -313,7 +313,8 @@ def add_openai_routes(
                 for i in range(body.n)
             ]
         outcomes = await asyncio.gather(
-            *(core.accept(p, tenant=tenant, priority=body.priority) for p in choices), return_exceptions=True
+            *(core.accept(p, tenant=tenant, priority=body.priority, model=body.model) for p in choices),
+            return_exceptions=True,
         )
         rids = [outcome.id for outcome in outcomes if not isinstance(outcome, BaseException)]
         failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)

@@ -336,7 +336,7 @@ def add_responses_routes(
         """OpenAI's Responses API, stateless, through the durable pipeline; ``stream`` for its events."""
         body, payload = _parse(await request.body(), models, limits)
         try:
-            accepted = await core.accept(payload, tenant=tenant)
+            accepted = await core.accept(payload, tenant=tenant, model=body.model)
         except Refused as exc:
             raise OpenAIError.refused(exc) from None
         echo = {

@@ -292,10 +292,11 @@ class NatsEventLog(JetStreamBackend):
         out = []
         try:
             for stream in await self._js.streams_info():
-                name = stream.config.name or ""
-                if not name.startswith(self.stream_name("")):
+                name, subjects = stream.config.name or "", stream.config.subjects or []
+                if not name.startswith(self.stream_name("")) or not subjects:
                     continue
-                topic = name[len(self.stream_name("")) :].lower()
+                # As its subjects spell it: the stream's name has "_" for a "-".
+                topic = subjects[0].removeprefix(f"{self._prefix}.").removesuffix(".>")
                 for consumer in await self._js.consumers_info(name):
                     if consumer.config.durable_name:  # ordered (tail) consumers have no group
                         pending, in_flight = consumer.num_pending or 0, consumer.num_ack_pending or 0

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import ConveyorError, InvalidEventError, RetryableError
-from conveyor.events import Envelope, Topic
+from conveyor.events import Envelope, Topic, model_token, prepared_topic
 from conveyor.log.base import EventLog
 from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import (
@@ -242,9 +242,11 @@ def generate_stage(
     info: ModelInfo | None = None,
     chunking: ChunkPolicy = ChunkPolicy(),
     batching: BatchPolicy = BatchPolicy(),
+    route: str = "",
 ) -> Stage:
     """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
-    every event it produces."""
+    every event it produces. It takes the requests whose events name ``route`` as their model
+    (``""``: the deployment's default model) from that model's topic (``prepared_topic``)."""
     stamp = info or model.info
 
     async def handle_batch(
@@ -305,8 +307,8 @@ def generate_stage(
         raise RuntimeError(f"the model ended without finishing request {event.request_id}")
 
     return Stage(
-        name="generate",
-        consumes=(Topic.PREPARED,),
+        name=f"generate-{model_token(route)}" if route else "generate",
+        consumes=(prepared_topic(route),),
         handler=handle,
         handle_batch=handle_batch,
         batching=batching,

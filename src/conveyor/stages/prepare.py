@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from conveyor.events import Envelope, Topic
+from conveyor.events import Envelope, Topic, prepared_topic
 from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.deliver import settled
@@ -36,9 +36,25 @@ class SafetyPolicy:
         return next((phrase for phrase, pattern in self._patterns if pattern.search(prompt)), None)
 
 
-def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
+def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str, str] | None = None) -> Stage:
+    """``routes``: what the events of a request for each model served name as its model, by the
+    model's id (``""`` for the default one); a request naming another fails. None: no check, every
+    request goes by the model it names."""
+    # A request names its model by route, or by id (the default one's too).
+    lookup = None if routes is None else {**{r: r for r in routes.values()}, **routes}
+
     async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
         request = decode(RequestAccepted, event.data)
+        route = event.model if lookup is None else lookup.get(event.model)
+        if route is None:
+            # Accepted for a model no longer served (the gateway checks those it serves).
+            served = sorted(routes or ())
+            failed = RequestFailed(
+                code="model_not_found",
+                message=f"the model {event.model!r} is not served here; served: {served}",
+                stage=ctx.stage,
+            )
+            return settled(ctx.derive(event, type=EventType.FAILED, payload=failed))
         texts = [request.prompt, *(m.content for m in request.messages)]
         blocked = next((b for t in texts if (b := policy.violation(t)) is not None), None)
         if blocked is not None:
@@ -74,7 +90,8 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy()) -> Stage:
             sampling=request.sampling,
             continuation=request.continuation,
         )
-        return [Output(Topic.PREPARED, ctx.derive(event, type=EventType.PREPARED, payload=prepared))]
+        out = ctx.derive(event, type=EventType.PREPARED, payload=prepared)
+        return [Output(prepared_topic(route), out)]
 
     return Stage(
         name="prepare",

@@ -1,0 +1,115 @@
+"""Several models in one deployment: each named by its id, each waiting on a topic of its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import command_line, settings_from
+from conveyor.config import ModelSettings, Settings
+from conveyor.events import Envelope, Topic, new_event, prepared_topic
+from conveyor.payloads import EventType, RequestAccepted, RequestFailed, decode
+from conveyor.stages import prepare_stage
+from conveyor.testing import StageHarness
+from tests.conftest import NodeFactory
+from tests.helpers import sdk, submit, wait_final
+
+FAST = ModelSettings(backend="simulated", name="fast", version="2", license="MIT")
+
+
+def test_more_models_come_from_the_command_line_a_config_file_and_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parser = command_line()
+    flags = settings_from(
+        parser.parse_args(
+            [
+                "up",
+                "--model",
+                "simulated",
+                "--add-model",
+                "fast=simulated,version=2,license=MIT",
+                "--add-model",
+                "gpt=openai,upstream_url=http://127.0.0.1:9/v1,upstream_model=gpt-4o-mini,batch_max_wait=0.01",
+                "--serve",
+                "fast",
+            ]
+        )
+    )
+    assert [m.id for m in flags.served] == ["simulated", "fast", "gpt"]
+    assert flags.models[0] == FAST
+    assert (flags.models[1].upstream_model, flags.models[1].batch_max_wait) == ("gpt-4o-mini", 0.01)
+    assert [m.id for m in flags.generated_here] == ["fast"]
+    # What a worker process is handed is what it serves.
+    assert Settings.from_env(flags.to_env()) == flags
+
+    config = tmp_path / "conveyor.toml"
+    config.write_text(
+        'model = "simulated"\n\n[[models]]\nname = "fast"\nbackend = "simulated"\nversion = "2"\n'
+    )
+    from_file = Settings.load(config, env={})
+    assert from_file.models == (ModelSettings(backend="simulated", name="fast", version="2"),)
+    monkeypatch.setenv("CONVEYOR_MODELS", json.dumps([{"backend": "simulated", "name": "echo"}]))
+    assert [m.id for m in settings_from(parser.parse_args(["up", "--model", "simulated"])).served] == [
+        "simulated",
+        "echo",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--add-model", "simulated=simulated"], "distinct ids"),
+        (["--add-model", "Fast=simulated", "--add-model", "fast!=simulated"], "distinct ids"),
+        (["--add-model", "fast"], "expected ID=BACKEND"),
+        (["--add-model", "fast=simulated,slots=many"], "slots must be a int, not 'many'"),
+        (["--add-model", "fast=simulated,colour=red"], "'colour=red' is not SETTING=VALUE"),
+        (["--serve", "nobody"], "--serve names models not served here: ['nobody']"),
+    ],
+)
+def test_a_wrong_model_list_is_refused_with_its_reason(argv: list[str], error: str) -> None:
+    with pytest.raises(ValueError, match=error.replace("[", r"\[").replace("]", r"\]")):
+        settings_from(command_line().parse_args(["up", "--model", "simulated", *argv]))
+
+
+async def test_prepare_routes_each_request_to_its_models_topic_and_fails_an_unknown_one() -> None:
+    stage = prepare_stage(routes={"simulated": "", "fast": "fast"})
+    harness = StageHarness(stage)
+
+    def accepted(model: str) -> Envelope:
+        return new_event(
+            type=EventType.ACCEPTED, source="test", payload=RequestAccepted(prompt="hi"), model=model
+        )
+
+    for model, topic in [("", Topic.PREPARED), ("simulated", Topic.PREPARED), ("fast", "prepared-fast")]:
+        out = await harness.handle(accepted(model))
+        assert [t for t, events in out.items() if events] == [topic], model
+    out = await harness.handle(accepted("retired"))
+    failed = decode(RequestFailed, out[Topic.COMPLETED][0].data)
+    assert failed.code == "model_not_found"
+    assert "'retired' is not served here" in failed.message
+    assert prepared_topic("Llama 3.1:8B") == "prepared-llama-3-1-8b"
+
+
+async def test_each_model_answers_the_requests_that_name_it_through_every_api(node: NodeFactory) -> None:
+    async with node(settings={"models": (FAST,)}) as http, sdk(str(http.base_url)) as client:
+        listed = (await http.get("/v1/models")).json()
+        assert [m["id"] for m in listed["data"]] == ["simulated", "fast"]
+        default = await wait_final(http, await submit(http, "which model?"))
+        named = await wait_final(http, await submit(http, "which model?", model="fast"))
+        assert (default["model"], named["model"]) == ("simulated", "fast")
+        assert default["output"] == named["output"]  # two simulated models answer alike
+        unknown = await http.post("/v1/requests", json={"prompt": "hi", "model": "slow"})
+        assert unknown.status_code == 404
+        assert unknown.json()["error"]["code"] == "model_not_found"
+
+        chat = await client.chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert chat.model == "fast"
+        view = await wait_final(http, chat.id.removeprefix("chatcmpl-"))
+        assert view["model"] == "fast"
+        response = await client.responses.create(model="simulated", input="hi", max_output_tokens=8)
+        assert (await wait_final(http, response.id.removeprefix("resp_")))["model"] == "simulated"
