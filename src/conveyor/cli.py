@@ -316,7 +316,7 @@ def _submit(args: argparse.Namespace) -> int:
     from conveyor.client import Client
 
     fields: dict[str, object] = {}
-    for field in ("max_tokens", "key", "temperature", "seed", "priority"):
+    for field in ("model", "max_tokens", "key", "temperature", "seed", "priority"):
         if getattr(args, field) is not None:
             fields[field] = getattr(args, field)
     if args.json_schema is not None:
@@ -616,6 +616,7 @@ def command_line() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a prompt and print the output as it streams")
     submit.add_argument("prompt")
     submit.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
+    submit.add_argument("--model", help="the id of the model to answer (default: the deployment's first)")
     submit.add_argument("--max-tokens", type=int)
     submit.add_argument("--key", help="partition key (requests with one key are handled in order)")
     submit.add_argument("--temperature", type=float, help="0 (the default) is greedy")

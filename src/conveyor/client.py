@@ -205,7 +205,7 @@ def _raise_for(response: httpx.Response) -> None:
         code, message = str(error["code"]), str(error["message"])
     except (orjson.JSONDecodeError, KeyError, TypeError):
         code, message = f"http_{response.status_code}", response.text[:500]
-    if response.status_code == 404:
+    if response.status_code == 404 and code != "model_not_found":  # that one refuses a submit
         raise NotFoundError(message)
     if response.status_code in _AGAIN or response.status_code >= 500:
         raise UnavailableError(f"{response.status_code} {code}: {message}")

@@ -278,7 +278,7 @@ async def test_conveyor_replay_answers_the_history_again_and_usage_shows_it_bill
 async def test_conveyor_submit_prints_the_output_as_it_streams_then_the_final_status(
     conveyor: ConveyorFactory,
 ) -> None:
-    up = conveyor("--model-token-delay", "0.002").start()
+    up = conveyor("--model-token-delay", "0.002", "--add-model", "fast=simulated").start()
 
     async def submit_command(*arguments: str) -> tuple[int, str, str]:
         process = await asyncio.create_subprocess_exec(
@@ -311,6 +311,16 @@ async def test_conveyor_submit_prints_the_output_as_it_streams_then_the_final_st
     code, out, err = await submit_command(*options, prompt)
     assert code == 0, err
     assert list(json.loads(out)) == ["haiku"]
+    # The deployment's other model, by its id.
+    code, out, err = await submit_command("--model", "fast", "--max-tokens", "24", prompt)
+    assert (code, out) == (0, "".join(tokens) + "\n"), err
+    rid = re.search(r"^request (\S+)$", err, re.MULTILINE)
+    assert rid is not None, err
+    async with httpx.AsyncClient(base_url=up.url) as client:
+        assert (await wait_final(client, rid.group(1)))["model"] == "fast"
+    code, out, err = await submit_command("--model", "slow", prompt)
+    assert (code, out) == (1, "")
+    assert "model_not_found" in err
     # A refusal is said with the gateway's reason, and the command fails.
     code, out, err = await submit_command("--max-tokens", "100000", prompt)
     assert (code, out) == (1, "")
