@@ -10,9 +10,10 @@ is ``conveyor.gateway.wire``'s.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -283,20 +284,6 @@ def add_openai_routes(
             )
         return described(model, request)
 
-    async def parse(request: Request, kind: type[R], default_max_tokens: int) -> tuple[R, int]:
-        """The body as ``kind`` and the tokens it asks for at most; OpenAIError if it is not one."""
-        body = validated(kind, await request.body(), models)
-        if (name := body.refused_field()) is not None:
-            raise OpenAIError(
-                400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
-            )
-        max_tokens = body.asked_max_tokens(default_max_tokens)
-        if max_tokens > limits.max_tokens:
-            raise OpenAIError(
-                400, f"max_tokens exceeds {limits.max_tokens}", code="invalid_request", param="max_tokens"
-            )
-        return body, max_tokens
-
     async def accept(body: Sampled, payload: RequestAccepted, tenant: str) -> list[str]:
         """The ids of the requests of the ``body.n`` choices, all accepted, or none: a choice
         refused cancels those accepted."""
@@ -339,26 +326,8 @@ def add_openai_routes(
         return JSONResponse(wires[0].whole(views))
 
     async def chat(request: Request, tenant: str) -> Response:
-        body, max_tokens = await parse(request, ChatCompletionRequest, limits.default_max_tokens)
-        _check_chat(body)
-        asked, named = body.tool_choice or "auto", None
-        if isinstance(asked, NamedToolChoice):
-            named = asked.function.name
-            asked = "required"
-        payload = RequestAccepted(
-            prompt=next(m.text() for m in reversed(body.messages) if m.role == "user"),
-            max_tokens=max_tokens,
-            messages=[m.payload() for m in body.messages],
-            sampling=body.sampling(
-                json_schema=_json_schema(body.response_format),
-                tools=[Tool(**t.function.model_dump(exclude={"strict"})) for t in body.tools or []],
-                tool_choice=asked,
-                tool_name=named,
-                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            ),
-            metadata={"api": "openai.chat.completions"},
-        )
-        return await answer(body, payload, ChatWire, tenant)
+        body, payload = CHAT.parse(await request.body(), models, limits)
+        return await answer(body, payload, CHAT.wire, tenant)
 
     @app.post(
         "/v1/chat/completions",
@@ -375,15 +344,8 @@ def add_openai_routes(
     async def completions(request: Request, tenant: str = tenant_of_key) -> Response:
         """OpenAI's legacy text completion: the model continues the prompt as it is, without its
         chat template; through the durable pipeline; ``stream`` for SSE chunks."""
-        body, max_tokens = await parse(request, CompletionRequest, TEXT_COMPLETION_MAX_TOKENS)
-        payload = RequestAccepted(
-            prompt=body.text(),
-            max_tokens=max_tokens,
-            sampling=body.sampling(logprobs=body.logprobs),
-            continuation=True,
-            metadata={"api": "openai.completions"},
-        )
-        return await answer(body, payload, TextWire, tenant)
+        body, payload = TEXT.parse(await request.body(), models, limits)
+        return await answer(body, payload, TEXT.wire, tenant)
 
     return chat
 
@@ -439,6 +401,70 @@ def _json_schema(fmt: ResponseFormat | None) -> dict[str, Any] | None:
         return {"type": "object"}
     assert fmt.json_schema is not None  # checked by parse()
     return fmt.json_schema.json_schema
+
+
+def _chat_payload(body: ChatCompletionRequest, max_tokens: int) -> RequestAccepted:
+    _check_chat(body)
+    asked, named = body.tool_choice or "auto", None
+    if isinstance(asked, NamedToolChoice):
+        named = asked.function.name
+        asked = "required"
+    return RequestAccepted(
+        prompt=next(m.text() for m in reversed(body.messages) if m.role == "user"),
+        max_tokens=max_tokens,
+        messages=[m.payload() for m in body.messages],
+        sampling=body.sampling(
+            json_schema=_json_schema(body.response_format),
+            tools=[Tool(**t.function.model_dump(exclude={"strict"})) for t in body.tools or []],
+            tool_choice=asked,
+            tool_name=named,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        ),
+        metadata={"api": "openai.chat.completions"},
+    )
+
+
+def _text_payload(body: CompletionRequest, max_tokens: int) -> RequestAccepted:
+    return RequestAccepted(
+        prompt=body.text(),
+        max_tokens=max_tokens,
+        sampling=body.sampling(logprobs=body.logprobs),
+        continuation=True,
+        metadata={"api": "openai.completions"},
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint(Generic[R]):
+    """One of OpenAI's completion APIs: what it takes, what the pipeline gets, how it answers."""
+
+    path: str
+    kind: type[R]
+    default_max_tokens: int | None  # None: the gateway's
+    payload: Callable[[R, int], RequestAccepted]
+    wire: type[Wire]
+
+    def parse(self, raw: bytes, models: Sequence[str], limits: GatewayLimits) -> tuple[R, RequestAccepted]:
+        """The request ``raw`` and what goes on the log; OpenAIError (400, 404) if it is not one."""
+        body = validated(self.kind, raw, models)
+        if (name := body.refused_field()) is not None:
+            raise OpenAIError(
+                400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
+            )
+        max_tokens = body.asked_max_tokens(self.default_max_tokens or limits.default_max_tokens)
+        if max_tokens > limits.max_tokens:
+            raise OpenAIError(
+                400, f"max_tokens exceeds {limits.max_tokens}", code="invalid_request", param="max_tokens"
+            )
+        return body, self.payload(body, max_tokens)
+
+
+CHAT: Endpoint[ChatCompletionRequest] = Endpoint(
+    "/v1/chat/completions", ChatCompletionRequest, None, _chat_payload, ChatWire
+)
+TEXT: Endpoint[CompletionRequest] = Endpoint(
+    "/v1/completions", CompletionRequest, TEXT_COMPLETION_MAX_TOKENS, _text_payload, TextWire
+)
 
 
 # Failures that were the request's own doing, answered 400 with OpenAI's code for them.
