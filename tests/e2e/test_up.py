@@ -18,6 +18,7 @@ import pytest
 from conveyor.backends import open_store
 from conveyor.callbacks import SIGNATURE_HEADER, verify
 from conveyor.events import Topic, new_event
+from conveyor.files import PIECE
 from conveyor.log.kafka import KafkaEventLog
 from conveyor.log.nats import NatsEventLog
 from conveyor.models.simulated import SimulatedModel
@@ -25,7 +26,7 @@ from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestPre
 from conveyor.store.base import Namespace
 from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
-from tests.helpers import Receiver, read_sse, receiving, streamed_text, submit, wait_final
+from tests.helpers import Receiver, read_sse, receiving, sdk, streamed_text, submit, wait_final
 
 pytestmark = pytest.mark.slow
 
@@ -410,3 +411,49 @@ async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_rea
     assert "--model openai needs --upstream-url" in text
     assert "worker process 0 (prepare generate finalize deliver) exited with 1" in text
     assert "Conveyor is up" not in text
+
+
+@pytest.mark.parametrize("backends", ["bundled-nats", "kafka+redis"])
+async def test_a_batch_file_larger_than_one_stored_value_is_answered_through_conveyor_up(
+    conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest
+) -> None:
+    if backends == "kafka+redis":
+        urls = (
+            "--log-url",
+            request.getfixturevalue("kafka_url"),
+            "--store-url",
+            request.getfixturevalue("redis_url"),
+        )
+        up = conveyor(*urls, env={"CONVEYOR_PREFIX": unique_prefix()}).start()
+    else:
+        up = conveyor().start()
+    # Long prompts: the file is larger than a NATS message may be (1 MB), stored in pieces.
+    prompts = {f"line-{i}": f"request {i}: " + "tell me about queues " * 350 for i in range(150)}
+    lines = [
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "simulated", "prompt": prompt, "max_tokens": 4},
+        }
+        for cid, prompt in prompts.items()
+    ]
+    content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    assert len(content) > 1024 * 1024 > PIECE
+    async with sdk(up.url) as client:
+        uploaded = await client.files.create(file=("in.jsonl", content), purpose="batch")
+        assert (await client.files.content(uploaded.id)).content == content
+        created = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        batch = await client.batches.retrieve(created.id, extra_query={"wait": 60})
+        assert batch.status == "completed", batch
+        assert batch.output_file_id is not None
+        output = (await client.files.content(batch.output_file_id)).content.splitlines()
+    model = SimulatedModel()
+    answered = {line["custom_id"]: line["response"]["body"] for line in map(json.loads, output)}
+    assert set(answered) == set(prompts)
+    for cid, body in answered.items():
+        assert body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == "".join(model.answer(prompts[cid], 4)[0])
+    assert up.stop() == 0

@@ -21,6 +21,7 @@ from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.anthropic_api import add_anthropic_routes
 from conveyor.gateway.auth import ApiKeys
+from conveyor.gateway.batch_api import FILES_PATH, add_batch_routes
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
 from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
@@ -285,6 +286,7 @@ def create_app(
     complete = add_openai_routes(app, core, models=models, limits=limits)
     add_anthropic_routes(app, core, models=models, limits=limits)
     add_responses_routes(app, core, models=models, limits=limits)
+    add_batch_routes(app, core, models=models, limits=limits)
     app.add_middleware(
         FastPath,
         core=core,
@@ -294,7 +296,9 @@ def create_app(
         complete=complete,
         handlers=app.exception_handlers,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)  # outermost: before anything reads
+    app.add_middleware(
+        BodySizeLimit, max_bytes=limits.max_body_bytes, paths={FILES_PATH: limits.max_file_bytes}
+    )  # outermost: before anything reads
 
     @app.post(
         "/v1/requests",

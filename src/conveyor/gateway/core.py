@@ -40,6 +40,7 @@ _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="or X-AP
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayLimits:
     max_body_bytes: int = 256 * 1024
+    max_file_bytes: int = 64 * 1024 * 1024  # an uploaded file (a batch's input)
     max_prompt_chars: int = 100_000
     max_tokens: int = 8192
     default_max_tokens: int = 256
@@ -156,6 +157,15 @@ class GatewayCore:
                 429, "rate_limited", f"over the rate limit{limit}; retry in {wait:.2f} s", retry_after=wait
             )
 
+    def route(self, model: str) -> str:
+        """What the events of a request for ``model`` (one of ``models``, by id; empty: the default)
+        name as its model: nothing for the default one. Refused (404) for a model not served."""
+        if model and model not in self.models:
+            raise Refused(
+                404, "model_not_found", f"the model {model!r} does not exist; try {list(self.models)}"
+            )
+        return "" if model == next(iter(self.models), "") else model
+
     async def accept(
         self,
         payload: RequestAccepted,
@@ -173,10 +183,6 @@ class GatewayCore:
         """Put the request on the log (durably, when this returns); raises Refused if it may not.
         With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``).
         ``model``: one of ``models`` by id (empty: the default one)."""
-        if model and model not in self.models:
-            raise Refused(
-                404, "model_not_found", f"the model {model!r} does not exist; try {list(self.models)}"
-            )
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,
@@ -186,7 +192,7 @@ class GatewayCore:
             deadline=time.time() + timeout if timeout else None,
             priority=priority,
             callback=callback,
-            model="" if model == next(iter(self.models), "") else model,
+            model=self.route(model),
         )
         rid = event.id
         idem = digest = ""

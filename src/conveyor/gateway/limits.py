@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,18 +16,22 @@ def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
 
 
 class BodySizeLimit:
-    """Answers 413 when a body is, or turns out to be, larger than ``max_bytes``."""
+    """Answers 413 when a body is, or turns out to be, larger than ``max_bytes`` (or than the
+    limit ``paths`` gives its path: file uploads are larger than requests)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, paths: Mapping[str, int] = MappingProxyType({})
+    ) -> None:
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         seen = 0
         started = False
@@ -34,8 +41,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if seen > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -47,10 +54,10 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        body = orjson.dumps(error_body("body_too_large", BodyTooLarge(self.max_bytes).detail))
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = orjson.dumps(error_body("body_too_large", BodyTooLarge(limit).detail))
         await send(
             {
                 "type": "http.response.start",

@@ -10,13 +10,18 @@ from typing import Protocol
 
 
 class Namespace(StrEnum):
-    """Every kind of state Conveyor keeps outside the log (each rebuildable from it)."""
+    """Every kind of state Conveyor keeps outside the log (each rebuildable from it, but FILES and
+    BATCHES)."""
 
     STATUS = "status"  # the projector's per-request view
     DEDUPE = "dedupe"  # (stage, event id) pairs whose outputs are durably published
     USAGE = "usage"  # the usage ledger: one record per request, written once
     IDEMPOTENCY = "idempotency"  # client Idempotency-Key -> request id
     RATE = "rate"  # per-tenant token buckets of the gateways' rate limits
+    # Kept for clients rather than rebuildable from the log: the files they uploaded (a batch's
+    # input; the log holds every request it made) and their batches.
+    FILES = "files"
+    BATCHES = "batches"
 
 
 _DAY = 86_400.0
@@ -29,6 +34,8 @@ TTL: Mapping[Namespace, float] = MappingProxyType(
         Namespace.IDEMPOTENCY: 1 * _DAY,
         # A bucket left alone this long would be full again anyway: expiry loses nothing.
         Namespace.RATE: 1 * _DAY,
+        Namespace.FILES: 30 * _DAY,
+        Namespace.BATCHES: 30 * _DAY,
     }
 )
 
