@@ -223,7 +223,8 @@ class Batches:
         await asyncio.gather(
             *(
                 self.core.cancel(
-                    view or RequestView(id=batch.request_id(i), tenant=batch.tenant), "batch cancelled"
+                    view if view is not None else RequestView(id=batch.request_id(i), tenant=batch.tenant),
+                    "batch cancelled",
                 )
                 for i, view in enumerate(views)
                 if view is None or not view.terminal
