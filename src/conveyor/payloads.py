@@ -111,13 +111,15 @@ class RequestAccepted(Payload):
     messages: list[ChatMessage] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
     continuation: bool = False  # a text completion: see RequestPrepared
+    embed: bool = False  # the prompt's embedding is asked for: see RequestPrepared
 
 
 class RequestPrepared(Payload):
     """``request.prepared`` on [prepared]: the prompt after safety checks and redaction.
 
     ``continuation``: the model continues ``prompt`` as it is, without its chat template (a text
-    completion), and its text is kept as it is.
+    completion), and its text is kept as it is. ``embed``: the model answers with the prompt's
+    embedding (a vector) instead of text.
     """
 
     prompt: str
@@ -127,6 +129,7 @@ class RequestPrepared(Payload):
     messages: list[ChatMessage] = Field(default_factory=list)
     sampling: Sampling = Field(default_factory=Sampling)
     continuation: bool = False
+    embed: bool = False
 
 
 class GenerationStarted(Payload):
@@ -162,6 +165,7 @@ class GenerationCompleted(Payload):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # of every token of ``text``, if asked for
     continuation: bool = False  # the text continues the prompt: it is not post-processed
+    embedding: list[float] | None = None  # the prompt's, when it was asked for (``text`` is empty)
 
 
 class RequestCompleted(Payload):
@@ -178,6 +182,7 @@ class RequestCompleted(Payload):
     )
     tool_calls: list[ToolCall] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    embedding: list[float] | None = None  # the prompt's, when it was asked for
 
 
 class RequestFailed(Payload):

@@ -465,3 +465,26 @@ async def test_a_prompt_longer_than_the_context_fails_alone_and_for_good(model: 
     assert isinstance(refused.error, PermanentError)
     assert "exceed the context" in str(refused.error)
     assert [t.finish_reason for t in tokens if t.request_id == "r1" and t.last] == ["stop"]  # batch-mate
+
+
+async def test_embeddings_through_the_pipeline_put_alike_texts_close_and_refuse_an_overlong_one(
+    node: NodeFactory,
+) -> None:
+    texts = ["The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterly revenue grew 4 percent."]
+    settings = {"model": ModelSettings(backend="local", slots=2, context=128)}
+    async with node(settings=settings) as http, sdk(str(http.base_url)) as client:
+        answer = await client.embeddings.create(
+            model="smollm2-135m-instruct", input=texts, encoding_format="float"
+        )
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.embeddings.create(model="smollm2-135m-instruct", input=["word " * 200, "short"])
+    vectors = [d.embedding for d in answer.data]
+    assert [len(v) for v in vectors] == [576] * 3
+    assert all(sum(x * x for x in v) == pytest.approx(1.0, abs=1e-4) for v in vectors)  # unit length
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.1
+    assert answer.usage.prompt_tokens == sum(len(t.split()) for t in texts) + 6  # the model's own count
+    assert refused.value.code == "context_length_exceeded"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -30,8 +31,9 @@ PROMPT = "Write a haiku about queues"
 CITY: dict[str, object] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+@contextlib.contextmanager
+def llama_server(*options: str) -> Iterator[str]:
+    """llama-cpp-python's OpenAI-compatible server on the local model's GGUF; its /v1 URL."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -48,6 +50,7 @@ def server() -> Iterator[str]:
             "1024",
             "--verbose",
             "false",
+            *options,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,6 +74,12 @@ def server() -> Iterator[str]:
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with llama_server() as url:
+        yield url
 
 
 async def collect(model: OpenAICompatModel, request: GenerationRequest) -> tuple[str, str | None]:
@@ -208,3 +217,23 @@ async def test_conveyor_up_serves_an_upstream_model_through_the_pipeline(server:
         if up.process is not None:
             up.stop()
         up.cleanup()
+
+
+async def test_embeddings_come_from_the_upstream_through_the_pipeline(node: NodeFactory) -> None:
+    texts = ["The cat sat on the mat.", "A cat was sitting on a rug.", "Quarterly revenue grew 4 percent."]
+    with llama_server("--embedding", "true") as url:
+        direct = OpenAICompatModel(base_url=url, model="smollm2")
+        try:
+            made = await direct.embed(texts)
+        finally:
+            await direct.close()
+        assert [len(e.vector) for e in made] == [576] * 3
+        assert all(e.tokens > 0 for e in made)
+        async with node(settings=upstream(url, "smollm2")) as http, sdk(str(http.base_url)) as client:
+            answer = await client.embeddings.create(model="smollm2", input=texts, encoding_format="float")
+    vectors = [d.embedding for d in answer.data]
+    # The pipeline's answer is the server's own, in order.
+    for got, want in zip(vectors, (e.vector for e in made), strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert answer.usage.prompt_tokens == sum(e.tokens for e in made)
+    assert len({tuple(v) for v in vectors}) == 3

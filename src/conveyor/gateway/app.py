@@ -23,6 +23,7 @@ from conveyor.gateway.anthropic_api import add_anthropic_routes
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.batch_api import FILES_PATH, add_batch_routes
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
+from conveyor.gateway.embeddings_api import add_embeddings_routes
 from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
@@ -287,6 +288,7 @@ def create_app(
     add_anthropic_routes(app, core, models=models, limits=limits)
     add_responses_routes(app, core, models=models, limits=limits)
     add_batch_routes(app, core, models=models, limits=limits)
+    add_embeddings_routes(app, core, models=models, limits=limits)
     app.add_middleware(
         FastPath,
         core=core,

@@ -299,19 +299,7 @@ def add_openai_routes(
                 else payload
                 for i in range(body.n)
             ]
-        outcomes = await asyncio.gather(
-            *(core.accept(p, tenant=tenant, priority=body.priority, model=body.model) for p in choices),
-            return_exceptions=True,
-        )
-        rids = [outcome.id for outcome in outcomes if not isinstance(outcome, BaseException)]
-        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-        if failure is None:
-            return rids
-        for rid in rids:
-            await core.cancel(RequestView(id=rid, tenant=tenant), reason="another choice was refused")
-        if isinstance(failure, Refused):
-            raise OpenAIError.refused(failure) from None
-        raise failure
+        return await accept_all(core, choices, tenant=tenant, priority=body.priority, model=body.model)
 
     async def answer(body: Sampled, payload: RequestAccepted, wire: type[Wire], tenant: str) -> Response:
         rids = await accept(body, payload, tenant)
@@ -348,6 +336,26 @@ def add_openai_routes(
         return await answer(body, payload, TEXT.wire, tenant)
 
     return chat
+
+
+async def accept_all(
+    core: GatewayCore, payloads: Sequence[RequestAccepted], *, tenant: str, priority: int = 0, model: str = ""
+) -> list[str]:
+    """The ids of ``payloads``' requests, all accepted, or none: one refused (OpenAIError) cancels
+    those accepted."""
+    outcomes = await asyncio.gather(
+        *(core.accept(p, tenant=tenant, priority=priority, model=model) for p in payloads),
+        return_exceptions=True,
+    )
+    rids = [outcome.id for outcome in outcomes if not isinstance(outcome, BaseException)]
+    failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+    if failure is None:
+        return rids
+    for rid in rids:
+        await core.cancel(RequestView(id=rid, tenant=tenant), reason="a request beside it was refused")
+    if isinstance(failure, Refused):
+        raise OpenAIError.refused(failure) from None
+    raise failure
 
 
 def _check_chat(body: ChatCompletionRequest) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from conveyor.errors import ConveyorError
 from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, Tool, ToolCall, Usage
@@ -94,3 +94,21 @@ class ModelBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Embedding:
+    """A text's embedding, and the tokens the model read to make it."""
+
+    vector: list[float]
+    tokens: int
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A model that also turns texts into embeddings (OpenAI's ``/v1/embeddings``)."""
+
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
+        """One embedding per text, in order; PermanentError if this model makes none (or not of
+        these texts), RetryableError if it may another time."""
+        ...

@@ -27,6 +27,7 @@ import asyncio
 import bisect
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import MissingExtraError, PermanentError, RejectedError, UnavailableError
-from conveyor.models.base import MODEL_IDS, GenerationRequest, ModelInfo, Token
+from conveyor.models.base import MODEL_IDS, Embedding, GenerationRequest, ModelInfo, Token
 from conveyor.models.grammar import Grammar, json_grammar
 from conveyor.observability.metrics import PROMPT_TOKENS
 from conveyor.payloads import FinishReason, TokenLogprob, TopLogprob, Usage
@@ -183,6 +184,10 @@ class LocalModel:
         # The version names the exact weights (a replay can tell which file produced an output).
         self._info = ModelInfo(name=MODEL_NAME, version=f"{path.name}@{_digest(path)}", license=LICENSE)
         self._slots, self._context_per_slot = slots, context_per_slot
+        self._threads = threads
+        # Embeddings: a context and a batch of their own, in a thread of their own, made at the first.
+        self._embedder: tuple[Any, Any] | None = None
+        self._embedding_thread = concurrent.futures.ThreadPoolExecutor(1, "conveyor-local-embeddings")
         self._batch_tokens, self._prefill_chunk = batch_tokens, prefill_chunk
         llama.llama_backend_init()
         self._model = llama.llama_model_load_from_file(str(path).encode(), llama.llama_model_default_params())
@@ -319,10 +324,60 @@ class LocalModel:
                 for request in requests:
                     request.cancelled.set()
 
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
+        """Each text's mean-pooled last hidden state, scaled to length 1 (a small instruct model's
+        embeddings: fine for tests and demos, not what a search index wants)."""
+        counts = [self.count_tokens(text) for text in texts]
+        if not all(counts):
+            raise RejectedError("invalid_request", "an input is empty: there is nothing to embed")
+        if (longest := max(counts)) > self._context_per_slot:
+            raise RejectedError(
+                "context_length_exceeded",
+                f"an input of {longest} tokens exceeds the context of {self._context_per_slot} tokens",
+            )
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._embedding_thread, self._embed, list(texts))
+        return [Embedding(list(vector), count) for vector, count in zip(vectors, counts, strict=True)]
+
+    def _embed(self, texts: list[str]) -> list[list[float]]:  # on the embedding thread
+        llama = self._llama
+        if self._embedder is None:  # a context of its own on the same weights, pooling each text
+            params = llama.llama_context_default_params()
+            params.embeddings = True
+            params.pooling_type = llama.LLAMA_POOLING_TYPE_MEAN
+            params.n_ctx = params.n_batch = params.n_ubatch = self._context_per_slot  # a text in one batch
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self._threads
+            context = llama.llama_init_from_model(self._model, params)
+            if not context:
+                raise UnavailableError("cannot create a llama.cpp context for embeddings")
+            self._embedder = (context, llama.llama_batch_init(self._context_per_slot, 0, 1))
+        context, batch = self._embedder
+        size = llama.llama_model_n_embd(self._model)
+        vectors = []
+        for text in texts:
+            llama.llama_memory_clear(llama.llama_get_memory(context), True)
+            tokens = self._tokenize(text.encode(), special=False)
+            batch.n_tokens = len(tokens)
+            for i, token in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, True
+            if llama.llama_decode(context, batch) != 0:
+                raise UnavailableError("llama_decode failed making an embedding")
+            pooled = llama.llama_get_embeddings_seq(context, 0)
+            vector = [float(pooled[i]) for i in range(size)]
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vectors.append([x / norm for x in vector])
+        return vectors
+
     async def close(self) -> None:
         self._pending.put((math.inf, next(self._arrivals), None))
         await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._embedding_thread.shutdown)
         llama = self._llama
+        if self._embedder is not None:
+            llama.llama_batch_free(self._embedder[1])
+            llama.llama_free(self._embedder[0])
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)

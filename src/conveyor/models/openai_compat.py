@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import orjson
 from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
-from conveyor.models.base import GenerationRequest, ModelInfo, Token
+from conveyor.models.base import Embedding, GenerationRequest, ModelInfo, Token
 from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, TopLogprob, Usage
 
 logger = logging.getLogger("conveyor.models.openai_compat")
@@ -44,6 +45,7 @@ class OpenAICompatModel:
     ) -> None:
         self._url = f"{base_url.rstrip('/')}/chat/completions"
         self._completions_url = f"{base_url.rstrip('/')}/completions"
+        self._embeddings_url = f"{base_url.rstrip('/')}/embeddings"
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # Each read waits at most ``timeout`` (a long generation is no failure, a silent server is).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout)
@@ -166,6 +168,29 @@ class OpenAICompatModel:
         except (aiohttp.ClientError, TimeoutError) as exc:  # refused, reset, timed out: worth another try
             raise UnavailableError(f"model server unreachable: {exc!r}") from exc
 
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
+        """The upstream's embeddings of ``texts``, in one call. Its token count is split over the
+        texts by their length (it gives one number for the call)."""
+        body = {"model": self._model, "input": list(texts), "encoding_format": "float"}
+        try:
+            async with self._client().post(self._embeddings_url, data=orjson.dumps(body)) as response:
+                if response.status >= 400:
+                    raise _classify(response.status, response.reason, await response.text())
+                answer = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UnavailableError(f"model server unreachable: {exc!r}") from exc
+        try:
+            vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]
+            total = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RetryableError(f"upstream embeddings: unexpected answer: {exc!r}") from exc
+        if len(vectors) != len(texts):
+            raise RetryableError(f"upstream embeddings: {len(vectors)} for {len(texts)} texts")
+        sizes = [self.count_tokens(text) for text in texts]
+        shares = [total * size // sum(sizes) for size in sizes] if total else sizes
+        shares[-1] += total - sum(shares) if total else 0  # every token billed once, rounding aside
+        return [Embedding(_pooled(vector), share) for vector, share in zip(vectors, shares, strict=True)]
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -247,6 +272,16 @@ def _usage(counts: Any) -> Usage | None:
     except (AttributeError, ValidationError) as exc:
         logger.warning("ignoring the upstream's malformed usage %.200r: %s", counts, exc)
         return None
+
+
+def _pooled(vector: list[Any]) -> list[float]:
+    """One vector: as it came, or, from a server that answers a vector per token (llama.cpp's for a
+    model without a pooling type), their mean scaled to length 1, as the local model's are."""
+    if not vector or not isinstance(vector[0], list):
+        return [float(x) for x in vector]
+    mean = [sum(column) / len(vector) for column in zip(*vector, strict=True)]
+    norm = math.sqrt(sum(x * x for x in mean)) or 1.0
+    return [x / norm for x in mean]
 
 
 def _classify(status: int, reason: str | None, text: str) -> Exception:

@@ -4,7 +4,7 @@ Latency is a profile, not a computation: ``ttft`` before the first token, then
 ``token_delay`` per token. With both at zero it answers as fast as the loop runs. Asked for JSON
 (``json_schema``), it answers with an instance of the schema made of the same words, so a client's
 structured-output path can be load-tested too. Asked for logprobs, it makes up consistent ones
-(each token the likeliest of its alternatives).
+(each token the likeliest of its alternatives). Its embeddings are words hashed into a vector.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-from conveyor.models.base import GenerationRequest, ModelInfo, Token
+from conveyor.models.base import Embedding, GenerationRequest, ModelInfo, Token
 from conveyor.payloads import FinishReason, TokenLogprob, TopLogprob
 
 _WORDS = [
@@ -48,6 +48,18 @@ _WORDS = [
 ]
 
 
+EMBEDDING_SIZE = 64
+
+
+def embedding_of(text: str) -> list[float]:
+    """The simulated model's embedding of ``text`` (see ``SimulatedModel.embed``)."""
+    vector = [0.0] * EMBEDDING_SIZE
+    for word in text.lower().split():
+        vector[hashlib.sha256(word.encode()).digest()[0] % EMBEDDING_SIZE] += 1.0
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [x / norm for x in vector]
+
+
 class SimulatedModel:
     """Answers every prompt with the same words every time, at a configurable pace."""
 
@@ -75,6 +87,11 @@ class SimulatedModel:
         else:
             tokens = [words[0].capitalize()] + [" " + w for w in words[1:]]
         return tokens[:max_tokens], "stop" if len(tokens) <= max_tokens else "length"
+
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
+        """Each word hashed into one of ``EMBEDDING_SIZE`` dimensions, the sum scaled to length 1:
+        the same text, the same vector; texts sharing words, vectors close together."""
+        return [Embedding(embedding_of(text), self.count_tokens(text)) for text in texts]
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
         plans = {r.id: self.answer(r.prompt, r.max_tokens, r.json_schema) for r in requests}

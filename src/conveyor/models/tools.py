@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
+from conveyor.errors import RejectedError
+from conveyor.models.base import Embedder, Embedding, GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import ChatMessage, TokenLogprob, Tool, ToolCall
 
 
@@ -47,6 +48,12 @@ class PromptedTools:
             async for token in tokens:
                 for out in by_id[token.request_id].take(token):
                     yield out
+
+    async def embed(self, texts: Sequence[str]) -> list[Embedding]:
+        """The model's own embeddings (tool calling has nothing to add to them)."""
+        if not isinstance(self.model, Embedder):
+            raise RejectedError("invalid_request", f"the model {self.model.info.name} makes no embeddings")
+        return await self.model.embed(texts)
 
     async def close(self) -> None:
         await self.model.close()

@@ -46,6 +46,7 @@ def finalize_stage() -> Stage:
             generated_at=event.time,  # so the read model needs no delivery of [generated]
             tool_calls=generated.tool_calls,
             logprobs=generated.logprobs,
+            embedding=generated.embedding,
         )
         return settled(ctx.derive(event, type=EventType.COMPLETED, payload=completed))
 

@@ -12,10 +12,10 @@ import socket
 import time
 from collections.abc import AsyncGenerator, Sequence
 
-from conveyor.errors import ConveyorError, InvalidEventError, RetryableError
+from conveyor.errors import ConveyorError, InvalidEventError, RejectedError, RetryableError
 from conveyor.events import Envelope, Topic, model_token, prepared_topic
 from conveyor.log.base import EventLog
-from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
+from conveyor.models.base import Embedder, Embedding, GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import (
     EventType,
     FinishReason,
@@ -100,13 +100,17 @@ class _Stream:
     """One request of a batch: cuts its tokens into chunks and builds its outputs when it ends."""
 
     def __init__(
-        self, ctx: StageContext, event: Envelope, info: ModelInfo, model: ModelBackend, chunking: ChunkPolicy
+        self,
+        ctx: StageContext,
+        event: Envelope,
+        prepared: RequestPrepared,
+        info: ModelInfo,
+        model: ModelBackend,
+        chunking: ChunkPolicy,
     ) -> None:
-        self._prepared = decode(RequestPrepared, event.data)
+        self._prepared = prepared
         self._ctx, self._event, self._model, self._chunking = ctx, event, model, chunking
-        self._source = dataclasses.replace(
-            event, model=info.name, model_version=info.version, model_license=info.license
-        )
+        self._source = _stamped(event, info)
         self.request = GenerationRequest(
             id=event.request_id,
             prompt=self._prepared.prompt,
@@ -253,14 +257,21 @@ def generate_stage(
         ctx: StageContext, events: Sequence[Envelope]
     ) -> AsyncGenerator[tuple[int, Sequence[Output] | Exception], None]:
         streams: dict[str, tuple[int, _Stream]] = {}
+        embeds: dict[str, tuple[int, Envelope, RequestPrepared]] = {}
         for index, event in enumerate(events):
-            if event.request_id in streams:  # never from one lane at a time; retried alone if so
-                yield index, RetryableError("the same request twice in one batch")
+            if event.request_id in streams or event.request_id in embeds:  # never from one lane at a time
+                yield index, RetryableError("the same request twice in one batch")  # retried alone
                 continue
             try:
-                streams[event.request_id] = (index, _Stream(ctx, event, stamp, model, chunking))
+                prepared = decode(RequestPrepared, event.data)
+                if prepared.embed:
+                    embeds[event.request_id] = (index, event, prepared)
+                else:
+                    streams[event.request_id] = (index, _Stream(ctx, event, prepared, stamp, model, chunking))
             except InvalidEventError as exc:
                 yield index, exc
+        for result in await _embeddings(ctx, model, stamp, list(embeds.values())):
+            yield result
         for _, stream in streams.values():
             cancels.attach(stream.request)
         try:
@@ -315,6 +326,52 @@ def generate_stage(
         accepts=frozenset({EventType.PREPARED}),
         timeout=600.0,
     )
+
+
+def _stamped(event: Envelope, info: ModelInfo) -> Envelope:
+    """``event`` as the source of what ``info``'s model made from it: every output names the model."""
+    return dataclasses.replace(event, model=info.name, model_version=info.version, model_license=info.license)
+
+
+async def _embeddings(
+    ctx: StageContext,
+    model: ModelBackend,
+    info: ModelInfo,
+    asked: Sequence[tuple[int, Envelope, RequestPrepared]],
+) -> list[tuple[int, Sequence[Output] | Exception]]:
+    """The embeddings ``asked`` for, made in one call (or one by one, if that call fails: then
+    each request fails for itself alone), each as that request's [generated] event."""
+    if not asked:
+        return []
+    if not isinstance(model, Embedder):
+        return [
+            (index, RejectedError("invalid_request", f"the model {info.name} makes no embeddings"))
+            for index, _, _ in asked
+        ]
+    made: list[Embedding | BaseException]
+    try:
+        made = list(await model.embed([prepared.prompt for _, _, prepared in asked]))
+    except ConveyorError as exc:
+        if len(asked) == 1:
+            made = [exc]
+        else:
+            alone = [model.embed([prepared.prompt]) for _, _, prepared in asked]
+            made = [
+                r if isinstance(r, BaseException) else r[0]
+                for r in await asyncio.gather(*alone, return_exceptions=True)
+            ]
+    results: list[tuple[int, Sequence[Output] | Exception]] = []
+    for (index, event, _), embedding in zip(asked, made, strict=True):
+        if isinstance(embedding, BaseException):
+            error = embedding if isinstance(embedding, Exception) else RetryableError(repr(embedding))
+            results.append((index, error))
+            continue
+        completed = GenerationCompleted(
+            text="", usage=Usage(prompt_tokens=embedding.tokens), embedding=embedding.vector
+        )
+        generated = ctx.derive(_stamped(event, info), type=EventType.GENERATED, payload=completed)
+        results.append((index, [Output(Topic.GENERATED, generated)]))
+    return results
 
 
 def _after(

@@ -89,6 +89,7 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str,
             messages=messages,
             sampling=request.sampling,
             continuation=request.continuation,
+            embed=request.embed,
         )
         out = ctx.derive(event, type=EventType.PREPARED, payload=prepared)
         return [Output(prepared_topic(route), out)]
