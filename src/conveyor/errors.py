@@ -29,6 +29,15 @@ class UnavailableError(RetryableError):
     """A backend could not be reached."""
 
 
+class DeferredError(RetryableError):
+    """Try again later, from the broker: the event is handed back for redelivery in ``delay``
+    seconds (None: the stage's backoff for its delivery count), and holds no worker meanwhile."""
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 class PermanentError(ConveyorError):
     """The same input will fail again: dead-letter it with the reason."""
 

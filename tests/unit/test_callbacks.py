@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from conveyor.callbacks import SIGNATURE_HEADER, refusal, sign, verify
 from conveyor.deadletters import dead_letters, sent_back
@@ -140,3 +142,44 @@ async def test_a_call_that_failed_for_good_is_made_once_sent_back_from_the_dead_
             async with asyncio.timeout(30):
                 await receiver.called.wait()
     assert [orjson.loads(body)["output"] for _, body in receiver.calls] == ["the answer"] * 2
+
+
+async def test_a_receiver_that_hangs_holds_a_few_workers_and_the_others_are_called_meanwhile() -> None:
+    release, in_flight, most = asyncio.Event(), [0], [0]
+
+    async def hang(request: web.Request) -> web.Response:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await release.wait()
+        finally:
+            in_flight[0] -= 1
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/hang", hang)
+    healthy = Receiver()
+    log = MemoryEventLog()
+    # Four workers, two of them at most for one host: without that cap, the six calls to the
+    # hanging receiver would hold all four until their timeout.
+    stage = deliver_stage(concurrency=4, per_host=2, timeout=60)
+    done = RequestCompleted(output="the answer", streamed_chars=10)
+    async with TestServer(app, host="127.0.0.1") as hanging, receiving(healthy) as url:
+        slow = [
+            new_event(
+                type=EventType.COMPLETED, source="test", payload=done, callback=str(hanging.make_url("/hang"))
+            )
+            for _ in range(6)
+        ]
+        async with StageHarness(stage, log=log).running():
+            await log.publish(Topic.CALLBACKS, slow)
+            await log.publish(
+                Topic.CALLBACKS,
+                [new_event(type=EventType.COMPLETED, source="test", payload=done, callback=url)],
+            )
+            async with asyncio.timeout(30):
+                await healthy.called.wait()
+            assert most[0] <= 2
+            assert in_flight[0] == 2  # still hanging: the healthy one did not wait for them
+            release.set()
+    assert len(healthy.calls) == 1

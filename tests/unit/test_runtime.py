@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from conveyor.errors import PermanentError, RetryableError, UnavailableError
+from conveyor.errors import DeferredError, PermanentError, RetryableError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.base import Delivery, Subscription
 from conveyor.log.memory import MemoryEventLog
@@ -345,3 +345,15 @@ def test_linger_without_handle_many_is_refused_when_the_stage_is_declared() -> N
     stage, _, _ = lingering_stage()
     with pytest.raises(ValueError, match="handle_many"):
         dataclasses.replace(stage, handle_many=None)
+
+
+async def test_a_deferred_event_goes_back_to_the_broker_and_is_dead_lettered_after_its_deliveries() -> None:
+    async def later(prompt: str) -> None:
+        raise DeferredError(f"not now: {prompt}", delay=0.0)
+
+    stage, seen = echo_stage(later, max_deliveries=3)
+    out = await StageHarness(stage).handle(accepted("patience"))
+    assert seen == ["patience"] * 3  # one try per delivery: no retries in the worker
+    (letter,) = [decode(DeadLetter, e.data) for e in out[Topic.DLQ]]
+    assert letter.error == "DeferredError: not now: patience (delivery 3 of 3)"
+    assert out.get(Topic.PREPARED, []) == []

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
-from conveyor.errors import InvalidEventError, PermanentError, RejectedError, UnavailableError
+from conveyor.errors import DeferredError, InvalidEventError, PermanentError, RejectedError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event, now_rfc3339
 from conveyor.log.base import Delivery, EventLog, Subscription
 from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
@@ -303,6 +303,9 @@ class StageWorker:
                 raise
             except Exception as exc:
                 attempts.append(Attempt(attempt=len(attempts) + 1, error=_describe(exc), at=now_rfc3339()))
+                if isinstance(exc, DeferredError) and dead_letter:
+                    await self._defer(exc, items, attempts)
+                    return True
                 if isinstance(exc, UnavailableError) and len(attempts) >= stage.retry.max_attempts:
                     # A backend that cannot be reached (a broker failing over) is not the event's
                     # fault: back to the broker for a later delivery, bounded by max_deliveries.
@@ -326,6 +329,22 @@ class StageWorker:
             HANDLE_SECONDS.observe(time.perf_counter() - started, stage=stage.name)
             EVENTS_HANDLED.inc(len(items), stage=stage.name, outcome="ok")
             return True
+
+    async def _defer(
+        self, exc: DeferredError, items: list[tuple[Delivery, Envelope]], attempts: list[Attempt]
+    ) -> None:
+        """Hand ``items`` back to the broker for a later delivery, or dead-letter them once they
+        have had ``max_deliveries``."""
+        stage = self.stage
+        for delivery, event in items:
+            if delivery.attempt >= stage.max_deliveries:
+                error = f"{_describe(exc)} (delivery {delivery.attempt} of {stage.max_deliveries})"
+                await self._dead_letter(delivery, event, error, attempts)
+                continue
+            RETRIES.inc(stage=stage.name)
+            EVENTS_HANDLED.inc(stage=stage.name, outcome="deferred")
+            delay = exc.delay if exc.delay is not None else stage.retry.backoff(delivery.attempt)
+            await delivery.nak(delay)
 
     async def _publish(self, outputs: Sequence[Output]) -> None:
         # One batch per topic, in order within the topic; topics are independent (no consumer
