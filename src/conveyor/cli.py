@@ -142,6 +142,11 @@ def _stage_options(parser: argparse.ArgumentParser, *, generate: bool = True) ->
     group.add_argument("--blocklist-file", type=Path, help="safety policy: one blocked phrase per line")
     group.add_argument("--batch-max-size", type=int, help="generate: requests per model batch (default 16)")
     group.add_argument(
+        "--model-background",
+        type=int,
+        help="generate: background requests (positive priority, a batch's) at once per worker (default 8)",
+    )
+    group.add_argument(
         "--batch-max-wait", type=float, help="generate: seconds a batch waits to fill (default 0: never)"
     )
     group.add_argument(
@@ -171,6 +176,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         prefix_cache=base.model.prefix_cache and not flags.get("no_prefix_cache"),
         weights=flags.get("model_weights") or base.model.weights,
         batch_max_size=flags.get("batch_max_size") or base.model.batch_max_size,
+        background=flags.get("model_background") or base.model.background,
         batch_max_wait=flags.get("batch_max_wait", base.model.batch_max_wait),
         batch_target_latency=flags.get("batch_target_latency") or base.model.batch_target_latency,
     )

@@ -39,6 +39,8 @@ class ModelSettings:
     context: int = 1024
     prefix_cache: bool = True
     weights: str = "q8_0"
+    # Background requests (positive priority: a batch's) generating at once per worker, at most.
+    background: int = 8
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -47,6 +49,8 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.weights not in LOCAL_WEIGHTS:
             raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
+        if self.background < 1:
+            raise ValueError(f"a model's background limit must be 1 or more, not {self.background}")
 
     @property
     def id(self) -> str:
@@ -152,6 +156,7 @@ class Settings:
             context=int(get("MODEL_CONTEXT") or base.model.context),
             prefix_cache=_flag(get("PREFIX_CACHE"), base.model.prefix_cache),
             weights=get("MODEL_WEIGHTS") or base.model.weights,
+            background=int(get("MODEL_BACKGROUND") or base.model.background),
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -202,6 +207,7 @@ class Settings:
             "CONVEYOR_MODEL_CONTEXT": str(self.model.context),
             "CONVEYOR_PREFIX_CACHE": "true" if self.model.prefix_cache else "false",
             "CONVEYOR_MODEL_WEIGHTS": self.model.weights,
+            "CONVEYOR_MODEL_BACKGROUND": str(self.model.background),
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -249,6 +255,7 @@ NAMES = frozenset(
         "MODEL_CONTEXT",
         "PREFIX_CACHE",
         "MODEL_WEIGHTS",
+        "MODEL_BACKGROUND",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",

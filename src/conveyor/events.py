@@ -50,6 +50,13 @@ def prepared_topic(model: str) -> str:
     return f"{Topic.PREPARED}-{model_token(model)}" if model else Topic.PREPARED
 
 
+def background_topic(topic: str) -> str:
+    """Where the requests of positive priority (background work: a batch's) wait instead of
+    ``topic``: the generate stage takes a few of them at a time, so they never stand in front of
+    interactive requests, however many they are."""
+    return f"background-{topic}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Envelope:
     """One immutable event. ``data`` is the JSON-encoded payload."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 
 import uvicorn
@@ -20,7 +20,7 @@ from conveyor.backends import open_log, open_store
 from conveyor.config import ModelSettings, Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
-from conveyor.events import prepared_topic
+from conveyor.events import Topic, background_topic, prepared_topic
 from conveyor.gateway.app import create_app
 from conveyor.gateway.auth import ApiKeys
 from conveyor.gateway.core import GatewayLimits
@@ -117,6 +117,7 @@ def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cance
                 target_latency=served[name].batch_target_latency,
             ),
             route=_route(settings, name),
+            background=served[name].background,
         )
         for name, backend in models.items()
     ]
@@ -129,9 +130,16 @@ def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cance
             *generates,
             finalize_stage(),
             deliver_stage(hosts=settings.callback_hosts, secret=secret),
-            Projector().stage(also=[prepared_topic(route) for route in routes.values() if route]),
+            Projector().stage(also=_waiting_topics(routes.values())),
         ]
     )
+
+
+def _waiting_topics(routes: Iterable[str]) -> list[str]:
+    """Where prepared requests wait besides [prepared]: each other model's topic, and each model's
+    background topic."""
+    topics = [prepared_topic(route) for route in routes]
+    return [topic for topic in topics if topic != Topic.PREPARED] + [background_topic(t) for t in topics]
 
 
 def _route(settings: Settings, model: str) -> str:

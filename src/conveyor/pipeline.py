@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -97,6 +97,8 @@ class Stage:
     ``handle_batch`` with ``batching``, when given, receives the head events of several lanes
     at once (a model backend that generates a batch faster than its events one by one); an
     event the batch call fails for as a whole is retried alone through ``handler``.
+    ``topic_limits`` caps the events of a topic in flight at once (of ``concurrency``), so that
+    a topic of background work never fills the stage and the others' events are taken at once.
     """
 
     name: str
@@ -113,6 +115,7 @@ class Stage:
     handle_batch: BatchHandler | None = None
     batching: BatchPolicy = BatchPolicy()
     lane: Callable[[Envelope], str] = lambda event: event.key
+    topic_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.linger is not None and self.handle_many is None:

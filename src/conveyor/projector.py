@@ -86,8 +86,8 @@ class Projector:
         return 0.0 if any(event.type in _SETTLING for event in events) else LINGER
 
     def stage(self, *, also: Sequence[str] = ()) -> Stage:
-        """The projector as a stage, reading ``also`` beside PROJECTED_TOPICS (the topics where
-        the requests for the deployment's other models wait: see ``prepared_topic``)."""
+        """The projector as a stage, reading ``also`` beside PROJECTED_TOPICS: the other topics
+        where prepared requests wait (``prepared_topic``, ``background_topic``)."""
 
         async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
             await self.apply(ctx.store, [event])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,6 +87,9 @@ async def test_prepare_routes_each_request_to_its_models_topic_and_fails_an_unkn
     for model, topic in [("", Topic.PREPARED), ("simulated", Topic.PREPARED), ("fast", "prepared-fast")]:
         out = await harness.handle(accepted(model))
         assert [t for t, events in out.items() if events] == [topic], model
+    # Background work (positive priority) waits on its model's background topic.
+    out = await harness.handle(dataclasses.replace(accepted("fast"), priority=5))
+    assert [t for t, events in out.items() if events] == ["background-prepared-fast"]
     out = await harness.handle(accepted("retired"))
     failed = decode(RequestFailed, out[Topic.COMPLETED][0].data)
     assert failed.code == "model_not_found"
@@ -113,3 +117,11 @@ async def test_each_model_answers_the_requests_that_name_it_through_every_api(no
         assert view["model"] == "fast"
         response = await client.responses.create(model="simulated", input="hi", max_output_tokens=8)
         assert (await wait_final(http, response.id.removeprefix("resp_")))["model"] == "simulated"
+
+
+async def test_background_requests_of_every_model_complete_and_show_their_stages(node: NodeFactory) -> None:
+    async with node(settings={"models": (FAST,)}) as http:
+        for model in ("simulated", "fast"):
+            view = await wait_final(http, await submit(http, "in the background", model=model, priority=5))
+            assert (view["status"], view["model"]) == ("completed", model)
+            assert "finished_at" in view["stages"]["prepare"]  # the projector reads those topics too

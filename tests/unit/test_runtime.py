@@ -357,3 +357,34 @@ async def test_a_deferred_event_goes_back_to_the_broker_and_is_dead_lettered_aft
     (letter,) = [decode(DeadLetter, e.data) for e in out[Topic.DLQ]]
     assert letter.error == "DeferredError: not now: patience (delivery 3 of 3)"
     assert out.get(Topic.PREPARED, []) == []
+
+
+async def test_a_limited_topic_never_fills_the_stage_and_the_others_events_are_taken_at_once() -> None:
+    background, handled, release = Topic.PREPARED, asyncio.Event(), asyncio.Event()
+    held, most = [0], [0]
+
+    async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
+        if decode(RequestAccepted, event.data).prompt.startswith("background"):
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+            await release.wait()
+            held[0] -= 1
+        else:
+            handled.set()
+        return []
+
+    stage = Stage(
+        name="limited",
+        consumes=(Topic.REQUESTS, background),
+        handler=handle,
+        concurrency=4,
+        topic_limits={background: 2},
+    )
+    log = MemoryEventLog()
+    async with StageHarness(stage, log=log).running():
+        await log.publish(background, [accepted(f"background {i}", key=f"b{i}") for i in range(10)])
+        await log.publish(Topic.REQUESTS, [accepted("interactive", key="i")])
+        async with asyncio.timeout(10):
+            await handled.wait()  # without the limit, four of the background events hold all four
+        assert (most[0], held[0]) == (2, 2)
+        release.set()

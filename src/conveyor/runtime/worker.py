@@ -97,6 +97,11 @@ class StageWorker:
         self._in_flight = 0
         self._room = asyncio.Event()
         self._room.set()
+        # Per limited topic (Stage.topic_limits): its events in flight, and room for more.
+        self._topic_in_flight: collections.Counter[str] = collections.Counter()
+        self._topic_room = {topic: asyncio.Event() for topic in stage.topic_limits}
+        for room in self._topic_room.values():
+            room.set()
         self.ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._empty_since_busy: set[int] = set()
@@ -106,7 +111,12 @@ class StageWorker:
         self.ready.set()
         heartbeats = asyncio.create_task(self._send_heartbeats())
         try:
-            await asyncio.gather(*(self._fetch_loop(sub, stop) for sub in subs))
+            await asyncio.gather(
+                *(
+                    self._fetch_loop(topic, sub, stop)
+                    for topic, sub in zip(self.stage.consumes, subs, strict=True)
+                )
+            )
         finally:
             self._stopping = True
             for arrived in self._arrivals.values():
@@ -131,10 +141,14 @@ class StageWorker:
                 logger.exception("stage %s: subscribing to %s failed; retrying", self.stage.name, topic)
                 await asyncio.sleep(0.5)
 
-    async def _fetch_loop(self, sub: Subscription, stop: asyncio.Event) -> None:
+    async def _fetch_loop(self, topic: str, sub: Subscription, stop: asyncio.Event) -> None:
+        limit, room = self.stage.topic_limits.get(topic), self._topic_room.get(topic)
         while not stop.is_set():
             await self._room.wait()
             free = self.stage.concurrency - self._in_flight
+            if limit is not None and room is not None:
+                await room.wait()
+                free = min(free, limit - self._topic_in_flight[topic])
             try:
                 batch = await sub.fetch(min(free, self._fetch_batch), timeout=0.25)
             except Exception:  # the log is down: keep trying, never exit the loop
@@ -164,6 +178,10 @@ class StageWorker:
         self._active[id(delivery)] = (delivery, time.monotonic())
         if self._in_flight >= self.stage.concurrency:
             self._room.clear()
+        if (room := self._topic_room.get(delivery.topic)) is not None:
+            self._topic_in_flight[delivery.topic] += 1
+            if self._topic_in_flight[delivery.topic] >= self.stage.topic_limits[delivery.topic]:
+                room.clear()
         event = delivery.try_envelope()
         lane = self.stage.lane(event) if event else f"undecodable:{delivery.position}"
         queue = self._lanes.get(lane)
@@ -240,6 +258,9 @@ class StageWorker:
         self._in_flight -= 1
         if self._in_flight < self.stage.concurrency:
             self._room.set()
+        if (room := self._topic_room.get(delivery.topic)) is not None:
+            self._topic_in_flight[delivery.topic] -= 1
+            room.set()
 
     async def _process(self, batch: list[Delivery]) -> None:
         admitted = [(d, e) for d in batch if (e := await self._admit(d)) is not None]

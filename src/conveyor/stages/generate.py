@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import ConveyorError, InvalidEventError, RejectedError, RetryableError
-from conveyor.events import Envelope, Topic, model_token, prepared_topic
+from conveyor.events import Envelope, Topic, background_topic, model_token, prepared_topic
 from conveyor.log.base import EventLog
 from conveyor.models.base import Embedder, Embedding, GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import (
@@ -247,10 +247,13 @@ def generate_stage(
     chunking: ChunkPolicy = ChunkPolicy(),
     batching: BatchPolicy = BatchPolicy(),
     route: str = "",
+    background: int = 8,
 ) -> Stage:
     """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
     every event it produces. It takes the requests whose events name ``route`` as their model
-    (``""``: the deployment's default model) from that model's topic (``prepared_topic``)."""
+    (``""``: the deployment's default model) from that model's topic (``prepared_topic``), and
+    its background requests (positive priority) from theirs, at most ``background`` at a time."""
+    topic = prepared_topic(route)
     stamp = info or model.info
 
     async def handle_batch(
@@ -319,7 +322,8 @@ def generate_stage(
 
     return Stage(
         name=f"generate-{model_token(route)}" if route else "generate",
-        consumes=(prepared_topic(route),),
+        consumes=(topic, background_topic(topic)),
+        topic_limits={background_topic(topic): background},
         handler=handle,
         handle_batch=handle_batch,
         batching=batching,

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 
-from conveyor.events import Envelope, Topic, prepared_topic
+from conveyor.events import Envelope, Topic, background_topic, prepared_topic
 from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.deliver import settled
@@ -92,7 +92,8 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str,
             embed=request.embed,
         )
         out = ctx.derive(event, type=EventType.PREPARED, payload=prepared)
-        return [Output(prepared_topic(route), out)]
+        topic = prepared_topic(route)
+        return [Output(background_topic(topic) if event.priority > 0 else topic, out)]
 
     return Stage(
         name="prepare",
