@@ -110,8 +110,10 @@ class Settings:
         ids = [m.id for m in self.served]
         if len(set(ids)) != len(ids) or len({model_token(i) for i in ids}) != len(ids):
             raise ValueError(f"the models served need distinct ids (up to case and punctuation), not {ids}")
-        if any(not model_token(i) for i in ids):
-            raise ValueError(f"a model's id needs a letter or a digit, not {ids}")
+        if any(not model_token(m.id) for m in self.models):  # it names their topic (the default's is fixed)
+            raise ValueError(
+                f"each model served beside the default needs an id with a letter or a digit: {ids}"
+            )
         if unknown := sorted(set(self.serve) - set(ids)):
             raise ValueError(f"--serve names models not served here: {unknown}; served: {ids}")
 

@@ -65,6 +65,7 @@ def test_more_models_come_from_the_command_line_a_config_file_and_the_environmen
         (["--add-model", "simulated=simulated"], "distinct ids"),
         (["--add-model", "Fast=simulated", "--add-model", "fast!=simulated"], "distinct ids"),
         (["--add-model", "fast"], "expected ID=BACKEND"),
+        (["--add-model", "!!=simulated"], "needs an id with a letter or a digit"),
         (["--add-model", "fast=simulated,slots=many"], "slots must be a int, not 'many'"),
         (["--add-model", "fast=simulated,colour=red"], "'colour=red' is not SETTING=VALUE"),
         (["--serve", "nobody"], "--serve names models not served here: ['nobody']"),
