@@ -5,14 +5,15 @@ one call each, ``max_tokens`` 16) are timed three ways in one run:
 
 * alone, the machine otherwise idle (the baseline);
 * while a batch of ``--batch`` requests runs through the Batch API: its lines are background
-  work (priority 5), waiting on the background topic, at most ``--model-background`` (8) in the
+  work (priority 5), waiting on the background topic, at most ``--model-background`` (4 by default) in the
   engine at a time;
 * while the same requests run as ordinary submits (priority 0), as a job queue without classes of
   work would take them: in front of the probes in the log.
 
-Run: ``.venv/bin/python benchmarks/background.py [--batch 240] [--probes 12]``. Bounded: every
-scenario ends when its probes are answered (or after ``--seconds``), and the process stops its own
-``conveyor up``.
+Run: ``.venv/bin/python benchmarks/background.py [--batch 240] [--probes 12] [--background 8]``.
+Bounded: the probes of a scenario are a fixed number, each answered within 60 s, the last
+scenario's requests are waited for at most ``--seconds``, and the process stops its own ``conveyor
+up``.
 """
 
 from __future__ import annotations
@@ -33,20 +34,20 @@ MODEL = "smollm2-135m-instruct"
 PROBE = "Name one colour of the rainbow."
 
 
-async def probes(session: aiohttp.ClientSession, url: str, count: int, deadline: float) -> list[float]:
-    """Latencies of ``count`` interactive requests, one after another, half a second apart."""
-    latencies = []
-    for i in range(count):
-        if time.monotonic() > deadline:
-            break
+async def probes(session: aiohttp.ClientSession, url: str, count: int) -> list[float]:
+    """Latencies of ``count`` interactive requests sent half a second apart (open loop: each leaves
+    on time, whether or not the one before was answered)."""
+
+    async def one(i: int) -> float:
+        await asyncio.sleep(0.5 * i)
         start = time.perf_counter()
         body = {"prompt": f"{PROBE} ({i})", "max_tokens": 16}
         async with session.post(f"{url}/v1/requests", params={"wait": "60"}, json=body) as answer:
             view = await answer.json()
         assert view["status"] == "completed", view
-        latencies.append(time.perf_counter() - start)
-        await asyncio.sleep(0.5)
-    return latencies
+        return time.perf_counter() - start
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 async def batch(session: aiohttp.ClientSession, url: str, size: int) -> str:
@@ -101,40 +102,41 @@ def row(name: str, latencies: list[float], work: str) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        up = UpProcess(Path(tmp), "--model", "local").start(timeout=300)
+        options = ("--model", "local", "--model-background", str(args.background))
+        up = UpProcess(Path(tmp), *options).start(timeout=300)
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-                await probes(session, up.url, 2, time.monotonic() + 60)  # warm up
-                deadline = time.monotonic() + args.seconds
-                rows = [row("alone", await probes(session, up.url, args.probes, deadline), "-")]
+                await probes(session, up.url, 2)  # warm up
+                rows = [row("alone", await probes(session, up.url, args.probes), "-")]
 
-                deadline = time.monotonic() + args.seconds
                 batch_id = await batch(session, up.url, args.batch)
-                during = await probes(session, up.url, args.probes, deadline)
+                during = await probes(session, up.url, args.probes)
                 async with session.get(f"{up.url}/v1/batches/{batch_id}") as answer:
-                    counts = (await answer.json())["request_counts"]
+                    done = (await answer.json())["request_counts"]["completed"]
                 rows.append(
-                    row("during a batch (background)", during, f"{counts['completed']} of {args.batch} done")
+                    row("during a batch (background)", during, f"{done} of {args.batch} done by then")
                 )
                 async with session.post(f"{up.url}/v1/batches/{batch_id}/cancel") as answer:
                     await answer.read()
                 async with session.get(f"{up.url}/v1/batches/{batch_id}", params={"wait": "60"}) as answer:
                     await answer.read()
 
-                deadline = time.monotonic() + args.seconds
                 ids = await submits(session, up.url, args.batch)
                 started = time.monotonic()
-                during = await probes(session, up.url, args.probes, deadline)
-                done = time.monotonic() - started
+                during = await probes(session, up.url, args.probes)
+                took = time.monotonic() - started
                 rows.append(
-                    row("during the same requests at priority 0", during, f"probes took {done:.0f} s")
+                    row("during the same requests at priority 0", during, f"answered after {took:.0f} s")
                 )
                 await drained(session, up.url, ids, time.monotonic() + args.seconds)
         finally:
             up.stop()
-    print(f"Interactive probes (max_tokens 16, one at a time), a batch of {args.batch} requests of 32 tokens")
+    print(
+        f"Interactive probes (max_tokens 16, every 0.5 s), a batch of {args.batch} requests of 32 tokens,"
+        f" --model-background {args.background}"
+    )
     print()
-    print("| probes | answered | latency p50 ms | latency p99 ms | the other work meanwhile |")
+    print("| probes | answered | latency p50 ms | latency p99 ms | the other work |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
 
@@ -145,5 +147,6 @@ if __name__ == "__main__":
     )
     parser.add_argument("--batch", type=int, default=240, help="requests in the batch (default %(default)s)")
     parser.add_argument("--probes", type=int, default=12, help="interactive requests per scenario")
-    parser.add_argument("--seconds", type=float, default=240.0, help="each scenario's bound")
+    parser.add_argument("--seconds", type=float, default=240.0, help="bound on draining the last scenario")
+    parser.add_argument("--background", type=int, default=4, help="--model-background (default %(default)s)")
     asyncio.run(main(parser.parse_args()))

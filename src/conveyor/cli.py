@@ -144,7 +144,7 @@ def _stage_options(parser: argparse.ArgumentParser, *, generate: bool = True) ->
     group.add_argument(
         "--model-background",
         type=int,
-        help="generate: background requests (positive priority, a batch's) at once per worker (default 8)",
+        help="generate: background requests (positive priority, a batch's) at once per worker (default 4)",
     )
     group.add_argument(
         "--batch-max-wait", type=float, help="generate: seconds a batch waits to fill (default 0: never)"

@@ -40,7 +40,7 @@ class ModelSettings:
     prefix_cache: bool = True
     weights: str = "q8_0"
     # Background requests (positive priority: a batch's) generating at once per worker, at most.
-    background: int = 8
+    background: int = 4
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0

@@ -247,7 +247,7 @@ def generate_stage(
     chunking: ChunkPolicy = ChunkPolicy(),
     batching: BatchPolicy = BatchPolicy(),
     route: str = "",
-    background: int = 8,
+    background: int = 4,
 ) -> Stage:
     """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
     every event it produces. It takes the requests whose events name ``route`` as their model
