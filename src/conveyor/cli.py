@@ -48,6 +48,11 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         "--rate-burst", type=float, help="submits a tenant may make at once (default: max(1, R))"
     )
     group.add_argument(
+        "--token-limit",
+        type=int,
+        help="tokens per minute per tenant, prompt and completion, as used (default: no limit)",
+    )
+    group.add_argument(
         "--max-backlog",
         type=int,
         help="answer submits 503 while prepare has more than this many requests to take in",
@@ -198,6 +203,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_limit=flags.get("rate_limit", base.rate_limit),
         rate_burst=flags.get("rate_burst", base.rate_burst),
         max_backlog=flags.get("max_backlog", base.max_backlog),
+        token_limit=flags.get("token_limit", base.token_limit),
         callback_hosts=tuple(h.strip() for h in flags["callback_hosts"].split(",") if h.strip())
         if "callback_hosts" in flags
         else base.callback_hosts,

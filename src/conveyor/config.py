@@ -103,6 +103,7 @@ class Settings:
     rate_limit: float | None = None  # submits per second per tenant (None or 0: no limit)
     rate_burst: float | None = None  # submits at once (None: max(1, rate_limit))
     max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
+    token_limit: int | None = None  # tokens per minute per tenant, counted as used (None: no limit)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
 
@@ -166,8 +167,8 @@ class Settings:
         models = get("MODELS")
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
-        keys_file, rate, burst, backlog = (
-            get(n) for n in ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG")
+        keys_file, rate, burst, backlog, tokens = (
+            get(n) for n in ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG", "TOKEN_LIMIT")
         )
         return cls(
             host=get("HOST") or base.host,
@@ -186,6 +187,7 @@ class Settings:
             rate_limit=float(rate) if rate is not None else None,
             rate_burst=float(burst) if burst is not None else None,
             max_backlog=int(backlog) if backlog is not None else None,
+            token_limit=int(tokens) if tokens is not None else None,
             callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
@@ -228,6 +230,7 @@ class Settings:
             "CONVEYOR_RATE_LIMIT": self.rate_limit,
             "CONVEYOR_RATE_BURST": self.rate_burst,
             "CONVEYOR_MAX_BACKLOG": self.max_backlog,
+            "CONVEYOR_TOKEN_LIMIT": self.token_limit,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -265,6 +268,7 @@ NAMES = frozenset(
         "RATE_LIMIT",
         "RATE_BURST",
         "MAX_BACKLOG",
+        "TOKEN_LIMIT",
         "CALLBACK_HOSTS",
         "MODELS",
         "SERVE",

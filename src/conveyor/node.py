@@ -155,8 +155,13 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
         raise ValueError(f"--max-backlog must be 0 or more, not {settings.max_backlog}")
     rate = Rate.of(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+    if settings.token_limit is not None and settings.token_limit < 1:
+        raise ValueError(f"--token-limit must be 1 or more tokens per minute, not {settings.token_limit}")
     limits = GatewayLimits(
-        rate=rate, max_backlog=settings.max_backlog, callback_hosts=settings.callback_hosts
+        rate=rate,
+        max_backlog=settings.max_backlog,
+        callback_hosts=settings.callback_hosts,
+        tokens_per_minute=settings.token_limit,
     )
     return limits, keys
 

@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from conveyor.events import Topic
 from conveyor.gateway.core import GatewayCore
+from conveyor.gateway.quota import TokenQuota
 from conveyor.log.nats import NatsEventLog
 from conveyor.payloads import RequestAccepted
 from conveyor.testing import MemoryEventLog, MemoryStateStore
@@ -264,3 +265,49 @@ async def test_the_tenant_travels_on_the_accepted_event_and_scopes_the_view() ->
     assert view is not None
     assert view.tenant == "acme"
     assert await core.view(accepted.id, tenant="globex") is None
+
+
+def test_a_token_window_says_how_long_until_a_tenant_is_under_its_limit_again() -> None:
+    now = [0.0]
+    quota = TokenQuota(MemoryStateStore(), default=100, tenants={"big": 1000}, clock=lambda: now[0])
+    quota.add("acme", 60)
+    now[0] = 20.0
+    quota.add("acme", 50)
+    assert quota.used("acme") == 110
+    assert quota.wait("acme") == pytest.approx(40.0)  # when the 60 leave
+    quota.add("big", 500)
+    assert quota.wait("big") == 0.0  # a limit of its own
+    now[0] = 60.0
+    assert (quota.used("acme"), quota.wait("acme")) == (50, 0.0)
+    assert TokenQuota(MemoryStateStore(), tenants={"big": 1}).limit("acme") is None  # no default: none
+
+
+async def test_a_tenant_over_its_tokens_per_minute_is_refused_until_they_age_and_the_others_go_on(
+    node: NodeFactory, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{ACME}=acme,tpm=40\n{GLOBEX}=globex\n")
+    async with node(settings={"api_keys_file": keys}) as http, sdk(str(http.base_url), ACME) as client:
+        refused = None
+        for _ in range(20):  # ~10-30 tokens each: refused within a few, once their usage is counted
+            answer = await http.post(
+                "/v1/requests",
+                params={"wait": 10},
+                json={"prompt": "count me in", "max_tokens": 24},
+                headers=bearer(ACME),
+            )
+            if answer.status_code == 429:
+                refused = answer
+                break
+            assert answer.json()["status"] == "completed"
+        assert refused is not None
+        assert refused.json()["error"]["code"] == "token_limit"
+        assert "over the limit of 40 tokens per minute" in refused.json()["error"]["message"]
+        assert 0 < int(refused.headers["Retry-After"]) <= 60
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert limited.value.code == "rate_limit_exceeded"
+        other = await http.post(
+            "/v1/requests", params={"wait": 10}, json={"prompt": "hi"}, headers=bearer(GLOBEX)
+        )
+        assert other.json()["status"] == "completed"  # globex has no limit

@@ -27,6 +27,7 @@ from conveyor.gateway.embeddings_api import add_embeddings_routes
 from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
+from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import RateLimiter
 from conveyor.gateway.responses_api import add_responses_routes
 from conveyor.gateway.sse import request_events, stream_request
@@ -157,11 +158,19 @@ def create_app(
     if limits.rate or tenant_rates:
         limiter = RateLimiter(store, default=limits.rate, tenants=tenant_rates)
     admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
-    core = GatewayCore(log, store, keys=keys, limiter=limiter, admission=admission, models=models)
+    token_limits = keys.token_limits if keys else {}
+    quota = None
+    if limits.tokens_per_minute or token_limits:
+        quota = TokenQuota(store, default=limits.tokens_per_minute, tenants=token_limits)
+    core = GatewayCore(
+        log, store, keys=keys, limiter=limiter, admission=admission, quota=quota, models=models
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(core.watch.run())]
+        if quota is not None:
+            tasks.append(asyncio.create_task(quota.run()))
         if admission is not None:
             await admission.refresh()  # the first submit already meets a known backlog
             tasks.append(asyncio.create_task(admission.run()))

@@ -1,11 +1,12 @@
 """API keys: which tenant a request belongs to.
 
 The keys file has one ``key=tenant`` line per key, optionally followed by the tenant's own
-rate limit (see ``conveyor.gateway.ratelimit``)::
+rate limit (``conveyor.gateway.ratelimit``) and tokens per minute (``conveyor.gateway.quota``)::
 
     # comments and blank lines are ignored
     sk-live-8f2c…=acme
     sk-live-19ab…=globex,rate=5,burst=10
+    sk-live-77d0…=initech,tpm=20000
 
 A key may contain anything but commas and white space (``=`` too: the tenant is after the
 last one); a tenant is 1-64 letters, digits, ``_``, ``.`` or ``-``. Only sha256 digests of the
@@ -23,7 +24,7 @@ from pathlib import Path
 from conveyor.gateway.ratelimit import Rate
 
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_OPTIONS = ("rate", "burst")
+_OPTIONS = ("rate", "burst", "tpm")
 _INDEX = 8  # bytes of a digest the lookup table is keyed by
 
 
@@ -42,12 +43,18 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 class ApiKeys:
     """The tenants of the configured keys, and the rate limits some tenants have of their own."""
 
-    def __init__(self, tenants: Mapping[bytes, str], rates: Mapping[str, Rate]) -> None:
+    def __init__(
+        self,
+        tenants: Mapping[bytes, str],
+        rates: Mapping[str, Rate],
+        token_limits: Mapping[str, int] | None = None,
+    ) -> None:
         """``tenants``: sha256 digest of a key -> its tenant."""
         self._tenants: dict[bytes, list[tuple[bytes, str]]] = {}
         for digest, tenant in tenants.items():
             self._tenants.setdefault(digest[:_INDEX], []).append((digest, tenant))
         self.rates: Mapping[str, Rate] = dict(rates)
+        self.token_limits: Mapping[str, int] = dict(token_limits or {})
 
     @classmethod
     def load(cls, path: Path) -> ApiKeys:
@@ -61,6 +68,7 @@ class ApiKeys:
     def parse(cls, text: str, *, source: str = "API keys") -> ApiKeys:
         tenants: dict[bytes, str] = {}
         rates: dict[str, Rate] = {}
+        token_limits: dict[str, int] = {}
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -69,20 +77,27 @@ class ApiKeys:
             first, *options = (part.strip() for part in line.split(","))
             key, _, tenant = (part.strip() for part in first.rpartition("="))
             if not key or any(c.isspace() for c in key):
-                raise ValueError(f"{where}: expected key=tenant[,rate=R,burst=B]")
+                raise ValueError(f"{where}: expected key=tenant[,rate=R,burst=B,tpm=T]")
             if not _TENANT.fullmatch(tenant):
                 raise ValueError(f"{where}: a tenant is 1-64 letters, digits, '_', '.' or '-'")
             digest = _digest(key)
             if digest in tenants:
                 raise ValueError(f"{where}: this key is listed twice")
             tenants[digest] = tenant
-            if options:
-                rate = _rate(options, where)
+            values = _options(options, where)
+            if "tpm" in values:
+                tpm = int(values.pop("tpm"))
+                if token_limits.setdefault(tenant, tpm) != tpm:
+                    raise ValueError(f"{where}: tenant {tenant!r} was given another tpm before")
+            if values:
+                if "rate" not in values:
+                    raise ValueError(f"{where}: burst=B needs rate=R")
+                rate = Rate.of(values["rate"], values.get("burst"))
                 if rates.setdefault(tenant, rate) != rate:
                     raise ValueError(f"{where}: tenant {tenant!r} was given another rate limit before")
         if not tenants:
             raise ValueError(f"{source}: no keys (lines key=tenant)")
-        return cls(tenants, rates)
+        return cls(tenants, rates, token_limits)
 
     def tenant(self, key: str) -> str | None:
         """The tenant of ``key``, or None for an unknown key."""
@@ -95,16 +110,17 @@ class ApiKeys:
         return None
 
 
-def _rate(options: list[str], where: str) -> Rate:
+def _options(options: list[str], where: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for option in options:
         name, _, value = option.partition("=")
         if name not in _OPTIONS or name in values:
-            raise ValueError(f"{where}: unknown or repeated option {name!r}; known: rate=R, burst=B")
+            raise ValueError(f"{where}: unknown or repeated option {name!r}; known: rate=R, burst=B, tpm=T")
         try:
             values[name] = float(value)
         except ValueError:
             raise ValueError(f"{where}: {name} must be a number") from None
-    if "rate" not in values:
-        raise ValueError(f"{where}: burst=B needs rate=R")
-    return Rate.of(values["rate"], values.get("burst"))
+    tpm = values.get("tpm", 1.0)
+    if tpm < 1 or not tpm.is_integer():
+        raise ValueError(f"{where}: tpm must be a whole number of tokens per minute, 1 or more")
+    return values

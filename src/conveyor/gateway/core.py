@@ -20,6 +20,7 @@ from conveyor.callbacks import LOOPBACK
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import Rate, RateLimiter
 from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
@@ -48,6 +49,7 @@ class GatewayLimits:
     max_completion_seconds: float = 600.0  # a non-streaming chat completion
     rate: Rate | None = None  # submits per tenant (the API keys file may give a tenant its own)
     max_backlog: int | None = None  # refuse submits while prepare is further behind than this
+    tokens_per_minute: int | None = None  # per tenant (the API keys file may give a tenant its own)
     callback_hosts: tuple[str, ...] = LOOPBACK  # what a callback_url may name (conveyor.callbacks)
 
 
@@ -88,12 +90,13 @@ class GatewayCore:
         keys: ApiKeys | None = None,
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
+        quota: TokenQuota | None = None,
         models: Sequence[str] = (),
     ) -> None:
         self.log, self.store = log, store
         # The models served, the default first: a request for it names no model on its events.
         self.models = tuple(models)
-        self.keys, self.limiter, self.admission = keys, limiter, admission
+        self.keys, self.limiter, self.admission, self.quota = keys, limiter, admission, quota
         self.watch = StatusWatch(store)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
         # has written its view (a few milliseconds later). (tenant, accepted_at) rather than
@@ -149,6 +152,13 @@ class GatewayCore:
                 "overloaded",
                 f"the pipeline is {self.admission.backlog} requests behind; retry shortly",
                 retry_after=self.admission.interval,
+            )
+        if self.quota is not None and (wait := self.quota.wait(tenant)) > 0:  # before a rate token is taken
+            raise Refused(
+                429,
+                "token_limit",
+                f"over the limit of {self.quota.limit(tenant)} tokens per minute; retry in {wait:.1f} s",
+                retry_after=wait,
             )
         if self.limiter is not None and (wait := await self.limiter.acquire(tenant)) > 0:
             rate = self.limiter.rate(tenant)
