@@ -73,6 +73,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "--model", help="local (default, SmolLM2 on the CPU), openai (an upstream server), simulated"
     )
     group.add_argument("--model-name", help="the model's id in the API and on its events (default: its own)")
+    group.add_argument(
+        "--model-fallback", help="the id of a model served beside it (--add-model) that answers what it fails"
+    )
     group.add_argument("--model-version", help="the version recorded on every event the model produced")
     group.add_argument("--model-license", help="the license recorded on every event the model produced")
     group.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")
@@ -170,6 +173,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         base.model,
         backend=flags.get("model") or base.model.backend,
         name=flags.get("model_name") or base.model.name,
+        fallback=flags.get("model_fallback") or base.model.fallback,
         version=flags.get("model_version") or base.model.version,
         license=flags.get("model_license") or base.model.license,
         ttft=flags.get("model_ttft", base.model.ttft),

@@ -41,6 +41,8 @@ class ModelSettings:
     weights: str = "q8_0"
     # Background requests (positive priority: a batch's) generating at once per worker, at most.
     background: int = 4
+    # The id of a model served beside it that answers the requests it fails (its retries spent).
+    fallback: str = ""
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -117,6 +119,16 @@ class Settings:
             )
         if unknown := sorted(set(self.serve) - set(ids)):
             raise ValueError(f"--serve names models not served here: {unknown}; served: {ids}")
+        fallbacks = {m.id: m.fallback for m in self.served if m.fallback}
+        if unknown := sorted(set(fallbacks.values()) - set(ids)):
+            raise ValueError(f"a fallback names models not served here: {unknown}; served: {ids}")
+        for start in fallbacks:  # each chain of fallbacks ends: a request is never passed around
+            seen, at = [start], fallbacks[start]
+            while at in fallbacks and at not in seen:
+                seen.append(at)
+                at = fallbacks[at]
+            if at in seen:
+                raise ValueError(f"the fallbacks go round in a circle: {' -> '.join([*seen, at])}")
 
     @property
     def served(self) -> tuple[ModelSettings, ...]:
@@ -160,6 +172,7 @@ class Settings:
             prefix_cache=_flag(get("PREFIX_CACHE"), base.model.prefix_cache),
             weights=get("MODEL_WEIGHTS") or base.model.weights,
             background=int(get("MODEL_BACKGROUND") or base.model.background),
+            fallback=get("MODEL_FALLBACK") or "",
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -212,6 +225,7 @@ class Settings:
             "CONVEYOR_PREFIX_CACHE": "true" if self.model.prefix_cache else "false",
             "CONVEYOR_MODEL_WEIGHTS": self.model.weights,
             "CONVEYOR_MODEL_BACKGROUND": str(self.model.background),
+            "CONVEYOR_MODEL_FALLBACK": self.model.fallback,
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -261,6 +275,7 @@ NAMES = frozenset(
         "PREFIX_CACHE",
         "MODEL_WEIGHTS",
         "MODEL_BACKGROUND",
+        "MODEL_FALLBACK",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",

@@ -40,6 +40,8 @@ class StageContext(Protocol):
 
 
 Handler = Callable[[StageContext, Envelope], Awaitable[Sequence[Output]]]
+# What to publish instead of a dead letter for an event the handler gave up on (and why).
+Fallback = Callable[[StageContext, Envelope, Exception], Awaitable[Sequence[Output]]]
 ManyHandler = Callable[[StageContext, Sequence[Envelope]], Awaitable[Sequence[Output]]]
 # Yields (index into the batch, that event's outputs or its own error) as each event finishes.
 BatchHandler = Callable[
@@ -99,6 +101,8 @@ class Stage:
     event the batch call fails for as a whole is retried alone through ``handler``.
     ``topic_limits`` caps the events of a topic in flight at once (of ``concurrency``), so that
     a topic of background work never fills the stage and the others' events are taken at once.
+    ``fallback``, when given, is asked what to publish instead of a dead letter once the handler
+    has given up on an event (its retries spent, or a permanent error); no outputs: dead-letter it.
     """
 
     name: str
@@ -116,6 +120,7 @@ class Stage:
     batching: BatchPolicy = BatchPolicy()
     lane: Callable[[Envelope], str] = lambda event: event.key
     topic_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    fallback: Fallback | None = None
 
     def __post_init__(self) -> None:
         if self.linger is not None and self.handle_many is None:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import pytest
 
 from conveyor.cli import command_line, settings_from
 from conveyor.config import ModelSettings, Settings
+from conveyor.embedded import free_port
+from conveyor.errors import RejectedError
 from conveyor.events import Envelope, Topic, new_event, prepared_topic
-from conveyor.payloads import EventType, RequestAccepted, RequestFailed, decode
-from conveyor.stages import prepare_stage
-from conveyor.testing import StageHarness
+from conveyor.models.base import GenerationRequest, Token
+from conveyor.models.simulated import SimulatedModel
+from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
+from conveyor.stages import CancelWatch, generate_stage, prepare_stage
+from conveyor.testing import MemoryEventLog, StageHarness
 from tests.conftest import NodeFactory
 from tests.helpers import sdk, submit, wait_final
 
@@ -126,3 +132,55 @@ async def test_background_requests_of_every_model_complete_and_show_their_stages
             view = await wait_final(http, await submit(http, "in the background", model=model, priority=5))
             assert (view["status"], view["model"]) == ("completed", model)
             assert "finished_at" in view["stages"]["prepare"]  # the projector reads those topics too
+
+
+async def test_a_model_that_fails_hands_its_requests_to_its_fallback(node: NodeFactory) -> None:
+    # The default model is an upstream that is down (nothing listens on its port): once its
+    # retries are spent, each request goes to the fallback's topic and is answered there.
+    down = ModelSettings(
+        backend="openai",
+        upstream_url=f"http://127.0.0.1:{free_port()}/v1",
+        upstream_model="gpt",
+        fallback="fast",
+    )
+    async with node(settings={"model": down, "models": (FAST,)}) as http, sdk(str(http.base_url)) as client:
+        chat = await client.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": "are you there?"}], max_tokens=8
+        )
+        view = await wait_final(http, await submit(http, "and you?", priority=5))  # background work too
+    assert chat.model == "gpt"  # what the client asked for
+    assert chat.choices[0].message.content == "".join(SimulatedModel().answer("are you there?", 8)[0]).strip()
+    assert (view["status"], view["model"]) == ("completed", "fast")  # who answered
+    assert "dead_lettered_at" not in view["stages"].get("generate", {})
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "error"),
+    [
+        ({"simulated": "nobody"}, "a fallback names models not served here: ['nobody']"),
+        ({"simulated": "simulated"}, "circle: simulated -> simulated"),
+        ({"simulated": "fast", "fast": "simulated"}, "circle: simulated -> fast -> simulated"),
+    ],
+)
+def test_fallbacks_must_name_served_models_and_end(fallbacks: dict[str, str], error: str) -> None:
+    default = ModelSettings(backend="simulated", fallback=fallbacks.get("simulated", ""))
+    fast = dataclasses.replace(FAST, fallback=fallbacks.get("fast", ""))
+    with pytest.raises(ValueError, match=re.escape(error)):
+        Settings(model=default, models=(fast,))
+
+
+class Refusing(SimulatedModel):
+    """Refuses every request as the client's own fault."""
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> AsyncGenerator[Token, None]:
+        for request in requests:
+            yield Token(request.id, "", error=RejectedError("context_length_exceeded", "too long"))
+
+
+async def test_a_request_refused_for_its_own_fault_is_not_passed_to_the_fallback() -> None:
+    log = MemoryEventLog()
+    stage = generate_stage(Refusing(), CancelWatch(log), fallback="fast")
+    prepared = new_event(type=EventType.PREPARED, source="test", payload=RequestPrepared(prompt="hi"))
+    out = await StageHarness(stage, log=log).handle(prepared)
+    assert [decode(DeadLetter, e.data).code for e in out[Topic.DLQ]] == ["context_length_exceeded"]
+    assert out.get(prepared_topic("fast"), []) == []

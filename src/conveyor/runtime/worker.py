@@ -327,11 +327,18 @@ class StageWorker:
                 if isinstance(exc, DeferredError) and dead_letter:
                     await self._defer(exc, items, attempts)
                     return True
-                if isinstance(exc, UnavailableError) and len(attempts) >= stage.retry.max_attempts:
+                spent = len(attempts) >= stage.retry.max_attempts
+                if (
+                    (spent or isinstance(exc, PermanentError))
+                    and dead_letter
+                    and await self._fall_back(exc, items)
+                ):
+                    return True
+                if isinstance(exc, UnavailableError) and spent:
                     # A backend that cannot be reached (a broker failing over) is not the event's
                     # fault: back to the broker for a later delivery, bounded by max_deliveries.
                     raise
-                if isinstance(exc, PermanentError) or len(attempts) >= stage.retry.max_attempts:
+                if isinstance(exc, PermanentError) or spent:
                     if not dead_letter:
                         return False
                     for delivery, event in items:
@@ -350,6 +357,18 @@ class StageWorker:
             HANDLE_SECONDS.observe(time.perf_counter() - started, stage=stage.name)
             EVENTS_HANDLED.inc(len(items), stage=stage.name, outcome="ok")
             return True
+
+    async def _fall_back(self, exc: Exception, items: list[tuple[Delivery, Envelope]]) -> bool:
+        """Publish the stage's fallback for ``items`` instead of giving up on them, if it has one."""
+        fallback = self.stage.fallback
+        outputs = [o for _, event in items for o in await fallback(self._ctx, event, exc)] if fallback else []
+        if not outputs:
+            return False
+        await self._publish(outputs)
+        for delivery, _ in items:
+            await delivery.ack()
+        EVENTS_HANDLED.inc(len(items), stage=self.stage.name, outcome="fallback")
+        return True
 
     async def _defer(
         self, exc: DeferredError, items: list[tuple[Delivery, Envelope]], attempts: list[Attempt]

@@ -248,11 +248,15 @@ def generate_stage(
     batching: BatchPolicy = BatchPolicy(),
     route: str = "",
     background: int = 4,
+    fallback: str | None = None,
 ) -> Stage:
     """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
     every event it produces. It takes the requests whose events name ``route`` as their model
     (``""``: the deployment's default model) from that model's topic (``prepared_topic``), and
-    its background requests (positive priority) from theirs, at most ``background`` at a time."""
+    its background requests (positive priority) from theirs, at most ``background`` at a time.
+    With ``fallback`` (a model's route), a request this model failed (its retries spent, or a
+    failure of the model's own) goes to that model's topic instead of the dead-letter topic.
+    """
     topic = prepared_topic(route)
     stamp = info or model.info
 
@@ -320,10 +324,30 @@ def generate_stage(
                 return result
         raise RuntimeError(f"the model ended without finishing request {event.request_id}")
 
+    async def fall_back(ctx: StageContext, event: Envelope, error: Exception) -> Sequence[Output]:
+        if fallback is None or isinstance(error, RejectedError | InvalidEventError):
+            return []  # the request's own fault: another model would refuse it too
+        if await ctx.log.find(Topic.STREAM, event.request_id) is not None:
+            return []  # part of this model's answer went out already: another's would not continue it
+        again = ctx.derive(
+            event,
+            type=EventType.PREPARED,
+            payload=decode(RequestPrepared, event.data),
+            label=f"fallback:{fallback}",
+        )
+        target = prepared_topic(fallback)
+        return [
+            Output(
+                background_topic(target) if event.priority > 0 else target,
+                dataclasses.replace(again, model=fallback, model_version="", model_license=""),
+            )
+        ]
+
     return Stage(
         name=f"generate-{model_token(route)}" if route else "generate",
         consumes=(topic, background_topic(topic)),
         topic_limits={background_topic(topic): background},
+        fallback=fall_back if fallback is not None else None,
         handler=handle,
         handle_batch=handle_batch,
         batching=batching,
