@@ -74,6 +74,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--model-name", help="the model's id in the API and on its events (default: its own)")
     group.add_argument(
+        "--model-cache",
+        type=float,
+        help="keep greedy or seeded answers this many seconds and answer the same request from them",
+    )
+    group.add_argument(
         "--model-fallback", help="the id of a model served beside it (--add-model) that answers what it fails"
     )
     group.add_argument("--model-version", help="the version recorded on every event the model produced")
@@ -174,6 +179,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         backend=flags.get("model") or base.model.backend,
         name=flags.get("model_name") or base.model.name,
         fallback=flags.get("model_fallback") or base.model.fallback,
+        cache=flags.get("model_cache", base.model.cache),
         version=flags.get("model_version") or base.model.version,
         license=flags.get("model_license") or base.model.license,
         ttft=flags.get("model_ttft", base.model.ttft),

@@ -43,6 +43,8 @@ class ModelSettings:
     background: int = 4
     # The id of a model served beside it that answers the requests it fails (its retries spent).
     fallback: str = ""
+    # Seconds a deterministic answer is kept to answer the same request again (0: not kept).
+    cache: float = 0.0
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -51,6 +53,8 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.weights not in LOCAL_WEIGHTS:
             raise ValueError(f"unknown model weights {self.weights!r}; available: {', '.join(LOCAL_WEIGHTS)}")
+        if not 0 <= self.cache <= 7 * 86_400:  # the store keeps answers a week at most
+            raise ValueError(f"a model's cache must keep answers 0 to 604800 seconds, not {self.cache}")
         if self.background < 1:
             raise ValueError(f"a model's background limit must be 1 or more, not {self.background}")
 
@@ -173,6 +177,7 @@ class Settings:
             weights=get("MODEL_WEIGHTS") or base.model.weights,
             background=int(get("MODEL_BACKGROUND") or base.model.background),
             fallback=get("MODEL_FALLBACK") or "",
+            cache=float(get("MODEL_CACHE") or base.model.cache),
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -226,6 +231,7 @@ class Settings:
             "CONVEYOR_MODEL_WEIGHTS": self.model.weights,
             "CONVEYOR_MODEL_BACKGROUND": str(self.model.background),
             "CONVEYOR_MODEL_FALLBACK": self.model.fallback,
+            "CONVEYOR_MODEL_CACHE": repr(self.model.cache),
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -276,6 +282,7 @@ NAMES = frozenset(
         "MODEL_WEIGHTS",
         "MODEL_BACKGROUND",
         "MODEL_FALLBACK",
+        "MODEL_CACHE",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",

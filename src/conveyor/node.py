@@ -119,6 +119,7 @@ def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cance
             route=_route(settings, name),
             background=served[name].background,
             fallback=_route(settings, served[name].fallback) if served[name].fallback else None,
+            cache=served[name].cache,
         )
         for name, backend in models.items()
     ]

@@ -166,6 +166,7 @@ class GenerationCompleted(Payload):
     logprobs: list[TokenLogprob] | None = None  # of every token of ``text``, if asked for
     continuation: bool = False  # the text continues the prompt: it is not post-processed
     embedding: list[float] | None = None  # the prompt's, when it was asked for (``text`` is empty)
+    cached: bool = False  # the answer kept for an earlier request the same (the model did not run)
 
 
 class RequestCompleted(Payload):
@@ -183,6 +184,7 @@ class RequestCompleted(Payload):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     embedding: list[float] | None = None  # the prompt's, when it was asked for
+    cached: bool = False  # answered from the answer cache
 
 
 class RequestFailed(Payload):

@@ -51,6 +51,7 @@ class RequestView(BaseModel):
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # of each token of the output, if asked for
     embedding: list[float] | None = None  # the prompt's, if that was asked for instead of text
+    cached: bool = False  # answered from the answer cache (the model did not run)
     streamed_chars: int | None = None
     stages: dict[str, dict[str, str]] = Field(default_factory=dict)
     usage: Usage | None = None
@@ -119,7 +120,7 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
                 _stamp(v, "generate", "finished_at", completed.generated_at)
             v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason, v.tool_calls = completed.finish_reason, completed.tool_calls
-            v.logprobs, v.embedding = completed.logprobs, completed.embedding
+            v.logprobs, v.embedding, v.cached = completed.logprobs, completed.embedding, completed.cached
             v.model = event.model or v.model
             if v.status == "failed" and v.error is not None and _dead_lettered(v, v.error.stage):
                 # Redriven from the dead-letter topic and finished after all (in whichever order

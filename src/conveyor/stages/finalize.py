@@ -31,6 +31,7 @@ def finalize_stage() -> Stage:
             "completion_tokens": generated.usage.completion_tokens,
             "cached_tokens": generated.usage.cached_tokens,
             "finish_reason": generated.finish_reason,
+            "cached": generated.cached,
             "event_id": event.id,
             "recorded_at": now_rfc3339(),
         }
@@ -47,6 +48,7 @@ def finalize_stage() -> Stage:
             tool_calls=generated.tool_calls,
             logprobs=generated.logprobs,
             embedding=generated.embedding,
+            cached=generated.cached,
         )
         return settled(ctx.derive(event, type=EventType.COMPLETED, payload=completed))
 

@@ -28,6 +28,7 @@ from conveyor.payloads import (
     decode,
 )
 from conveyor.pipeline import BatchPolicy, Output, Stage, StageContext
+from conveyor.stages.answer_cache import AnswerCache
 
 logger = logging.getLogger("conveyor.generate")
 
@@ -144,18 +145,9 @@ class _Stream:
         self._sent: asyncio.Task[None] | None = None
 
     def _chunk(self, text: str, finish: FinishReason | None = None) -> Envelope:
-        payload = TokenChunk(
-            index=self._index,
-            offset=self._offset,
-            text=text,
-            final=finish is not None,
-            finish_reason=finish,
-            logprobs=self._pending_logprobs,
+        return _chunk(
+            self._ctx, self._source, self._index, self._offset, text, finish, self._pending_logprobs
         )
-        # Identified by content, so a redone generation adds only chunks that differ.
-        label = f"chunk:{self._offset}:{len(text)}:{finish or ''}"
-        out = self._ctx.derive(self._source, type=EventType.TOKEN, payload=payload, label=label)
-        return dataclasses.replace(out, key=self._event.request_id)  # the stream is read per request
 
     @property
     def sent(self) -> asyncio.Task[None] | None:
@@ -249,6 +241,7 @@ def generate_stage(
     route: str = "",
     background: int = 4,
     fallback: str | None = None,
+    cache: float = 0.0,
 ) -> Stage:
     """The generate stage over ``model``; ``info`` (default: the model's own) is stamped on
     every event it produces. It takes the requests whose events name ``route`` as their model
@@ -256,29 +249,44 @@ def generate_stage(
     its background requests (positive priority) from theirs, at most ``background`` at a time.
     With ``fallback`` (a model's route), a request this model failed (its retries spent, or a
     failure of the model's own) goes to that model's topic instead of the dead-letter topic.
+    With ``cache`` (seconds), deterministic answers are kept that long and a request asked the
+    same is answered from them (``AnswerCache``).
     """
     topic = prepared_topic(route)
     stamp = info or model.info
+    answers = AnswerCache(stamp, cache) if cache > 0 else None
 
     async def handle_batch(
         ctx: StageContext, events: Sequence[Envelope]
     ) -> AsyncGenerator[tuple[int, Sequence[Output] | Exception], None]:
         streams: dict[str, tuple[int, _Stream]] = {}
         embeds: dict[str, tuple[int, Envelope, RequestPrepared]] = {}
+        keys: dict[str, str] = {}  # request id -> the key its answer is kept by
         for index, event in enumerate(events):
             if event.request_id in streams or event.request_id in embeds:  # never from one lane at a time
                 yield index, RetryableError("the same request twice in one batch")  # retried alone
                 continue
             try:
                 prepared = decode(RequestPrepared, event.data)
+                if answers is not None and (key := answers.key(prepared)) is not None:
+                    if (kept := await answers.get(ctx.store, key)) is not None:
+                        yield index, _kept(ctx, event, stamp, kept)
+                        continue
+                    keys[event.request_id] = key
                 if prepared.embed:
                     embeds[event.request_id] = (index, event, prepared)
                 else:
                     streams[event.request_id] = (index, _Stream(ctx, event, prepared, stamp, model, chunking))
             except InvalidEventError as exc:
                 yield index, exc
-        for result in await _embeddings(ctx, model, stamp, list(embeds.values())):
-            yield result
+        for index, result in await _embeddings(ctx, model, stamp, list(embeds.values())):
+            if (
+                answers is not None
+                and not isinstance(result, Exception)
+                and (key := keys.get(events[index].request_id))
+            ):
+                await _keep(ctx, answers, key, result)
+            yield index, result
         for _, stream in streams.values():
             cancels.attach(stream.request)
         try:
@@ -299,6 +307,8 @@ def generate_stage(
                         stream.request.cancelled.set()  # it is retried alone: stop spending on it here
                         yield index, exc
                         continue
+                    if outputs is not None and answers is not None and (key := keys.get(token.request_id)):
+                        await _keep(ctx, answers, key, outputs)
                     if outputs is not None and (sent := stream.sent) is None:
                         yield index, outputs
                     elif outputs is not None and sent is not None:
@@ -354,6 +364,47 @@ def generate_stage(
         accepts=frozenset({EventType.PREPARED}),
         timeout=600.0,
     )
+
+
+def _chunk(
+    ctx: StageContext,
+    source: Envelope,
+    index: int,
+    offset: int,
+    text: str,
+    finish: FinishReason | None,
+    logprobs: list[TokenLogprob],
+) -> Envelope:
+    """A [stream] event: ``text`` at ``offset`` of the answer to ``source``'s request."""
+    payload = TokenChunk(
+        index=index,
+        offset=offset,
+        text=text,
+        final=finish is not None,
+        finish_reason=finish,
+        logprobs=logprobs,
+    )
+    # Identified by content, so a redone generation adds only chunks that differ.
+    label = f"chunk:{offset}:{len(text)}:{finish or ''}"
+    out = ctx.derive(source, type=EventType.TOKEN, payload=payload, label=label)
+    return dataclasses.replace(out, key=source.request_id)  # the stream is read per request
+
+
+def _kept(ctx: StageContext, event: Envelope, info: ModelInfo, answer: GenerationCompleted) -> list[Output]:
+    """The outputs of a request answered from the answer cache: its text in one final chunk (an
+    embedding has none), and [generated]."""
+    source = _stamped(event, info)
+    generated = Output(Topic.GENERATED, ctx.derive(source, type=EventType.GENERATED, payload=answer))
+    if answer.embedding is not None:
+        return [generated]
+    chunk = _chunk(ctx, source, 0, 0, answer.text, answer.finish_reason, answer.logprobs or [])
+    return [Output(Topic.STREAM, chunk), generated]
+
+
+async def _keep(ctx: StageContext, cache: AnswerCache, key: str, outputs: Sequence[Output]) -> None:
+    """Keep the answer among ``outputs`` for the requests asked the same later."""
+    generated = next(o.event for o in outputs if o.topic == Topic.GENERATED)
+    await cache.put(ctx.store, key, decode(GenerationCompleted, generated.data))
 
 
 def _stamped(event: Envelope, info: ModelInfo) -> Envelope:

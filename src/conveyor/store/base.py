@@ -22,6 +22,7 @@ class Namespace(StrEnum):
     # input; the log holds every request it made) and their batches.
     FILES = "files"
     BATCHES = "batches"
+    CACHE = "cache"  # deterministic answers by their request's digest (stages/answer_cache.py)
 
 
 _DAY = 86_400.0
@@ -36,6 +37,7 @@ TTL: Mapping[Namespace, float] = MappingProxyType(
         Namespace.RATE: 1 * _DAY,
         Namespace.FILES: 30 * _DAY,
         Namespace.BATCHES: 30 * _DAY,
+        Namespace.CACHE: 7 * _DAY,
     }
 )
 
