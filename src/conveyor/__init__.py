@@ -6,6 +6,7 @@ and use the in-memory backends in tests (see ``conveyor.testing``).
 
 from conveyor.errors import (
     ConveyorError,
+    DeferredError,
     InvalidEventError,
     MissingExtraError,
     NotFoundError,
@@ -16,7 +17,7 @@ from conveyor.errors import (
 )
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.base import Delivery, EventLog, Subscription, Tailed
-from conveyor.models.base import GenerationRequest, ModelBackend, ModelInfo, Token
+from conveyor.models.base import Embedder, Embedding, GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.pipeline import BatchPolicy, Output, Pipeline, RetryPolicy, Stage, StageContext
 from conveyor.runtime.worker import StageWorker
 from conveyor.store.base import Entry, Namespace, StateStore
@@ -27,7 +28,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchPolicy",
     "ConveyorError",
+    "DeferredError",
     "Delivery",
+    "Embedder",
+    "Embedding",
     "Entry",
     "Envelope",
     "EventLog",
