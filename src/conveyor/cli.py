@@ -512,7 +512,14 @@ def _usage(args: argparse.Namespace) -> int:
             for tally in tallies:
                 print(json.dumps(tally.to_json()))
             return
-        columns = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
+        columns = (
+            "requests",
+            "from_cache",
+            "prompt_tokens",
+            "cached_tokens",
+            "completion_tokens",
+            "total_tokens",
+        )
         print(f"{'tenant':<16} {'model':<28} " + " ".join(f"{c.replace('_tokens', ''):>10}" for c in columns))
         for tally in tallies:
             numbers = tally.to_json()

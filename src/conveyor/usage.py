@@ -25,6 +25,7 @@ class Tally:
     tenant: str
     model: str
     requests: int = 0
+    from_cache: int = 0  # of requests, those answered from the answer cache (the model did not run)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, those read from the model's cache
     completion_tokens: int = 0
@@ -41,10 +42,12 @@ async def usage(log: EventLog, window: Window) -> list[Tally]:
     """Per tenant and model, the requests that completed in ``window`` and their tokens, sorted."""
     tallies: dict[tuple[str, str], Tally] = {}
     async for event in each_request(log, Topic.COMPLETED, EventType.COMPLETED, window):
-        counts = decode(RequestCompleted, event.data).usage
+        completed = decode(RequestCompleted, event.data)
+        counts = completed.usage
         key = (event.tenant, event.model or "")
         tally = tallies.get(key) or tallies.setdefault(key, Tally(*key))
         tally.requests += 1
+        tally.from_cache += completed.cached
         tally.prompt_tokens += counts.prompt_tokens
         tally.cached_tokens += counts.cached_tokens
         tally.completion_tokens += counts.completion_tokens

@@ -269,9 +269,18 @@ async def test_conveyor_replay_answers_the_history_again_and_usage_shows_it_bill
     for count in ("prompt_tokens", "completion_tokens"):
         assert used[count] == sum(view["usage"][count] for view in views) > 0
     header, row = await usage("--tenant", "default")
-    assert header.split() == ["tenant", "model", "requests", "prompt", "cached", "completion", "total"]
+    assert header.split() == [
+        "tenant",
+        "model",
+        "requests",
+        "from_cache",
+        "prompt",
+        "cached",
+        "completion",
+        "total",
+    ]
     numbers = ("prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
-    assert row.split() == ["default", "simulated", "3", *(str(used[c]) for c in numbers)]
+    assert row.split() == ["default", "simulated", "3", "0", *(str(used[c]) for c in numbers)]
     assert await usage("--tenant", "globex") == [header]
     assert up.stop() == 0
 

@@ -25,10 +25,16 @@ from conveyor.usage import Tally, usage
 
 
 def generated(
-    tenant: str, model: str, prompt: int, completion: int, finish: FinishReason = "stop"
+    tenant: str,
+    model: str,
+    prompt: int,
+    completion: int,
+    finish: FinishReason = "stop",
+    *,
+    cached: bool = False,
 ) -> Envelope:
     counts = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=prompt // 2)
-    payload = GenerationCompleted(text="x" * completion, finish_reason=finish, usage=counts)
+    payload = GenerationCompleted(text="x" * completion, finish_reason=finish, usage=counts, cached=cached)
     return new_event(type=EventType.GENERATED, source="test", payload=payload, tenant=tenant, model=model)
 
 
@@ -42,6 +48,7 @@ async def ledger(store: MemoryStateStore) -> list[Tally]:
         key = (record["tenant"], record["model"])
         tally = sums.setdefault(key, Tally(*key))
         tally.requests += 1
+        tally.from_cache += record["cached"]
         tally.prompt_tokens += record["prompt_tokens"]
         tally.cached_tokens += record["cached_tokens"]
         tally.completion_tokens += record["completion_tokens"]
@@ -54,7 +61,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
     events = [
         generated("acme", "small", 10, 20),
         generated("acme", "small", 7, 3, "length"),
-        generated("acme", "large", 12, 30),
+        generated("acme", "large", 12, 30, cached=True),  # answered from the answer cache
         generated("globex", "small", 5, 4, "cancelled"),  # its tokens were made: billed
     ]
     for event in events:
@@ -78,6 +85,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "tenant": "acme",
             "model": "large",
             "requests": 1,
+            "from_cache": 1,
             "prompt_tokens": 12,
             "cached_tokens": 6,
             "completion_tokens": 30,
@@ -87,6 +95,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "tenant": "acme",
             "model": "small",
             "requests": 2,
+            "from_cache": 0,
             "prompt_tokens": 17,
             "cached_tokens": 8,
             "completion_tokens": 23,
@@ -96,6 +105,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "tenant": "globex",
             "model": "small",
             "requests": 1,
+            "from_cache": 0,
             "prompt_tokens": 5,
             "cached_tokens": 2,
             "completion_tokens": 4,
