@@ -28,8 +28,10 @@ async def submit(client: httpx.AsyncClient, prompt: str, **fields: Any) -> str:
     return str(response.json()["id"])
 
 
-async def wait_final(client: httpx.AsyncClient, rid: str, *, wait: float = 30) -> dict[str, Any]:
-    response = await client.get(f"/v1/requests/{rid}", params={"wait": wait})
+async def wait_final(
+    client: httpx.AsyncClient, rid: str, *, wait: float = 30, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    response = await client.get(f"/v1/requests/{rid}", params={"wait": wait}, headers=headers)
     assert response.status_code == 200, response.text
     view: dict[str, Any] = response.json()
     assert view["status"] in ("completed", "failed", "cancelled"), view

@@ -388,6 +388,37 @@ async def test_through_the_pipeline_a_more_urgent_request_overtakes_those_waitin
     assert order == [-5, 0, 5]
 
 
+async def test_through_the_pipeline_tenants_take_turns_for_the_slots(
+    node: NodeFactory, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-acme=acme\nsk-globex=globex\n")
+    acme, globex = {"Authorization": "Bearer sk-acme"}, {"Authorization": "Bearer sk-globex"}
+    settings = {"model": ModelSettings(backend="local", slots=1, context=512), "api_keys_file": keys}
+
+    async def asked(headers: dict[str, str], prompt: str, max_tokens: int) -> str:
+        answer = await http.post(
+            "/v1/requests", json={"prompt": prompt, "max_tokens": max_tokens}, headers=headers
+        )
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    async with node(settings=settings) as http:
+        busy = await asked(acme, "Write a long story about a river.", 160)
+        async with http.stream("GET", f"/v1/requests/{busy}/events", headers=acme) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("event: token"):
+                    break  # it holds the only slot now
+        queued = [await asked(acme, PROMPTS[1], 2) for _ in range(3)] + [await asked(globex, PROMPTS[1], 2)]
+        views = [
+            await wait_final(http, rid, headers=headers)
+            for rid, headers in zip(queued, [acme] * 3 + [globex], strict=True)
+        ]
+    finished = [view["stages"]["generate"]["finished_at"] for view in views]
+    # acme was just served (its long story): globex's one request goes before acme's three.
+    assert finished[3] < min(finished[:3])
+
+
 async def test_a_prompt_too_long_for_the_context_is_the_clients_error_through_the_pipeline(
     node: NodeFactory,
 ) -> None:

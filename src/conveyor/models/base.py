@@ -49,6 +49,7 @@ class GenerationRequest:
     tool_name: str | None = None
     logprobs: int | None = None  # report each token's log probability and that many alternatives
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
+    tenant: str = "default"  # within a priority, tenants take turns there
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 

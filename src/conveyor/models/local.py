@@ -33,7 +33,6 @@ import ctypes
 import dataclasses
 import hashlib
 import importlib.util
-import itertools
 import logging
 import math
 import queue
@@ -44,6 +43,7 @@ from typing import Any
 
 from conveyor.errors import MissingExtraError, PermanentError, RejectedError, UnavailableError
 from conveyor.models.base import MODEL_IDS, Embedding, GenerationRequest, ModelInfo, Token
+from conveyor.models.fair_queue import FairQueue
 from conveyor.models.grammar import Grammar, json_grammar
 from conveyor.observability.metrics import PROMPT_TOKENS
 from conveyor.payloads import FinishReason, TokenLogprob, TopLogprob, Usage
@@ -209,10 +209,9 @@ class LocalModel:
         self._batch = llama.llama_batch_init(batch_tokens, 0, 1)
         self._prefix_cache = prefix_cache
         self._cached: list[list[int]] = [[] for _ in range(slots)]  # per slot; the engine's own
-        # Requests waiting for a slot, the most urgent first, then in arrival order; the closing
-        # mark (None) comes after all of them, so what was asked for before closing still runs.
-        self._pending: queue.PriorityQueue[tuple[float, int, _Sequence | None]] = queue.PriorityQueue()
-        self._arrivals = itertools.count()
+        # Requests waiting for a slot: the most urgent first, tenants taking turns within a priority;
+        # closing lets what was asked for before it still run.
+        self._pending: FairQueue[_Sequence] = FairQueue()
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._engine, name="conveyor-local-model", daemon=True)
         self._thread.start()
@@ -309,7 +308,7 @@ class LocalModel:
             except PermanentError as error:  # this request alone fails; its batch-mates go on
                 out.put_nowait(Token(request.id, "", error=error))
         for sequence in sequences:
-            self._pending.put((sequence.request.priority, next(self._arrivals), sequence))
+            self._pending.put(sequence, priority=sequence.request.priority, tenant=sequence.request.tenant)
         remaining = len(requests)
         try:
             while remaining:
@@ -371,7 +370,7 @@ class LocalModel:
         return vectors
 
     async def close(self) -> None:
-        self._pending.put((math.inf, next(self._arrivals), None))
+        self._pending.close()
         await asyncio.to_thread(self._thread.join)
         await asyncio.to_thread(self._embedding_thread.shutdown)
         llama = self._llama
@@ -412,7 +411,7 @@ class LocalModel:
             # Admit new requests into free slots, waiting only when there is nothing to run.
             while free_slots and not closing:
                 try:
-                    _, _, item = self._pending.get(block=not running, timeout=None)
+                    item = self._pending.get(block=not running)
                 except queue.Empty:
                     break
                 if item is None:
@@ -481,7 +480,7 @@ class LocalModel:
 
     def _drain_pending(self) -> None:
         with contextlib.suppress(queue.Empty):
-            while (item := self._pending.get_nowait()[2]) is not None:
+            while (item := self._pending.get(block=False)) is not None:
                 item.emit(Token(item.request.id, "", "cancelled"))
 
     def _step(self, running: list[_Sequence], free_slots: set[int]) -> None:

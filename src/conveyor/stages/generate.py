@@ -131,6 +131,7 @@ class _Stream:
             tool_name=self._prepared.sampling.tool_name,
             logprobs=self._prepared.sampling.logprobs,
             priority=event.priority,
+            tenant=event.tenant,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
         self._text: list[str] = []
