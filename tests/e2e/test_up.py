@@ -466,3 +466,38 @@ async def test_a_batch_file_larger_than_one_stored_value_is_answered_through_con
         assert body["object"] == "text_completion"
         assert body["choices"][0]["text"] == "".join(model.answer(prompts[cid], 4)[0])
     assert up.stop() == 0
+
+
+@pytest.mark.parametrize("backends", ["bundled-nats", "kafka+redis"])
+async def test_the_answer_cache_and_token_limits_work_across_conveyor_ups_processes(
+    conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest
+) -> None:
+    # The worker process keeps answers and writes the ledger; the gateway reads the ledger's writes.
+    options = ("--model-cache", "60", "--token-limit", "60")
+    if backends == "kafka+redis":
+        urls = (
+            "--log-url",
+            request.getfixturevalue("kafka_url"),
+            "--store-url",
+            request.getfixturevalue("redis_url"),
+        )
+        up = conveyor(*options, *urls, env={"CONVEYOR_PREFIX": unique_prefix()}).start()
+    else:
+        up = conveyor(*options).start()
+    async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
+
+        async def asked() -> httpx.Response:
+            return await client.post(
+                "/v1/requests", params={"wait": 30}, json={"prompt": "the same", "max_tokens": 16}
+            )
+
+        first, again = (await asked()).json(), (await asked()).json()
+        assert (first["cached"], again["cached"]) == (False, True)
+        assert again["output"] == first["output"]
+        for _ in range(20):  # each counts its tokens, cached or not: the tenant reaches its limit
+            answer = await asked()
+            if answer.status_code == 429:
+                break
+        assert answer.status_code == 429
+        assert answer.json()["error"]["code"] == "token_limit"
+    assert up.stop() == 0
