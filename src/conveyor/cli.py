@@ -112,10 +112,32 @@ def _served_options(parser: argparse.ArgumentParser, *, serve: bool = True) -> N
         help="serve this model too, e.g. fast=simulated or 'gpt=openai,upstream_url=http://127.0.0.1:8080/v1,"
         "upstream_model=gpt-4o-mini' (settings as in a config file's [[models]]; repeat for more)",
     )
+    group.add_argument(
+        "--alias",
+        action="append",
+        metavar="NAME=ID:WEIGHT,ID:WEIGHT...",
+        help="a model name that spreads its requests over served models by weight, e.g. "
+        "chat=v1:90,v2:10 (a canary) or gpt=east:1,west:1 (two upstreams of one model)",
+    )
     if serve:
         group.add_argument(
             "--serve", help="generate only for these models, by id, comma-separated (default: every one)"
         )
+
+
+def _alias(spec: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """``--alias NAME=ID:WEIGHT,...`` as (name, ((id, weight), ...))."""
+    name, _, rest = spec.partition("=")
+    try:
+        targets = tuple(
+            (model.strip(), float(weight))
+            for model, _, weight in (t.rpartition(":") for t in rest.split(","))
+        )
+    except ValueError:
+        raise ValueError(f"--alias {spec!r}: expected NAME=ID:WEIGHT[,ID:WEIGHT...]") from None
+    if not name.strip() or not all(model for model, _ in targets):
+        raise ValueError(f"--alias {spec!r}: expected NAME=ID:WEIGHT[,ID:WEIGHT...]")
+    return name.strip(), targets
 
 
 def _added_model(spec: str) -> ModelSettings:
@@ -218,6 +240,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if "callback_hosts" in flags
         else base.callback_hosts,
         models=(*base.models, *(_added_model(spec) for spec in flags.get("add_model", ()))),
+        aliases={**base.aliases, **dict(_alias(spec) for spec in flags.get("alias", ()))},
         serve=tuple(m.strip() for m in flags["serve"].split(",") if m.strip())
         if "serve" in flags
         else base.serve,

@@ -101,6 +101,9 @@ class Settings:
     models: tuple[ModelSettings, ...] = ()
     # The models whose requests this process generates, by id (empty: every one it serves).
     serve: tuple[str, ...] = ()
+    # Names that spread requests over served models by weight (a canary, several upstreams of one
+    # model): alias -> ((model id, weight), ...).
+    aliases: Mapping[str, tuple[tuple[str, float], ...]] = dataclasses.field(default_factory=dict)
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
     # The gateway: with a keys file (lines key=tenant) every API request needs a key; without
@@ -123,6 +126,11 @@ class Settings:
             )
         if unknown := sorted(set(self.serve) - set(ids)):
             raise ValueError(f"--serve names models not served here: {unknown}; served: {ids}")
+        for alias, targets in self.aliases.items():
+            if alias in ids or not model_token(alias):
+                raise ValueError(f"an alias needs a name of its own, not {alias!r}; models: {ids}")
+            if not targets or any(model not in ids or not weight > 0 for model, weight in targets):
+                raise ValueError(f"alias {alias!r}: give served models with weights above 0, not {targets}")
         fallbacks = {m.id: m.fallback for m in self.served if m.fallback}
         if unknown := sorted(set(fallbacks.values()) - set(ids)):
             raise ValueError(f"a fallback names models not served here: {unknown}; served: {ids}")
@@ -200,6 +208,7 @@ class Settings:
             model=model,
             models=tuple(ModelSettings.of(m) for m in _models(models)) if models else (),
             serve=_phrases(get("SERVE") or ""),
+            aliases=_aliases(get("ALIASES") or "{}"),
             blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
             api_keys_file=Path(keys_file) if keys_file is not None else None,
             rate_limit=float(rate) if rate is not None else None,
@@ -238,6 +247,7 @@ class Settings:
             "CONVEYOR_CALLBACK_HOSTS": "\n".join(self.callback_hosts),
             "CONVEYOR_MODELS": json.dumps([m.to_fields() for m in self.models]),
             "CONVEYOR_SERVE": "\n".join(self.serve),
+            "CONVEYOR_ALIASES": json.dumps({alias: dict(targets) for alias, targets in self.aliases.items()}),
         }
         if self.model.batch_target_latency is not None:
             env["CONVEYOR_BATCH_TARGET_LATENCY"] = repr(self.model.batch_target_latency)
@@ -294,6 +304,7 @@ NAMES = frozenset(
         "CALLBACK_HOSTS",
         "MODELS",
         "SERVE",
+        "ALIASES",
     }
 )
 
@@ -310,11 +321,23 @@ def _read_config(path: Path) -> dict[str, str]:
 
 
 def _setting(value: Any) -> str:
-    """A config file's value as the environment has it: a list of tables (``[[models]]``) as JSON,
-    a list of strings one per line."""
-    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+    """A config file's value as the environment has it: a table (``[aliases]``) or a list of tables
+    (``[[models]]``) as JSON, a list of strings one per line."""
+    if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value)):
         return json.dumps(value)
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _aliases(value: str) -> dict[str, tuple[tuple[str, float], ...]]:
+    """``{"alias": {"model id": weight, ...}, ...}`` (JSON, or a config file's ``[aliases]`` table)."""
+    try:
+        table = json.loads(value)
+        return {
+            str(alias): tuple((str(m), float(w)) for m, w in targets.items())
+            for alias, targets in table.items()
+        }
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"aliases must map each alias to {{model id: weight}}: {exc}") from exc
 
 
 def _models(value: str) -> list[Mapping[str, Any]]:

@@ -330,7 +330,9 @@ async def run_node(
                     await http.enter_async_context(serving(ops_app(), metrics_sock))
                 if sock is not None:
                     ids = [model.id for model in settings.served]
-                    app = create_app(log, store, limits=limits, keys=keys, models=ids)
+                    app = create_app(
+                        log, store, limits=limits, keys=keys, models=ids, aliases=settings.aliases
+                    )
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 ports = children.metrics_ports if children else []
                 if metrics_sock is not None:

@@ -184,3 +184,49 @@ async def test_a_request_refused_for_its_own_fault_is_not_passed_to_the_fallback
     out = await StageHarness(stage, log=log).handle(prepared)
     assert [decode(DeadLetter, e.data).code for e in out[Topic.DLQ]] == ["context_length_exceeded"]
     assert out.get(prepared_topic("fast"), []) == []
+
+
+async def test_an_alias_spreads_its_requests_over_its_models_by_weight(node: NodeFactory) -> None:
+    aliases = {"chat": (("simulated", 1.0), ("fast", 1.0)), "only-fast": (("fast", 1.0),)}
+    async with (
+        node(settings={"models": (FAST,), "aliases": aliases}) as http,
+        sdk(str(http.base_url)) as client,
+    ):
+        listed = [m.id async for m in client.models.list()]
+        assert listed == ["simulated", "fast", "chat", "only-fast"]
+        views = [await wait_final(http, await submit(http, f"hello {i}", model="chat")) for i in range(40)]
+        chat = await client.chat.completions.create(
+            model="only-fast", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        answered = await wait_final(http, chat.id.removeprefix("chatcmpl-"))
+    assert {v["model"] for v in views} == {"simulated", "fast"}  # both, at 1:1 (all 40 one way: 2^-39)
+    assert (chat.model, answered["model"]) == ("only-fast", "fast")
+
+
+def test_aliases_come_from_flags_files_and_the_environment_and_must_name_served_models(
+    tmp_path: Path,
+) -> None:
+    parser = command_line()
+    argv = [
+        "up",
+        "--model",
+        "simulated",
+        "--add-model",
+        "fast=simulated",
+        "--alias",
+        "chat=simulated:90,fast:10",
+    ]
+    flags = settings_from(parser.parse_args(argv))
+    assert flags.aliases == {"chat": (("simulated", 90.0), ("fast", 10.0))}
+    assert Settings.from_env(flags.to_env()).aliases == flags.aliases
+    config = tmp_path / "conveyor.toml"
+    config.write_text('model = "simulated"\n\n[aliases]\nchat = {simulated = 3}\n')
+    assert Settings.load(config, env={}).aliases == {"chat": (("simulated", 3.0),)}
+    for wrong, error in [
+        (["--alias", "chat=nobody:1"], "give served models with weights above 0"),
+        (["--alias", "chat=simulated:0"], "give served models with weights above 0"),
+        (["--alias", "simulated=simulated:1"], "an alias needs a name of its own"),
+        (["--alias", "chat=simulated:lots"], "expected NAME=ID:WEIGHT"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            settings_from(parser.parse_args(["up", "--model", "simulated", *wrong]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -145,6 +145,7 @@ def create_app(
     *,
     limits: GatewayLimits = GatewayLimits(),
     models: Sequence[str] = ("simulated",),
+    aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     keys: ApiKeys | None = None,
 ) -> FastAPI:
     """The gateway: the job API, the OpenAI- and Anthropic-compatible APIs for ``models``, health
@@ -163,8 +164,16 @@ def create_app(
     if limits.tokens_per_minute or token_limits:
         quota = TokenQuota(store, default=limits.tokens_per_minute, tenants=token_limits)
     core = GatewayCore(
-        log, store, keys=keys, limiter=limiter, admission=admission, quota=quota, models=models
+        log,
+        store,
+        keys=keys,
+        limiter=limiter,
+        admission=admission,
+        quota=quota,
+        models=models,
+        aliases=aliases,
     )
+    models = [*models, *(aliases or {})]  # what a client may name
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

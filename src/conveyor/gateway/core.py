@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Annotated, Any
@@ -92,10 +93,12 @@ class GatewayCore:
         admission: Admission | None = None,
         quota: TokenQuota | None = None,
         models: Sequence[str] = (),
+        aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     ) -> None:
         self.log, self.store = log, store
         # The models served, the default first: a request for it names no model on its events.
         self.models = tuple(models)
+        self.aliases = dict(aliases or {})
         self.keys, self.limiter, self.admission, self.quota = keys, limiter, admission, quota
         self.watch = StatusWatch(store)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
@@ -168,8 +171,11 @@ class GatewayCore:
             )
 
     def route(self, model: str) -> str:
-        """What the events of a request for ``model`` (one of ``models``, by id; empty: the default)
-        name as its model: nothing for the default one. Refused (404) for a model not served."""
+        """What the events of a request for ``model`` (one of ``models``, by id, or an alias of
+        some; empty: the default) name as its model: nothing for the default one. An alias's model
+        is drawn by weight for each request. Refused (404) for a model not served."""
+        if (targets := self.aliases.get(model)) is not None:
+            model = random.choices([m for m, _ in targets], weights=[w for _, w in targets])[0]
         if model and model not in self.models:
             raise Refused(
                 404, "model_not_found", f"the model {model!r} does not exist; try {list(self.models)}"
