@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import orjson
 import pytest
 import websockets
 
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope, Topic
+from conveyor.gateway.app import create_app
 from conveyor.gateway.core import GatewayCore
 from conveyor.models.simulated import SimulatedModel
-from conveyor.payloads import RequestAccepted
+from conveyor.payloads import RequestAccepted, decode
 from conveyor.store.base import Entry, Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore
 from conveyor.view import RequestView
@@ -432,3 +434,28 @@ async def test_a_submit_that_waits_learns_the_end_from_the_watch_without_reading
         "done",
     )
     assert store.reads == 0  # watched before the publish: the end could not slip by unseen
+
+
+async def test_a_submit_may_carry_the_conversation_before_its_prompt() -> None:
+    log, store = MemoryEventLog(), MemoryStateStore()
+    app = create_app(log, store)
+    history = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour"},
+    ]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+        accepted = await http.post("/v1/requests", json={"prompt": "How are you?", "history": history})
+        refused = await http.post(
+            "/v1/requests", json={"prompt": "hi", "history": [{"role": "tool", "content": "x"}]}
+        )
+    assert accepted.status_code == 202
+    (event,) = log.events(Topic.REQUESTS)
+    payload = decode(RequestAccepted, event.data)
+    assert payload.prompt == "How are you?"
+    assert [(m.role, m.content) for m in payload.messages] == [
+        *((turn["role"], turn["content"]) for turn in history),
+        ("user", "How are you?"),  # the prompt is the next user turn
+    ]
+    assert refused.status_code == 422
+    assert "history" in refused.json()["error"]["message"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
@@ -34,17 +34,30 @@ from conveyor.gateway.sse import request_events, stream_request
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
-from conveyor.payloads import RequestAccepted, Sampling
+from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
 from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="The text to generate from.")
+    history: list[Turn] = Field(
+        default_factory=list,
+        max_length=256,
+        description="The conversation before the prompt (system instructions, earlier turns): the "
+        "model answers the prompt as the next user turn, with its chat template.",
+    )
     key: str | None = Field(
         None,
         min_length=1,
@@ -259,7 +272,7 @@ def create_app(
             body = SubmitRequest.model_validate_json(raw)
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
-        if len(body.prompt) > limits.max_prompt_chars:
+        if len(body.prompt) + sum(len(t.content) for t in body.history) > limits.max_prompt_chars:
             raise ApiError(422, "prompt_too_long", f"prompt exceeds {limits.max_prompt_chars} characters")
         max_tokens = body.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
@@ -268,10 +281,12 @@ def create_app(
             raise ApiError(422, "invalid_request", "stream and wait exclude each other: use one")
         if body.callback_url is not None and (why := refusal(body.callback_url, limits.callback_hosts)):
             raise ApiError(422, "callback_not_allowed", why)
+        turns = [ChatMessage(role=t.role, content=t.content) for t in body.history]
         payload = RequestAccepted(
             prompt=body.prompt,
             max_tokens=max_tokens,
             metadata=body.metadata,
+            messages=[*turns, ChatMessage(role="user", content=body.prompt)] if turns else [],
             # The submit's sampling fields are the payload's, by name.
             sampling=Sampling.model_validate(body.model_dump(include=set(Sampling.model_fields))),
         )
