@@ -13,7 +13,7 @@ from conveyor.events import Topic
 from conveyor.files import Files, dumps
 from conveyor.gateway.batch_api import PRIORITY, BatchCreate, Batches
 from conveyor.gateway.core import GatewayCore, GatewayLimits
-from conveyor.models.simulated import SimulatedModel
+from conveyor.models.simulated import SimulatedModel, embedding_of
 from conveyor.store.base import Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore
 from tests.conftest import NodeFactory
@@ -171,3 +171,36 @@ async def test_a_batch_whose_gateway_died_while_submitting_it_is_finished_by_the
     assert published < {e.id for e in events} == {found[0].request_id(i) for i in range(300)}
     assert len(events) == 300
     assert {(e.priority, e.tenant) for e in events} == {(PRIORITY, "default")}
+
+
+async def test_a_batch_of_embeddings_answers_one_text_per_line(node: NodeFactory) -> None:
+    texts = {"q1": "the queue is long", "q2": "bananas are yellow"}
+    lines = [
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "simulated", "input": text},
+        }
+        for cid, text in texts.items()
+    ]
+    async with node() as http, sdk(str(http.base_url)) as client:
+        uploaded = await client.files.create(file=("embed.jsonl", dumps(lines)), purpose="batch")
+        created = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+        batch = await client.batches.retrieve(created.id, extra_query={"wait": 30})
+        assert batch.status == "completed"
+        assert batch.output_file_id is not None
+        output = (await client.files.content(batch.output_file_id)).content.splitlines()
+        two = [{**lines[0], "body": {"model": "simulated", "input": ["one", "two"]}}]
+        wrong = await client.files.create(file=("two.jsonl", dumps(two)), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="line 1: one text per line"):
+            await client.batches.create(
+                input_file_id=wrong.id, endpoint="/v1/embeddings", completion_window="24h"
+            )
+    bodies = {line["custom_id"]: line["response"]["body"] for line in map(orjson.loads, output)}
+    for cid, text in texts.items():
+        assert bodies[cid]["object"] == "list"
+        assert bodies[cid]["data"][0]["embedding"] == embedding_of(text)
+        assert bodies[cid]["usage"]["prompt_tokens"] == len(text.split())

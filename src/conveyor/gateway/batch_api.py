@@ -1,9 +1,10 @@
 """OpenAI's Files and Batch APIs: a file of requests answered in the background, through the pipeline.
 
-Each line of a batch's input file becomes one request, accepted onto the log like any other
-(prepared, generated, finalized, billed once) with priority ``PRIORITY``, so interactive traffic
-is served first wherever requests wait for a model, and a deadline at the end of the completion
-window. A line's request id is derived from the batch's id and the line's number: the batch keeps
+Each line of a batch's input file (a chat completion, a text completion, or an embedding of one
+text) becomes one request, accepted onto the log like any other (prepared, generated, finalized,
+billed once) with priority ``PRIORITY``: background work, which waits on a topic of its own and never
+stands in front of interactive requests (``background_topic``). Its deadline is the end of the
+completion window. A line's request id is derived from the batch's id and the line's number: the batch keeps
 no list of them, and publishing its lines again (a gateway that died halfway through, its batch
 left ``validating``, is finished by the next one to read it) adds nothing, since the log and the
 stages drop what they already have. Progress comes from the requests' views; the output and error
@@ -17,7 +18,7 @@ import collections
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
@@ -26,10 +27,11 @@ from pydantic import BaseModel, Field
 
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.files import Files, StoredFile, dumps
+from conveyor.gateway import embeddings_api as embeddings
 from conveyor.gateway.core import SOURCE, GatewayCore, GatewayLimits
 from conveyor.gateway.openai_api import CHAT, TEXT, Endpoint, OpenAIError
 from conveyor.ids import derive_id, new_id
-from conveyor.payloads import EventType
+from conveyor.payloads import EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace
 from conveyor.view import RequestView
@@ -38,13 +40,69 @@ FILES_PATH = "/v1/files"
 PRIORITY = 5  # background work: after interactive requests (0) where requests wait for a slot
 WINDOW = 24 * 3600.0  # "24h", the one completion window
 MAX_LINES = 50_000
-_ENDPOINTS: dict[str, Endpoint[Any]] = {CHAT.path: CHAT, TEXT.path: TEXT}
+
+
+class _Lines(Protocol):
+    """What the lines of a batch for one endpoint ask, and how their answers are written."""
+
+    @property
+    def path(self) -> str: ...
+
+    def request(
+        self, raw: bytes, models: Sequence[str], limits: GatewayLimits
+    ) -> tuple[str, RequestAccepted]:
+        """(the model asked for, the request for the pipeline); ValueError or OpenAIError if wrong."""
+        ...
+
+    def answer(self, view: RequestView, model: str, created: int) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Completions:
+    endpoint: Endpoint[Any]
+
+    @property
+    def path(self) -> str:
+        return self.endpoint.path
+
+    def request(
+        self, raw: bytes, models: Sequence[str], limits: GatewayLimits
+    ) -> tuple[str, RequestAccepted]:
+        body, payload = self.endpoint.parse(raw, models, limits)
+        if body.stream or body.n != 1:
+            raise ValueError("stream and n are not for a batch: one answer per line")
+        return body.model, payload
+
+    def answer(self, view: RequestView, model: str, created: int) -> dict[str, Any]:
+        return self.endpoint.wire(view.id, model, created, 0).whole([view])
+
+
+class _Embeddings:
+    path = "/v1/embeddings"
+
+    def request(
+        self, raw: bytes, models: Sequence[str], limits: GatewayLimits
+    ) -> tuple[str, RequestAccepted]:
+        body, payloads = embeddings.parsed(raw, models, limits)
+        if len(payloads) != 1:
+            raise ValueError("one text per line (input: a text, or a list of one)")
+        return body.model, payloads[0]
+
+    def answer(self, view: RequestView, model: str, created: int) -> dict[str, Any]:
+        return embeddings.answered([view], model)
+
+
+_ENDPOINTS: dict[str, _Lines] = {
+    CHAT.path: _Completions(CHAT),
+    TEXT.path: _Completions(TEXT),
+    "/v1/embeddings": _Embeddings(),
+}
 _ENDED = ("completed", "failed", "cancelled", "expired")
 
 
 class BatchCreate(BaseModel):
     input_file_id: str
-    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
@@ -159,10 +217,8 @@ class Batches:
             if not raw.strip():
                 continue
             try:
-                line = _line(raw, endpoint, seen)
-                body, payload = endpoint.parse(orjson.dumps(line["body"]), self.models, self.limits)
-                if body.stream or body.n != 1:
-                    raise ValueError("stream and n are not for a batch: one answer per line")
+                line = _line(raw, endpoint.path, seen)
+                model, payload = endpoint.request(orjson.dumps(line["body"]), self.models, self.limits)
                 index = len(lines)
                 metadata = {**payload.metadata, "batch_id": batch.id, "custom_id": line["custom_id"]}
                 event = new_event(
@@ -173,15 +229,13 @@ class Batches:
                     tenant=batch.tenant,
                     deadline=batch.created_at + WINDOW,
                     priority=PRIORITY,
-                    model=self.core.route(body.model),
+                    model=self.core.route(model),
                 )
             except OpenAIError as exc:
                 raise _wrong(number, exc.message) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise _wrong(number, str(exc)) from None
-            lines.append(
-                _Line(line["custom_id"], body.model, dataclasses.replace(event, id=event.request_id))
-            )
+            lines.append(_Line(line["custom_id"], model, dataclasses.replace(event, id=event.request_id)))
             if len(lines) > MAX_LINES:
                 raise _wrong(number, f"a batch has at most {MAX_LINES} requests")
         if not lines:
@@ -261,11 +315,11 @@ class Batches:
             custom_id, model = (lines[i].custom_id, lines[i].model) if i < len(lines) else (str(i), "")
             line: dict[str, Any] = {"id": f"batch_req_{view.id}", "custom_id": custom_id}
             if view.status == "completed":
-                wire = _ENDPOINTS[batch.endpoint].wire(view.id, view.model or model, created, 0)
+                body = _ENDPOINTS[batch.endpoint].answer(view, view.model or model, created)
                 answered.append(
                     {
                         **line,
-                        "response": {"status_code": 200, "request_id": view.id, "body": wire.whole([view])},
+                        "response": {"status_code": 200, "request_id": view.id, "body": body},
                         "error": None,
                     }
                 )
@@ -311,15 +365,15 @@ class Batches:
         return sorted((f[0] for f in found if f is not None), key=lambda b: (-b.created_at, b.id))
 
 
-def _line(raw: bytes, endpoint: Endpoint[Any], seen: set[str]) -> dict[str, Any]:
+def _line(raw: bytes, path: str, seen: set[str]) -> dict[str, Any]:
     line = orjson.loads(raw)
     if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or not line["custom_id"]:
         raise ValueError("each line is an object with a custom_id, a method, a url and a body")
     if line["custom_id"] in seen:
         raise ValueError(f"custom_id {line['custom_id']!r} is used twice")
     seen.add(line["custom_id"])
-    if line.get("method") != "POST" or line.get("url") != endpoint.path:
-        raise ValueError(f"each line must be a POST to the batch's endpoint, {endpoint.path}")
+    if line.get("method") != "POST" or line.get("url") != path:
+        raise ValueError(f"each line must be a POST to the batch's endpoint, {path}")
     if not isinstance(line.get("body"), dict):
         raise ValueError("the body is not an object")
     return line

@@ -21,6 +21,7 @@ from conveyor.gateway.core import GatewayCore, GatewayLimits
 from conveyor.gateway.model_request import ModelRequest, given
 from conveyor.gateway.openai_api import OpenAIError, accept_all, ended, validated
 from conveyor.payloads import RequestAccepted
+from conveyor.view import RequestView
 
 MAX_INPUTS = 2048  # OpenAI's
 
@@ -59,6 +60,38 @@ def _encoded(vector: Sequence[float], encoding: str) -> list[float] | str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # float32, little-endian
 
 
+def parsed(
+    raw: bytes, models: Sequence[str], limits: GatewayLimits
+) -> tuple[EmbeddingRequest, list[RequestAccepted]]:
+    """The request ``raw`` and one request for the pipeline per text; OpenAIError (400, 404) if wrong."""
+    body = validated(EmbeddingRequest, raw, models)
+    if (name := body.refused_field()) is not None:
+        raise OpenAIError(
+            400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
+        )
+    payloads = [
+        RequestAccepted(prompt=text, max_tokens=1, embed=True, metadata={"api": "openai.embeddings"})
+        for text in body.texts(limits)
+    ]
+    return body, payloads
+
+
+def answered(views: Sequence[RequestView], model: str, encoding: str = "float") -> dict[str, Any]:
+    """The embeddings response for ``views`` (ended, in input order); OpenAIError if one has none."""
+    data: list[dict[str, Any]] = []
+    for index, view in enumerate(views):
+        if view.embedding is None:  # cancelled before the model answered
+            raise OpenAIError(500, f"request {view.id} ended without an embedding", code="no_embedding")
+        data.append({"object": "embedding", "index": index, "embedding": _encoded(view.embedding, encoding)})
+    tokens = sum(view.usage.prompt_tokens for view in views if view.usage is not None)
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 def add_embeddings_routes(
     app: FastAPI, core: GatewayCore, *, models: Sequence[str], limits: GatewayLimits
 ) -> None:
@@ -76,30 +109,9 @@ def add_embeddings_routes(
     )
     async def embeddings(request: Request, tenant: str = tenant_of_key) -> JSONResponse:
         """Each input's embedding, from the model asked for (a model that makes none answers 400)."""
-        body = validated(EmbeddingRequest, await request.body(), models)
-        if (name := body.refused_field()) is not None:
-            raise OpenAIError(
-                400, f"{name} is not supported by this server", code="unsupported_parameter", param=name
-            )
-        payloads = [
-            RequestAccepted(prompt=text, max_tokens=1, embed=True, metadata={"api": "openai.embeddings"})
-            for text in body.texts(limits)
-        ]
+        body, payloads = parsed(await request.body(), models, limits)
         rids = await accept_all(core, payloads, tenant=tenant, model=body.model)
         views = await asyncio.gather(
             *(ended(core, rid, tenant, limits.max_completion_seconds) for rid in rids)
         )
-        data: list[dict[str, Any]] = []
-        for index, view in enumerate(views):
-            if view.embedding is None:  # cancelled before the model answered
-                raise OpenAIError(500, f"request {view.id} ended without an embedding", code="no_embedding")
-            data.append(
-                {
-                    "object": "embedding",
-                    "index": index,
-                    "embedding": _encoded(view.embedding, body.encoding_format),
-                }
-            )
-        tokens = sum(view.usage.prompt_tokens for view in views if view.usage is not None)
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+        return JSONResponse(answered(views, body.model, body.encoding_format))
