@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import uvicorn
@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from conveyor.backends import open_log, open_store
-from conveyor.config import ModelSettings, Settings
+from conveyor.config import STAGES, ModelSettings, Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
 from conveyor.events import Topic, background_topic, prepared_topic
@@ -30,7 +30,7 @@ from conveyor.models.base import ModelBackend, ModelInfo
 from conveyor.models.simulated import SimulatedModel
 from conveyor.models.tools import PromptedTools
 from conveyor.observability.metrics import REGISTRY
-from conveyor.pipeline import BatchPolicy, Pipeline, Stage
+from conveyor.pipeline import BatchPolicy, Pipeline
 from conveyor.projector import Projector
 from conveyor.runtime.worker import StageWorker
 from conveyor.stages import (
@@ -96,14 +96,15 @@ async def build_models(settings: Settings) -> dict[str, ModelBackend]:
     return built
 
 
-def _runs_here(stage: Stage, stages: tuple[str, ...]) -> bool:
-    """Whether ``stage`` is one of ``stages``, where "generate" names every model's generate stage."""
-    return stage.name in stages or ("generate" in stages and stage.name.startswith("generate-"))
-
-
-def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cancels: CancelWatch) -> Pipeline:
-    """Every stage, with a generate stage for each of ``models`` (by id; none in a process that
-    does not generate). Requests for the default model wait on [prepared], for another on its own
+def build_pipeline(
+    settings: Settings,
+    models: Mapping[str, ModelBackend],
+    cancels: CancelWatch,
+    *,
+    stages: Collection[str] = STAGES,
+) -> Pipeline:
+    """The ``stages`` named (every one by default), "generate" being a generate stage for each of
+    ``models`` (by id). Requests for the default model wait on [prepared], for another on its own
     topic (``prepared_topic``), so each model's generate stage is consumed and scaled on its own."""
     served = {model.id: model for model in settings.served}
     generates = [
@@ -122,19 +123,19 @@ def build_pipeline(settings: Settings, models: Mapping[str, ModelBackend], cance
             cache=served[name].cache,
         )
         for name, backend in models.items()
+        if "generate" in stages
     ]
     # The secret that signs callbacks: the environment only, like every secret.
     secret = os.environ.get("CONVEYOR_CALLBACK_SECRET", "")
     routes = {model.id: _route(settings, model.id) for model in settings.served}
-    return Pipeline(
-        [
-            prepare_stage(SafetyPolicy(settings.blocklist), routes=routes),
-            *generates,
-            finalize_stage(),
-            deliver_stage(hosts=settings.callback_hosts, secret=secret),
-            Projector().stage(also=_waiting_topics(routes.values())),
-        ]
-    )
+    chosen = [
+        prepare_stage(SafetyPolicy(settings.blocklist), routes=routes) if "prepare" in stages else None,
+        *generates,
+        finalize_stage() if "finalize" in stages else None,
+        deliver_stage(hosts=settings.callback_hosts, secret=secret) if "deliver" in stages else None,
+        Projector().stage(also=_waiting_topics(routes.values())) if "projector" in stages else None,
+    ]
+    return Pipeline([stage for stage in chosen if stage is not None])
 
 
 def _waiting_topics(routes: Iterable[str]) -> list[str]:
@@ -306,12 +307,8 @@ async def run_node(
         # Only a process that generates loads the models (the gateway, for one, never does).
         models = await build_models(settings) if "generate" in local_stages else {}
         cancels = CancelWatch(log)
-        pipeline = build_pipeline(settings, models, cancels)
-        workers = [
-            StageWorker(stage, log, store, heartbeat=settings.ack_wait / 3)
-            for stage in pipeline
-            if _runs_here(stage, local_stages)
-        ]
+        pipeline = build_pipeline(settings, models, cancels, stages=local_stages)
+        workers = [StageWorker(stage, log, store, heartbeat=settings.ack_wait / 3) for stage in pipeline]
         worker_stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(worker_stop), name=f"stage-{w.stage.name}") for w in workers]
         helpers: list[asyncio.Task[None]] = []

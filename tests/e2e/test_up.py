@@ -24,6 +24,7 @@ from conveyor.log.nats import NatsEventLog
 from conveyor.models.simulated import SimulatedModel
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestPrepared, decode
 from conveyor.store.base import Namespace
+from conveyor.testing import UpProcess
 from tests.conftest import unique_prefix
 from tests.e2e.conftest import ConveyorFactory
 from tests.helpers import Receiver, read_sse, receiving, sdk, streamed_text, submit, wait_final
@@ -422,20 +423,26 @@ async def test_a_worker_process_that_cannot_start_stops_conveyor_up_with_its_rea
     assert "Conveyor is up" not in text
 
 
+def started(
+    conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest, *options: str
+) -> UpProcess:
+    """``conveyor up`` with ``options`` on the bundled NATS, or on Kafka + Redis (a prefix of its own)."""
+    if backends == "bundled-nats":
+        return conveyor(*options).start()
+    urls = (
+        "--log-url",
+        request.getfixturevalue("kafka_url"),
+        "--store-url",
+        request.getfixturevalue("redis_url"),
+    )
+    return conveyor(*options, *urls, env={"CONVEYOR_PREFIX": unique_prefix()}).start()
+
+
 @pytest.mark.parametrize("backends", ["bundled-nats", "kafka+redis"])
 async def test_a_batch_file_larger_than_one_stored_value_is_answered_through_conveyor_up(
     conveyor: ConveyorFactory, backends: str, request: pytest.FixtureRequest
 ) -> None:
-    if backends == "kafka+redis":
-        urls = (
-            "--log-url",
-            request.getfixturevalue("kafka_url"),
-            "--store-url",
-            request.getfixturevalue("redis_url"),
-        )
-        up = conveyor(*urls, env={"CONVEYOR_PREFIX": unique_prefix()}).start()
-    else:
-        up = conveyor().start()
+    up = started(conveyor, backends, request)
     # Long prompts: the file is larger than a NATS message may be (1 MB), stored in pieces.
     prompts = {f"line-{i}": f"request {i}: " + "tell me about queues " * 350 for i in range(150)}
     lines = [
@@ -474,16 +481,7 @@ async def test_the_answer_cache_and_token_limits_work_across_conveyor_ups_proces
 ) -> None:
     # The worker process keeps answers and writes the ledger; the gateway reads the ledger's writes.
     options = ("--model-cache", "60", "--token-limit", "60")
-    if backends == "kafka+redis":
-        urls = (
-            "--log-url",
-            request.getfixturevalue("kafka_url"),
-            "--store-url",
-            request.getfixturevalue("redis_url"),
-        )
-        up = conveyor(*options, *urls, env={"CONVEYOR_PREFIX": unique_prefix()}).start()
-    else:
-        up = conveyor(*options).start()
+    up = started(conveyor, backends, request, *options)
     async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
 
         async def asked() -> httpx.Response:

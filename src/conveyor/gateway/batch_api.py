@@ -160,13 +160,6 @@ class Batch(BaseModel):
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Line:
-    custom_id: str
-    model: str
-    event: Envelope
-
-
 class Batches:
     """Batches of one gateway: created, advanced as they are read, cancelled."""
 
@@ -201,18 +194,17 @@ class Batches:
         assert revision is not None  # a new id
         return (await self._submit(batch, revision, lines))[0]
 
-    async def _submit(self, batch: Batch, revision: int, lines: Sequence[_Line]) -> tuple[Batch, int]:
+    async def _submit(self, batch: Batch, revision: int, events: Sequence[Envelope]) -> tuple[Batch, int]:
         """Put the lines' requests on the log, then mark the batch in progress."""
-        events = [line.event for line in lines]
         for start in range(0, len(events), 256):
             await self.core.log.publish(Topic.REQUESTS, events[start : start + 256])
         return await self._advance(batch, revision, status="in_progress", in_progress_at=int(time.time()))
 
-    def _lines(self, batch: Batch, content: bytes) -> list[_Line]:
+    def _lines(self, batch: Batch, content: bytes) -> list[Envelope]:
         """The requests of a batch's input file; OpenAIError (400) naming the first wrong line."""
         endpoint = _ENDPOINTS[batch.endpoint]
         seen: set[str] = set()
-        lines: list[_Line] = []
+        lines: list[Envelope] = []
         for number, raw in enumerate(content.splitlines(), start=1):
             if not raw.strip():
                 continue
@@ -235,7 +227,7 @@ class Batches:
                 raise _wrong(number, exc.message) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise _wrong(number, str(exc)) from None
-            lines.append(_Line(line["custom_id"], model, dataclasses.replace(event, id=event.request_id)))
+            lines.append(dataclasses.replace(event, id=event.request_id))
             if len(lines) > MAX_LINES:
                 raise _wrong(number, f"a batch has at most {MAX_LINES} requests")
         if not lines:
@@ -307,12 +299,16 @@ class Batches:
     ) -> tuple[Batch, int]:
         """Write the output and error files of a batch whose requests all ended, and end it."""
         stored = await self.files.get(batch.input_file_id, batch.tenant)
-        lines = self._lines(batch, await self.files.content(stored)) if stored is not None else []
+        # Each line's name and model, as checked when the batch was made: no need to check them again.
+        content = await self.files.content(stored) if stored is not None else b""
+        lines = [orjson.loads(raw) for raw in content.splitlines() if raw.strip()]
         answered, errors = [], []
         created = int(time.time())
         for i, view in enumerate(views):
             assert view is not None
-            custom_id, model = (lines[i].custom_id, lines[i].model) if i < len(lines) else (str(i), "")
+            custom_id, model = (
+                (lines[i]["custom_id"], lines[i]["body"]["model"]) if i < len(lines) else (str(i), "")
+            )
             line: dict[str, Any] = {"id": f"batch_req_{view.id}", "custom_id": custom_id}
             if view.status == "completed":
                 body = _ENDPOINTS[batch.endpoint].answer(view, view.model or model, created)
