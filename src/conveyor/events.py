@@ -80,6 +80,7 @@ class Envelope:
     traceparent: str = ""
     redrive: str = ""  # sent back from the dead-letter topic: only this stage handles it
     callback: str = ""  # the URL told of the request's outcome (stages/deliver.py), if any
+    batch: str = ""  # a Batch API request's batch and line (batch_progress.py)
 
     @property
     def subject(self) -> str:
@@ -108,6 +109,7 @@ class Envelope:
             model_license=self.model_license,
             traceparent=self.traceparent,
             callback=self.callback,
+            batch=self.batch,
         )
 
     def to_headers(self) -> dict[str, str]:
@@ -135,6 +137,7 @@ class Envelope:
             "traceparent": self.traceparent,
             "ce-redrive": self.redrive,
             "ce-callback": self.callback,
+            "ce-batch": self.batch,
         }
         headers.update({k: v for k, v in optional.items() if v})
         return headers
@@ -168,6 +171,7 @@ class Envelope:
                 traceparent=h.get("traceparent", ""),
                 redrive=h.get("ce-redrive", ""),
                 callback=h.get("ce-callback", ""),
+                batch=h.get("ce-batch", ""),
             )
         except ValueError as exc:
             raise InvalidEventError(f"malformed event header: {exc}") from exc

@@ -10,6 +10,8 @@ A request's intermediate statuses (accepted, prepared, generating) are held up t
 a fast request costs one write (and one notification to each gateway) instead of four,
 while a waiter still learns of the end without delay. [generated] is not read: the
 completed event carries when generation finished (one delivery less per request).
+When a Batch API request's view ends, its line is marked in its batch's progress
+(batch_progress.py) before the event is acknowledged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
+from conveyor.batch_progress import ProgressMarks
 from conveyor.events import Envelope, Topic
 from conveyor.payloads import EventType
 from conveyor.pipeline import Output, Stage, StageContext
@@ -44,6 +47,7 @@ class Projector:
     def __init__(self, *, cache_size: int = 20_000) -> None:
         self._cache: collections.OrderedDict[str, tuple[RequestView, int]] = collections.OrderedDict()
         self._cache_size = cache_size
+        self._progress = ProgressMarks()
 
     async def apply(self, store: StateStore, events: Sequence[Envelope]) -> RequestView:
         """Fold ``events`` (all of one request) into its view with one compare-and-set write."""
@@ -75,11 +79,14 @@ class Projector:
         # Only requests still under way: a final view sees no more events but a rare late one
         # (which reads it again), and a cache of thousands of views makes the garbage
         # collector's full passes take tens of milliseconds.
-        if not result[0].terminal:
+        view = result[0]
+        if not view.terminal:
             self._cache[rid] = result
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return result[0]
+        elif view.batch:  # again on every event of an ended line: a mark lost to a crash is made
+            await self._progress.mark(store, view.batch, completed=view.status == "completed")
+        return view
 
     @staticmethod
     def _linger(events: Sequence[Envelope]) -> float:

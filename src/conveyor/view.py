@@ -29,6 +29,7 @@ from conveyor.payloads import (
 Status = Literal["accepted", "prepared", "generating", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 _OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")
+_HIDDEN = {"cancel_requested", "batch"}  # bookkeeping, not for clients
 _RANK = {"accepted": 0, "prepared": 1, "generating": 2, "completed": 3, "failed": 3, "cancelled": 3}
 
 
@@ -58,6 +59,7 @@ class RequestView(BaseModel):
     error: ErrorInfo | None = None
     model: str | None = None
     cancel_requested: bool = False
+    batch: str = ""  # the Batch API line it answers (batch_progress.py); not shown
 
     @property
     def terminal(self) -> bool:
@@ -70,10 +72,10 @@ class RequestView(BaseModel):
         return {k: public[k] for k in _OUTCOME}
 
     def public(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"cancel_requested"})
+        return self.model_dump(mode="json", exclude=_HIDDEN)
 
     def public_json(self) -> bytes:
-        return self.model_dump_json(exclude={"cancel_requested"}).encode()
+        return self.model_dump_json(exclude=_HIDDEN).encode()
 
 
 def _advance(view: RequestView, status: Status) -> None:
@@ -98,6 +100,8 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
     else:  # the only nested value fold mutates is ``stages``: copy that, share the rest
         v = view.model_copy(update={"stages": {k: dict(marks) for k, marks in view.stages.items()}})
     at = event.time
+    if event.batch:
+        v.batch = event.batch
     match event.type:
         case EventType.ACCEPTED:
             _stamp(v, "gateway", "accepted_at", at)

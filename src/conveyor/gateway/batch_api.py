@@ -7,14 +7,14 @@ stands in front of interactive requests (``background_topic``). Its deadline is 
 completion window. A line's request id is derived from the batch's id and the line's number: the batch keeps
 no list of them, and publishing its lines again (a gateway that died halfway through, its batch
 left ``validating``, is finished by the next one to read it) adds nothing, since the log and the
-stages drop what they already have. Progress comes from the requests' views; the output and error
-files are written once every request has ended.
+stages drop what they already have. Progress is the projector's (batch_progress.py): reading a
+batch reads a record per 1,024 lines, not each line's view. The output and error files are written
+once every request has ended, from their views, read then and once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -25,13 +25,14 @@ from fastapi import Depends, FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from conveyor.batch_progress import line_tag, read_progress
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.files import Files, StoredFile, dumps
 from conveyor.gateway import embeddings_api as embeddings
 from conveyor.gateway.core import SOURCE, GatewayCore, GatewayLimits
 from conveyor.gateway.openai_api import CHAT, TEXT, Endpoint, OpenAIError
 from conveyor.ids import derive_id, new_id
-from conveyor.payloads import EventType, RequestAccepted
+from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace
 from conveyor.view import RequestView
@@ -165,8 +166,6 @@ class Batches:
 
     def __init__(self, core: GatewayCore, files: Files, models: Sequence[str], limits: GatewayLimits) -> None:
         self.core, self.files, self.models, self.limits = core, files, models, limits
-        # Views that ended, of the batches read lately: they never change, so they are read once.
-        self._ended: collections.OrderedDict[str, dict[str, RequestView]] = collections.OrderedDict()
 
     async def get(self, batch_id: str, tenant: str) -> tuple[Batch, int] | None:
         entry = await self.core.store.get(Namespace.BATCHES, batch_id) if _valid(batch_id) else None
@@ -222,6 +221,7 @@ class Batches:
                     deadline=batch.created_at + WINDOW,
                     priority=PRIORITY,
                     model=self.core.route(model),
+                    batch=line_tag(batch.id, index),
                 )
             except OpenAIError as exc:
                 raise _wrong(number, exc.message) from None
@@ -249,55 +249,50 @@ class Batches:
         if batch.status in _ENDED:
             return batch.public()
         until = time.monotonic() + wait
-        views = await self._views(batch)
-        while (running := [i for i, v in enumerate(views) if v is None or not v.terminal]) and (
-            left := until - time.monotonic()
-        ) > 0:
-            await self.core.wait(batch.request_id(running[0]), left, tenant=batch.tenant)
-            views = await self._views(batch)
-        completed = sum(1 for v in views if v is not None and v.status == "completed")
-        failed = sum(1 for v in views if v is not None and v.terminal and v.status != "completed")
-        if running:
-            return batch.public(completed, failed)
-        return (await self._finish(batch, revision, views))[0].public()
+        progress = await read_progress(self.core.store, batch.id, batch.total)
+        while (line := progress.first_running) is not None and (left := until - time.monotonic()) > 0:
+            view = await self.core.wait(batch.request_id(line), left, tenant=batch.tenant)
+            if view is not None and view.terminal:
+                # The projector marks the line just after it writes the view: moments later.
+                await asyncio.sleep(0.02)
+            progress = await read_progress(self.core.store, batch.id, batch.total)
+        if progress.first_running is not None:
+            return batch.public(progress.completed, progress.failed)
+        return (await self._finish(batch, revision))[0].public()
 
     async def cancel(self, batch: Batch, revision: int) -> dict[str, Any]:
         if batch.status in _ENDED or batch.status == "cancelling":
             return batch.public()
         batch, _ = await self._advance(batch, revision, status="cancelling", cancelling_at=int(time.time()))
-        views = await self._views(batch)
-        await asyncio.gather(
-            *(
-                self.core.cancel(
-                    view if view is not None else RequestView(id=batch.request_id(i), tenant=batch.tenant),
-                    "batch cancelled",
-                )
-                for i, view in enumerate(views)
-                if view is None or not view.terminal
+        progress = await read_progress(self.core.store, batch.id, batch.total)
+        cancels = [
+            new_event(
+                type=EventType.CANCEL,
+                source=SOURCE,
+                payload=CancelRequested(reason="batch cancelled"),
+                request_id=batch.request_id(line),
+                tenant=batch.tenant,
+                batch=line_tag(batch.id, line),
             )
-        )
+            for line in progress.running()
+        ]
+        for start in range(0, len(cancels), 256):
+            await self.core.log.publish(Topic.CONTROL, cancels[start : start + 256])
         return batch.public()
 
-    async def _views(self, batch: Batch) -> list[RequestView | None]:
-        """Each request's view (None: not projected yet); those that ended are read once."""
-        ended = self._ended.setdefault(batch.id, {})
-        self._ended.move_to_end(batch.id)
-        while len(self._ended) > 64:
-            self._ended.popitem(last=False)
+    async def _views(self, batch: Batch) -> list[RequestView]:
+        """Each line's view (a line not projected yet, which only a redrive can make, is accepted)."""
         rids = [batch.request_id(i) for i in range(batch.total)]
-        running = [rid for rid in rids if rid not in ended]
-        now: dict[str, RequestView | None] = {}
-        for start in range(0, len(running), 512):
-            chunk = running[start : start + 512]
+        views: list[RequestView] = []
+        for start in range(0, len(rids), 512):
+            chunk = rids[start : start + 512]
             read = await asyncio.gather(*(read_view(self.core.store, rid) for rid in chunk))
-            now.update(zip(chunk, read, strict=True))
-        ended.update({rid: view for rid, view in now.items() if view is not None and view.terminal})
-        return [ended[rid] if rid in ended else now.get(rid) for rid in rids]
+            views += (v or RequestView(id=r, tenant=batch.tenant) for r, v in zip(chunk, read, strict=True))
+        return views
 
-    async def _finish(
-        self, batch: Batch, revision: int, views: Sequence[RequestView | None]
-    ) -> tuple[Batch, int]:
+    async def _finish(self, batch: Batch, revision: int) -> tuple[Batch, int]:
         """Write the output and error files of a batch whose requests all ended, and end it."""
+        views = await self._views(batch)
         stored = await self.files.get(batch.input_file_id, batch.tenant)
         # Each line's name and model, as checked when the batch was made: no need to check them again.
         content = await self.files.content(stored) if stored is not None else b""
@@ -305,7 +300,6 @@ class Batches:
         answered, errors = [], []
         created = int(time.time())
         for i, view in enumerate(views):
-            assert view is not None
             custom_id, model = (
                 (lines[i]["custom_id"], lines[i]["body"]["model"]) if i < len(lines) else (str(i), "")
             )
