@@ -103,6 +103,8 @@ class Stage:
     a topic of background work never fills the stage and the others' events are taken at once.
     ``fallback``, when given, is asked what to publish instead of a dead letter once the handler
     has given up on an event (its retries spent, or a permanent error); no outputs: dead-letter it.
+    ``traced``: with a tracer provider set up, each event is handled in a span of the request's
+    trace (observability/tracing.py); off for a stage whose spans would say nothing (a read model).
     """
 
     name: str
@@ -121,6 +123,7 @@ class Stage:
     lane: Callable[[Envelope], str] = lambda event: event.key
     topic_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
     fallback: Fallback | None = None
+    traced: bool = True
 
     def __post_init__(self) -> None:
         if self.linger is not None and self.handle_many is None:

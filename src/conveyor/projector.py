@@ -124,4 +124,5 @@ class Projector:
             dedupe=False,
             concurrency=4096,
             lane=lambda event: event.request_id,
+            traced=False,
         )

@@ -34,6 +34,7 @@ from conveyor.gateway.sse import request_events, stream_request
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
+from conveyor.observability.tracing import TraceHeader
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
 from conveyor.store.base import StateStore
 from conveyor.view import RequestView
@@ -333,7 +334,8 @@ def create_app(
     )
     app.add_middleware(
         BodySizeLimit, max_bytes=limits.max_body_bytes, paths={FILES_PATH: limits.max_file_bytes}
-    )  # outermost: before anything reads
+    )  # before anything reads
+    app.add_middleware(TraceHeader)  # outermost: the client's trace is current for all the rest
 
     @app.post(
         "/v1/requests",

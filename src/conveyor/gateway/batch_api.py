@@ -32,6 +32,7 @@ from conveyor.gateway import embeddings_api as embeddings
 from conveyor.gateway.core import SOURCE, GatewayCore, GatewayLimits
 from conveyor.gateway.openai_api import CHAT, TEXT, Endpoint, OpenAIError
 from conveyor.ids import derive_id, new_id
+from conveyor.observability.tracing import current_traceparent
 from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace
@@ -204,6 +205,7 @@ class Batches:
         endpoint = _ENDPOINTS[batch.endpoint]
         seen: set[str] = set()
         lines: list[Envelope] = []
+        trace = current_traceparent()  # the call that made the batch, or read it on
         for number, raw in enumerate(content.splitlines(), start=1):
             if not raw.strip():
                 continue
@@ -222,6 +224,7 @@ class Batches:
                     priority=PRIORITY,
                     model=self.core.route(model),
                     batch=line_tag(batch.id, index),
+                    traceparent=trace,
                 )
             except OpenAIError as exc:
                 raise _wrong(number, exc.message) from None

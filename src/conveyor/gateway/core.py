@@ -26,6 +26,7 @@ from conveyor.gateway.ratelimit import Rate, RateLimiter
 from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REQUESTS_ACCEPTED, REQUESTS_REFUSED
+from conveyor.observability.tracing import current_traceparent
 from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace, StateStore
@@ -209,6 +210,7 @@ class GatewayCore:
             priority=priority,
             callback=callback,
             model=self.route(model),
+            traceparent=current_traceparent(),
         )
         rid = event.id
         idem = digest = ""

@@ -50,6 +50,7 @@ class GenerationRequest:
     logprobs: int | None = None  # report each token's log probability and that many alternatives
     priority: int = 0  # lower is served sooner, where requests wait for a backend (local: a slot)
     tenant: str = "default"  # within a priority, tenants take turns there
+    traceparent: str = ""  # the request's trace context, for a backend calling a server to pass on
     cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 

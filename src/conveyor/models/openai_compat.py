@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import Embedding, GenerationRequest, ModelInfo, Token
+from conveyor.observability.tracing import TRACEPARENT
 from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, TopLogprob, Usage
 
 logger = logging.getLogger("conveyor.models.openai_compat")
@@ -135,7 +136,9 @@ class OpenAICompatModel:
     async def _one(self, request: GenerationRequest) -> AsyncIterator[Token]:
         url, body = self._request(request)
         try:
-            async with self._client().post(url, data=orjson.dumps(body)) as response:
+            # The request's trace goes on to a server that traces too (vLLM with an OTLP endpoint).
+            trace = {TRACEPARENT: request.traceparent} if request.traceparent else None
+            async with self._client().post(url, data=orjson.dumps(body), headers=trace) as response:
                 if response.status >= 400:
                     raise _classify(response.status, response.reason, await response.text())
                 finish: FinishReason = "stop"

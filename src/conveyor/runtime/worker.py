@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from conveyor.errors import DeferredError, InvalidEventError, PermanentError, RejectedError, UnavailableError
 from conveyor.events import Envelope, Topic, new_event, now_rfc3339
 from conveyor.log.base import Delivery, EventLog, Subscription
+from conveyor.observability import tracing
 from conveyor.observability.metrics import DEAD_LETTERS, EVENTS_HANDLED, HANDLE_SECONDS, RETRIES
 from conveyor.payloads import Attempt, DeadLetter, EventType
 from conveyor.pipeline import Output, Stage
@@ -84,6 +85,7 @@ class StageWorker:
         self._heartbeat = heartbeat
         self._active: dict[int, tuple[Delivery, float]] = {}
         self._ctx = HandlerContext(stage.name, log, store)
+        self._tracer = tracing.tracer() if stage.traced else None
         self._deadlines = Deadlines(stage.timeout)
         self._batcher = (
             Batcher(stage.name, stage.handle_batch, self._ctx, stage.batching, timeout=stage.timeout)
@@ -264,6 +266,13 @@ class StageWorker:
 
     async def _process(self, batch: list[Delivery]) -> None:
         admitted = [(d, e) for d in batch if (e := await self._admit(d)) is not None]
+        if self._tracer is None or not admitted:
+            await self._handle(admitted)
+            return
+        with tracing.stage_spans(self._tracer, self.stage.name, [e for _, e in admitted]) as (events, _):
+            await self._handle([(d, e) for (d, _), e in zip(admitted, events, strict=True)])
+
+    async def _handle(self, admitted: list[tuple[Delivery, Envelope]]) -> None:
         many = self.stage.handle_many
         if many is not None and len(admitted) > 1:
             events = [e for _, e in admitted]
@@ -324,6 +333,8 @@ class StageWorker:
                 raise
             except Exception as exc:
                 attempts.append(Attempt(attempt=len(attempts) + 1, error=_describe(exc), at=now_rfc3339()))
+                if self._tracer is not None:
+                    tracing.attempt_failed(exc)
                 if isinstance(exc, DeferredError) and dead_letter:
                     await self._defer(exc, items, attempts)
                     return True
@@ -417,6 +428,8 @@ class StageWorker:
             )
         await self._log.publish(Topic.DLQ, [letter])
         await delivery.ack()
+        if self._tracer is not None:
+            tracing.failed(error)
         DEAD_LETTERS.inc(stage=self.stage.name)
         EVENTS_HANDLED.inc(stage=self.stage.name, outcome="dead_lettered")
         logger.warning("stage %s: dead-lettered event at %s: %s", self.stage.name, delivery.position, error)

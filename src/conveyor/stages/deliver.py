@@ -27,6 +27,7 @@ import orjson
 from conveyor.callbacks import LOOPBACK, SIGNATURE_HEADER, refusal, sign
 from conveyor.errors import DeferredError, PermanentError
 from conveyor.events import Envelope, Topic
+from conveyor.observability.tracing import TRACEPARENT
 from conveyor.payloads import DeadLetter, EventType, decode
 from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
 from conveyor.view import fold
@@ -72,6 +73,8 @@ def deliver_stage(
             "Conveyor-Event-Id": event.id,
             "Conveyor-Request-Id": event.request_id,
         }
+        if event.traceparent:
+            headers[TRACEPARENT] = event.traceparent
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, body)
         host = urlsplit(event.callback).netloc

@@ -132,6 +132,7 @@ class _Stream:
             logprobs=self._prepared.sampling.logprobs,
             priority=event.priority,
             tenant=event.tenant,
+            traceparent=event.traceparent,
         )
         self.deadline = _arm_deadline(event.deadline, self.request)
         self._text: list[str] = []
