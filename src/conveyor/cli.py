@@ -53,6 +53,11 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         help="tokens per minute per tenant, prompt and completion, as used (default: no limit)",
     )
     group.add_argument(
+        "--max-parallel",
+        type=int,
+        help="requests a tenant may have under way at once, through each gateway (default: no limit)",
+    )
+    group.add_argument(
         "--max-backlog",
         type=int,
         help="answer submits 503 while prepare has more than this many requests to take in",
@@ -236,6 +241,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_burst=flags.get("rate_burst", base.rate_burst),
         max_backlog=flags.get("max_backlog", base.max_backlog),
         token_limit=flags.get("token_limit", base.token_limit),
+        max_parallel=flags.get("max_parallel", base.max_parallel),
         callback_hosts=tuple(h.strip() for h in flags["callback_hosts"].split(",") if h.strip())
         if "callback_hosts" in flags
         else base.callback_hosts,

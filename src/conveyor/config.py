@@ -113,6 +113,7 @@ class Settings:
     rate_burst: float | None = None  # submits at once (None: max(1, rate_limit))
     max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
     token_limit: int | None = None  # tokens per minute per tenant, counted as used (None: no limit)
+    max_parallel: int | None = None  # requests under way per tenant, per gateway (None: no limit)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
 
@@ -193,9 +194,8 @@ class Settings:
         models = get("MODELS")
         blocklist = env.get("CONVEYOR_BLOCKLIST")  # may be set and empty: no blocklist
         hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
-        keys_file, rate, burst, backlog, tokens = (
-            get(n) for n in ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG", "TOKEN_LIMIT")
-        )
+        names = ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG", "TOKEN_LIMIT", "MAX_PARALLEL")
+        keys_file, rate, burst, backlog, tokens, parallel = (get(n) for n in names)
         return cls(
             host=get("HOST") or base.host,
             port=int(get("PORT") or base.port),
@@ -215,6 +215,7 @@ class Settings:
             rate_burst=float(burst) if burst is not None else None,
             max_backlog=int(backlog) if backlog is not None else None,
             token_limit=int(tokens) if tokens is not None else None,
+            max_parallel=int(parallel) if parallel is not None else None,
             callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
@@ -261,6 +262,7 @@ class Settings:
             "CONVEYOR_RATE_BURST": self.rate_burst,
             "CONVEYOR_MAX_BACKLOG": self.max_backlog,
             "CONVEYOR_TOKEN_LIMIT": self.token_limit,
+            "CONVEYOR_MAX_PARALLEL": self.max_parallel,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -301,6 +303,7 @@ NAMES = frozenset(
         "RATE_BURST",
         "MAX_BACKLOG",
         "TOKEN_LIMIT",
+        "MAX_PARALLEL",
         "CALLBACK_HOSTS",
         "MODELS",
         "SERVE",

@@ -160,11 +160,14 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
     if settings.token_limit is not None and settings.token_limit < 1:
         raise ValueError(f"--token-limit must be 1 or more tokens per minute, not {settings.token_limit}")
+    if settings.max_parallel is not None and settings.max_parallel < 1:
+        raise ValueError(f"--max-parallel must be 1 or more requests, not {settings.max_parallel}")
     limits = GatewayLimits(
         rate=rate,
         max_backlog=settings.max_backlog,
         callback_hosts=settings.callback_hosts,
         tokens_per_minute=settings.token_limit,
+        max_parallel=settings.max_parallel,
     )
     return limits, keys
 

@@ -54,6 +54,8 @@ def test_every_setting_a_process_passes_on_has_a_known_name() -> None:
         rate_limit=2.5,
         rate_burst=10,
         max_backlog=1000,
+        token_limit=5000,
+        max_parallel=8,
     )
     assert {name.removeprefix("CONVEYOR_") for name in settings.to_env()} <= NAMES
     assert Settings.from_env(settings.to_env()) == settings
@@ -66,6 +68,7 @@ def test_the_gateway_settings_come_from_the_environment_and_bad_ones_stop_the_st
         "CONVEYOR_API_KEYS_FILE": str(tmp_path / "keys.txt"),
         "CONVEYOR_RATE_LIMIT": "5",
         "CONVEYOR_MAX_BACKLOG": "200",
+        "CONVEYOR_MAX_PARALLEL": "16",
     }
     settings = Settings.from_env(env)
     assert (settings.api_keys_file, settings.rate_limit, settings.rate_burst, settings.max_backlog) == (
@@ -79,12 +82,14 @@ def test_the_gateway_settings_come_from_the_environment_and_bad_ones_stop_the_st
     (tmp_path / "keys.txt").write_text("sk-1=acme,rate=1\n")
     limits, keys = gateway_options(settings)
     assert (limits.rate, limits.max_backlog) == (Rate(5.0, 5.0), 200)  # burst: a second's worth
+    assert limits.max_parallel == 16
     assert keys is not None
     assert keys.tenant("sk-1") == "acme"
     for wrong, error in [
         ({"rate_burst": 3.0, "rate_limit": None}, "--rate-burst needs --rate-limit"),
         ({"rate_limit": -1.0}, "above 0"),
         ({"max_backlog": -1}, "--max-backlog must be 0 or more"),
+        ({"max_parallel": 0}, "--max-parallel must be 1 or more"),
     ]:
         with pytest.raises(ValueError, match=error):
             gateway_options(dataclasses.replace(settings, **wrong))  # type: ignore[arg-type]

@@ -311,3 +311,43 @@ async def test_a_tenant_over_its_tokens_per_minute_is_refused_until_they_age_and
             "/v1/requests", params={"wait": 10}, json={"prompt": "hi"}, headers=bearer(GLOBEX)
         )
         assert other.json()["status"] == "completed"  # globex has no limit
+
+
+async def test_a_tenant_at_its_parallel_limit_is_refused_until_one_ends_and_the_others_go_on(
+    node: NodeFactory, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{ACME}=acme,parallel=2\n{GLOBEX}=globex\n")
+    slow = {"prompt": "slow one"}  # 23 tokens at 0.5 s: under way for 11 s unless cancelled
+    quick = {"prompt": "hi", "max_tokens": 1}
+    async with (
+        node(token_delay=0.5, settings={"api_keys_file": keys}) as http,
+        sdk(str(http.base_url), ACME) as client,
+    ):
+        first = [
+            (await http.post("/v1/requests", json=slow, headers=bearer(ACME))).json()["id"] for _ in "ab"
+        ]
+        refused = await http.post("/v1/requests", json=slow, headers=bearer(ACME))
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "parallel_limit"
+        assert "2 requests under way" in refused.json()["error"]["message"]
+        assert refused.headers["Retry-After"] == "1"
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+        assert limited.value.code == "rate_limit_exceeded"
+        # Another tenant is not held back by acme's requests.
+        other = await http.post("/v1/requests", params={"wait": 10}, json=quick, headers=bearer(GLOBEX))
+        assert other.json()["status"] == "completed"
+        # Once one of acme's ends (here: cancelled), acme may submit one more, and no more.
+        await http.delete(f"/v1/requests/{first[0]}", headers=bearer(ACME))
+        assert (await wait_final(http, first[0], headers=bearer(ACME)))["status"] == "cancelled"
+        # The gateway learns of an end from its status watch, in the order views are written:
+        # once it has told a waiter of a later end, it has seen that one.
+        later = await http.post("/v1/requests", params={"wait": 10}, json=quick, headers=bearer(GLOBEX))
+        assert later.json()["status"] == "completed"
+        again = await http.post("/v1/requests", json=slow, headers=bearer(ACME))
+        assert again.status_code == 202
+        assert (await http.post("/v1/requests", json=slow, headers=bearer(ACME))).status_code == 429
+        for rid in (first[1], again.json()["id"]):  # not left to run out while the node stops
+            await http.delete(f"/v1/requests/{rid}", headers=bearer(ACME))
+            await wait_final(http, rid, headers=bearer(ACME))

@@ -38,6 +38,7 @@ _ERRORS = {
     "invalid_api_key": "authentication_error",
     "rate_limited": "rate_limit_error",
     "token_limit": "rate_limit_error",
+    "parallel_limit": "rate_limit_error",
     "overloaded": "overloaded_error",
     "safety_blocked": "invalid_request_error",
     "context_length_exceeded": "invalid_request_error",

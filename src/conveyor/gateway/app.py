@@ -27,6 +27,7 @@ from conveyor.gateway.embeddings_api import add_embeddings_routes
 from conveyor.gateway.fastpath import FastPath
 from conveyor.gateway.limits import BodySizeLimit, error_body
 from conveyor.gateway.openai_api import add_openai_routes
+from conveyor.gateway.parallel import ParallelLimit
 from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import RateLimiter
 from conveyor.gateway.responses_api import add_responses_routes
@@ -177,6 +178,10 @@ def create_app(
     quota = None
     if limits.tokens_per_minute or token_limits:
         quota = TokenQuota(store, default=limits.tokens_per_minute, tenants=token_limits)
+    parallel_limits = keys.parallel_limits if keys else {}
+    parallel = None
+    if limits.max_parallel or parallel_limits:
+        parallel = ParallelLimit(store, default=limits.max_parallel, tenants=parallel_limits)
     core = GatewayCore(
         log,
         store,
@@ -184,6 +189,7 @@ def create_app(
         limiter=limiter,
         admission=admission,
         quota=quota,
+        parallel=parallel,
         models=models,
         aliases=aliases,
     )
@@ -194,6 +200,8 @@ def create_app(
         tasks = [asyncio.create_task(core.watch.run())]
         if quota is not None:
             tasks.append(asyncio.create_task(quota.run()))
+        if parallel is not None:
+            tasks.append(asyncio.create_task(parallel.run()))
         if admission is not None:
             await admission.refresh()  # the first submit already meets a known backlog
             tasks.append(asyncio.create_task(admission.run()))

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Request, Security
@@ -21,6 +21,7 @@ from conveyor.callbacks import LOOPBACK
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.parallel import ParallelLimit
 from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import Rate, RateLimiter
 from conveyor.gateway.watch import StatusWatch
@@ -31,6 +32,8 @@ from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
 from conveyor.store.base import Namespace, StateStore
 from conveyor.view import RequestView
+
+T = TypeVar("T")
 
 SOURCE = "conveyor/gateway"
 
@@ -52,6 +55,7 @@ class GatewayLimits:
     rate: Rate | None = None  # submits per tenant (the API keys file may give a tenant its own)
     max_backlog: int | None = None  # refuse submits while prepare is further behind than this
     tokens_per_minute: int | None = None  # per tenant (the API keys file may give a tenant its own)
+    max_parallel: int | None = None  # requests under way per tenant, per gateway (likewise)
     callback_hosts: tuple[str, ...] = LOOPBACK  # what a callback_url may name (conveyor.callbacks)
 
 
@@ -93,6 +97,7 @@ class GatewayCore:
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
         quota: TokenQuota | None = None,
+        parallel: ParallelLimit | None = None,
         models: Sequence[str] = (),
         aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     ) -> None:
@@ -101,7 +106,8 @@ class GatewayCore:
         self.models = tuple(models)
         self.aliases = dict(aliases or {})
         self.keys, self.limiter, self.admission, self.quota = keys, limiter, admission, quota
-        self.watch = StatusWatch(store)
+        self.parallel = parallel
+        self.watch = StatusWatch(store, on_write=parallel.seen if parallel else None)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
         # has written its view (a few milliseconds later). (tenant, accepted_at) rather than
         # views: tuples of strings are no work for the garbage collector's full passes.
@@ -148,8 +154,10 @@ class GatewayCore:
 
         return tenant
 
-    async def _admit(self, tenant: str) -> None:
-        """Refuse a new submit while the pipeline is overloaded or the tenant is over its rate."""
+    async def _admit(self, tenant: str, rid: str) -> None:
+        """Refuse a new submit while the pipeline is overloaded or the tenant is over one of its
+        limits; else ``rid`` is one of the tenant's requests under way (``_release`` it if it is
+        not put on the log after all)."""
         if self.admission is not None and self.admission.overloaded:
             raise Refused(
                 503,
@@ -170,6 +178,27 @@ class GatewayCore:
             raise Refused(
                 429, "rate_limited", f"over the rate limit{limit}; retry in {wait:.2f} s", retry_after=wait
             )
+        if self.parallel is not None and not self.parallel.reserve(tenant, rid):  # last: nothing to undo
+            raise Refused(
+                429,
+                "parallel_limit",
+                f"{self.parallel.under_way(tenant)} requests under way, the most this tenant may have "
+                "at once; retry when one has ended",
+                retry_after=1.0,
+            )
+
+    def _release(self, rid: str) -> None:
+        if self.parallel is not None:
+            self.parallel.release(rid)
+
+    async def _unless_failed(self, rid: str, step: Awaitable[T]) -> T:
+        """``step`` of accepting ``rid``; if it fails, the request is not under way (or is in doubt,
+        and then a retry publishes the same event again)."""
+        try:
+            return await step
+        except BaseException:
+            self._release(rid)
+            raise
 
     def route(self, model: str) -> str:
         """What the events of a request for ``model`` (one of ``models``, by id, or an alias of
@@ -222,7 +251,7 @@ class GatewayCore:
             if existing is not None:
                 return await self._replay(orjson.loads(existing.value), digest, tenant, wait)
         # Before the key is recorded: a refused submit must leave nothing a retry could replay.
-        await self._admit(tenant)
+        await self._admit(tenant, rid)
         if idem:
             # The event itself is kept with the key: a retry after a failed or timed-out publish
             # (which may have been stored after all) publishes the very same event again, and the
@@ -230,15 +259,16 @@ class GatewayCore:
             record = orjson.dumps(
                 {"id": rid, "fingerprint": digest, "headers": event.to_headers(), "body": event.data.decode()}
             )
-            if await self.store.create(Namespace.IDEMPOTENCY, idem, record) is None:
+            if await self._unless_failed(rid, self.store.create(Namespace.IDEMPOTENCY, idem, record)) is None:
                 existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
-                if existing is not None:
+                if existing is not None:  # a retry racing the first: that one is under way
+                    self._release(rid)
                     return await self._replay(orjson.loads(existing.value), digest, tenant, wait)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         # Watched before the event is on the log, so no change can slip by: the waiter starts
         # from "accepted" without reading the store (where nothing is written yet).
         with self.watch.subscribe(rid, queue) if wait > 0 else contextlib.nullcontext():
-            await self.log.publish(Topic.REQUESTS, [event])
+            await self._unless_failed(rid, self.log.publish(Topic.REQUESTS, [event]))
             REQUESTS_ACCEPTED.inc()
             self._recent[rid] = (tenant, event.time)
             if len(self._recent) > 10_000:

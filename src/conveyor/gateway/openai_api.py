@@ -31,6 +31,7 @@ _REFUSALS = {
     "invalid_api_key": ("invalid_request_error", "invalid_api_key"),
     "rate_limited": ("requests", "rate_limit_exceeded"),
     "token_limit": ("tokens", "rate_limit_exceeded"),
+    "parallel_limit": ("requests", "rate_limit_exceeded"),
     "overloaded": ("server_error", "overloaded"),
 }
 # The legacy API's default, which its clients rely on (vLLM keeps it too).

@@ -1,7 +1,8 @@
 """Fan-out of status-view changes to the requests waiting on them (long-poll, SSE).
 
 One store watch per gateway process; each waiter registers a queue for one
-request id and gets every new view of that request as it is written.
+request id and gets every new view of that request as it is written. ``on_write``, if
+given, is told of every view written (the tenants' parallel limit follows ends with it).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from conveyor.store.base import Namespace, StateStore
@@ -19,8 +20,9 @@ logger = logging.getLogger("conveyor.gateway")
 
 
 class StatusWatch:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, *, on_write: Callable[[str, bytes], None] | None = None) -> None:
         self._store = store
+        self._on_write = on_write
         self._waiters: dict[str, set[asyncio.Queue[Any]]] = {}
 
     @contextlib.contextmanager
@@ -40,6 +42,8 @@ class StatusWatch:
         while True:
             try:
                 async for key, value in self._store.watch(Namespace.STATUS):
+                    if self._on_write is not None:
+                        self._on_write(key, value)
                     waiters = self._waiters.get(key)
                     if not waiters:
                         continue  # nobody waits: skip the parse
