@@ -9,7 +9,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import logging
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from conveyor.config import LOCAL_WEIGHTS, STAGES, ModelSettings, Settings
 from conveyor.errors import ConveyorError, RejectedError, UnavailableError
 from conveyor.log.base import EventLog
+from conveyor.observability import logs
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,12 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
+    parser.add_argument(
+        "--log-level", choices=logs.LEVELS, help="of this process's own messages (default warning)"
+    )
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, help="text (the default) or json, a line per message"
+    )
 
 
 def _gateway_options(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +240,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_url=flags.get("log_url") or base.log_url,
         store_url=flags.get("store_url") or base.store_url,
         ack_wait=flags.get("ack_wait") or base.ack_wait,
+        log_level=flags.get("log_level") or base.log_level,
+        log_format=flags.get("log_format") or base.log_format,
         model=model,
         blocklist=blocklist,
         api_keys_file=flags.get("api_keys_file") or base.api_keys_file,
@@ -620,12 +628,24 @@ def _run(coro: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = command_line().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _configure_logging(args)
         return int(args.func(args))
     except ValueError as exc:  # settings that cannot be: say which, without a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """From the flags over the settings (file and environment) of a command that has them, else
+    over the environment alone."""
+    if hasattr(args, "config"):
+        base = Settings.load(args.config)
+        level, fmt = base.log_level, base.log_format
+    else:
+        level = os.environ.get("CONVEYOR_LOG_LEVEL") or "warning"
+        fmt = os.environ.get("CONVEYOR_LOG_FORMAT") or "text"
+    logs.configure(getattr(args, "log_level", None) or level, getattr(args, "log_format", None) or fmt)
 
 
 def command_line() -> argparse.ArgumentParser:

@@ -95,6 +95,8 @@ class Settings:
     # send heartbeats for long handlers, so this bounds recovery time after a crash.
     ack_wait: float = 10.0
     metrics_port: int | None = None  # worker processes: serve /metrics here (0 picks a free port)
+    log_level: str = "warning"  # of the processes' own messages (observability/logs.py)
+    log_format: str = "text"  # or "json", a line each
     model: ModelSettings = ModelSettings()
     # More models served beside ``model`` (the default: a request that names none gets it);
     # a request names one by its id, and waits for it on a topic of its own.
@@ -203,6 +205,8 @@ class Settings:
             log_url=get("LOG_URL"),
             store_url=get("STORE_URL"),
             prefix=get("PREFIX") or base.prefix,
+            log_level=get("LOG_LEVEL") or base.log_level,
+            log_format=get("LOG_FORMAT") or base.log_format,
             ack_wait=float(get("ACK_WAIT") or base.ack_wait),
             metrics_port=int(port) if (port := get("METRICS_PORT")) is not None else None,
             model=model,
@@ -246,6 +250,8 @@ class Settings:
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
             "CONVEYOR_CALLBACK_HOSTS": "\n".join(self.callback_hosts),
+            "CONVEYOR_LOG_LEVEL": self.log_level,
+            "CONVEYOR_LOG_FORMAT": self.log_format,
             "CONVEYOR_MODELS": json.dumps([m.to_fields() for m in self.models]),
             "CONVEYOR_SERVE": "\n".join(self.serve),
             "CONVEYOR_ALIASES": json.dumps({alias: dict(targets) for alias, targets in self.aliases.items()}),
@@ -277,6 +283,8 @@ NAMES = frozenset(
         "LOG_URL",
         "STORE_URL",
         "PREFIX",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
         "ACK_WAIT",
         "METRICS_PORT",
         "BLOCKLIST",

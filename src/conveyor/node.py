@@ -185,7 +185,7 @@ async def serving(app: ASGIApp, sock: socket.socket) -> AsyncIterator[str]:
     """Serve ``app`` on the bound ``sock`` while inside; yields its URL."""
     config = uvicorn.Config(
         app,
-        log_level="warning",
+        log_config=None,  # its messages go where the process's go (observability/logs.py)
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,

@@ -88,12 +88,12 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
     if backends == "kafka+redis":
         kafka_url, env = request.getfixturevalue("kafka_url"), {"CONVEYOR_PREFIX": unique_prefix()}
         store = ("--store-url", request.getfixturevalue("redis_url"))
-        up = conveyor("--log-url", kafka_url, *store, env=env).start()
+        up = conveyor("--log-url", kafka_url, *store, "--log-format", "json", env=env).start()
         log = await KafkaEventLog.open(kafka_url, prefix=env["CONVEYOR_PREFIX"])
         where = ("--log-url", kafka_url)  # the operator's commands name the log
     else:
         env = {}
-        up = conveyor().start()
+        up = conveyor("--log-format", "json").start()
         log = await NatsEventLog.open(up.log_url)
         where = ("--data-dir", str(up.data_dir))  # ...or find conveyor up through its data dir
     try:
@@ -114,6 +114,14 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
                 if set(letters) == expected:
                     break
         assert all("not a Conveyor event" in d.error for d in letters.values())
+        # Each process said so on its stderr, a JSON line each, with the fields a log search wants
+        # (the worker process's lines come through conveyor up's).
+        for stage, topic in expected:
+            pattern = f'"stage":"{stage}","topic":"{topic}"'
+            said = json.loads(await asyncio.to_thread(up.wait_for, pattern))
+            assert (said["level"], said["logger"]) == ("warning", "conveyor.runtime")
+            assert "dead-lettered" in said["message"]
+            assert said["request_id"].startswith(f"undecodable-{topic}-")
         # An operator finds them with `conveyor dlq`, which locates the running server by data dir.
         listed = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "conveyor", "dlq", "--json", *where),

@@ -432,7 +432,18 @@ class StageWorker:
             tracing.failed(error)
         DEAD_LETTERS.inc(stage=self.stage.name)
         EVENTS_HANDLED.inc(stage=self.stage.name, outcome="dead_lettered")
-        logger.warning("stage %s: dead-lettered event at %s: %s", self.stage.name, delivery.position, error)
+        logger.warning(
+            "stage %s: dead-lettered event at %s: %s",
+            self.stage.name,
+            delivery.position,
+            error,
+            extra={
+                "stage": self.stage.name,
+                "topic": delivery.topic,
+                "event_id": event.id if event is not None else None,
+                "request_id": letter.request_id,
+            },
+        )
 
     async def _drain(self) -> None:
         """Let in-flight events finish (bounded), then hand unfinished ones back to the broker."""

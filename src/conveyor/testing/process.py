@@ -31,6 +31,7 @@ class UpProcess:
         self.log_url = ""
         self.metrics_urls: list[str] = []
         self.output: list[str] = []
+        self._more_output = threading.Condition()
         self.started = False
 
     def start(self, timeout: float = 30) -> UpProcess:
@@ -64,7 +65,9 @@ class UpProcess:
         assert process.stdout is not None
         for raw in process.stdout:
             line = raw.decode(errors="replace")
-            self.output.append(line)
+            with self._more_output:
+                self.output.append(line)
+                self._more_output.notify_all()
             if found := re.search(r"gateway (http://\S+) ", line):
                 self.url = found.group(1)
             if found := re.search(r"worker metrics: (.+)$", line):
@@ -75,6 +78,17 @@ class UpProcess:
                 self.started = True
                 ready.set()
         ready.set()  # exited: let start() report the output
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> str:
+        """The first line of its output (both streams, its workers' too) that ``pattern`` is found
+        in, waiting up to ``timeout`` seconds for it (TimeoutError)."""
+        with self._more_output:
+            found = self._more_output.wait_for(
+                lambda: next((line for line in self.output if re.search(pattern, line)), None), timeout
+            )
+        if found is None:
+            raise TimeoutError(f"no line matching {pattern!r} within {timeout} s:\n" + "".join(self.output))
+        return found
 
     @property
     def nats_pid(self) -> int | None:
