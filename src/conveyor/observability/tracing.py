@@ -50,9 +50,7 @@ def _parent(traceparent: str) -> otel_context.Context | None:
 
 
 @contextlib.contextmanager
-def stage_spans(
-    tracer: trace.Tracer, stage: str, events: Sequence[Envelope]
-) -> Iterator[tuple[list[Envelope], list[Span]]]:
+def stage_spans(tracer: trace.Tracer, stage: str, events: Sequence[Envelope]) -> Iterator[list[Envelope]]:
     """A consumer span per event, each a child of its event's context, and the events as the
     stage's handler sees them: carrying their span's context, which ``derive`` passes on. The
     span of a lone event is the current one (so a failure can be recorded on it)."""
@@ -78,9 +76,9 @@ def stage_spans(
     try:
         if len(spans) == 1:
             with trace.use_span(spans[0], end_on_exit=False, record_exception=False):
-                yield stamped, spans
+                yield stamped
         else:
-            yield stamped, spans
+            yield stamped
     finally:
         for span in spans:
             span.end()
@@ -97,9 +95,9 @@ def failed(reason: str) -> None:
 
 
 class TraceHeader:
-    """Without a tracer provider, the client's ``traceparent`` header is the current context of
-    its request, so what the gateway accepts carries it on (with one, FastAPI's server span is,
-    a child of the same header)."""
+    """Without a tracer provider, the client's ``traceparent`` header is made the current context
+    of its request, so what the gateway accepts carries it on. (With a provider, FastAPI's server
+    span is the current one, itself a child of that header.)"""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

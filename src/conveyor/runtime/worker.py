@@ -269,7 +269,7 @@ class StageWorker:
         if self._tracer is None or not admitted:
             await self._handle(admitted)
             return
-        with tracing.stage_spans(self._tracer, self.stage.name, [e for _, e in admitted]) as (events, _):
+        with tracing.stage_spans(self._tracer, self.stage.name, [e for _, e in admitted]) as events:
             await self._handle([(d, e) for (d, _), e in zip(admitted, events, strict=True)])
 
     async def _handle(self, admitted: list[tuple[Delivery, Envelope]]) -> None:
