@@ -92,14 +92,33 @@ async def collect(model: OpenAICompatModel, request: GenerationRequest) -> tuple
     return "".join(text), finish
 
 
+async def servers_own(server: str, prompt: str, max_tokens: int) -> tuple[str, str]:
+    """The server's own greedy answer to ``prompt`` (text, finish reason), asked without Conveyor.
+    What a model of 135M parameters answers changes with llama.cpp's versions (0.3.36 no longer
+    says Paris): the tests compare with the server, not with a fact."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(
+            f"{server}/chat/completions",
+            json={
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
+    choice = answer.json()["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
+
+
 async def test_it_streams_a_real_answer_and_honours_max_tokens(server: str) -> None:
     model = OpenAICompatModel(base_url=server, model="smollm2")
     try:
+        own = await servers_own(server, "What is the capital of France?", 32)
         text, finish = await collect(
             model, GenerationRequest(id="a", prompt="What is the capital of France?", max_tokens=32)
         )
-        assert "Paris" in text
-        assert finish == "stop"
+        assert (text, finish) == own  # streamed through the backend, token by token
+        assert "France" in text  # and English about the question
         _, finish = await collect(
             model, GenerationRequest(id="b", prompt="Tell me a long story.", max_tokens=4)
         )
@@ -206,12 +225,13 @@ async def test_conveyor_up_serves_an_upstream_model_through_the_pipeline(server:
     )
     try:
         up.start(timeout=60)
+        own, _ = await servers_own(server, "What is the capital of France?", 32)
         async with httpx.AsyncClient(base_url=up.url, timeout=60) as client:
             view = await wait_final(
                 client, await submit(client, "What is the capital of France?", max_tokens=32)
             )
         assert view["status"] == "completed"
-        assert "Paris" in view["output"]
+        assert view["output"] == own.strip()
         assert view["model"] == "smollm2"
     finally:
         if up.process is not None:
