@@ -13,11 +13,12 @@ import yaml
 from tests.conftest import NodeFactory
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
-METRIC = re.compile(r"\b(conveyor_[a-z_]+)\b(?:\{([^}]*)\})?")
+METRIC = re.compile(r"\b((?:conveyor|process)_[a-z_]+)\b(?:\{([^}]*)\})?")
 GROUPING = re.compile(r"\bby \(([^)]*)\)")
-SAMPLE = re.compile(r"^(conveyor_[a-z_]+)(?:\{([^}]*)\})? ")
-# Labels a series has only on some backends: Kafka's partitions.
-OPTIONAL = {"partition"}
+SAMPLE = re.compile(r"^((?:conveyor|process)_[a-z_]+)(?:\{([^}]*)\})? ")
+# Labels a series has only on some backends (Kafka's partitions), or that Prometheus adds to every
+# series it scrapes.
+OPTIONAL = {"partition", "instance", "job"}
 
 
 def queries() -> list[str]:

@@ -7,11 +7,17 @@ library on the hot path. Each process exports its own; a scraper aggregates.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
+import resource
 import threading
+import time
 from collections import defaultdict
+from pathlib import Path
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 Labels = tuple[tuple[str, str], ...]
+_STARTED = time.time()  # near enough: this module is imported as the process starts
 
 
 def _fmt(labels: Labels, extra: str = "") -> str:
@@ -111,7 +117,38 @@ class Registry:
         lines: list[str] = []
         for metric in self._metrics.values():
             lines += metric.render()
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _process()) + "\n"
+
+
+def _process() -> list[str]:
+    """What every Prometheus client library reports of its process, under the same names (so a
+    dashboard made for them works), and which Conveyor this is."""
+    from conveyor import __version__  # the package imports this module: not at import time
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    lines = [
+        "# HELP process_cpu_seconds_total User and system CPU time spent, in seconds.",
+        "# TYPE process_cpu_seconds_total counter",
+        f"process_cpu_seconds_total {usage.ru_utime + usage.ru_stime}",
+        "# HELP process_start_time_seconds Start time of the process since the epoch, in seconds.",
+        "# TYPE process_start_time_seconds gauge",
+        f"process_start_time_seconds {_STARTED}",
+        "# HELP conveyor_build_info The Conveyor version this process runs (always 1).",
+        "# TYPE conveyor_build_info gauge",
+        f'conveyor_build_info{{version="{__version__}"}} 1',
+    ]
+    with contextlib.suppress(OSError):  # Linux's /proc; elsewhere these two are left out
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        fds = len(os.listdir("/proc/self/fd"))
+        lines += [
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.",
+            "# TYPE process_resident_memory_bytes gauge",
+            f"process_resident_memory_bytes {pages * resource.getpagesize()}",
+            "# HELP process_open_fds Number of open file descriptors.",
+            "# TYPE process_open_fds gauge",
+            f"process_open_fds {fds}",
+        ]
+    return lines
 
 
 REGISTRY = Registry()
