@@ -47,7 +47,7 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-keys-file",
         type=Path,
-        help="require API keys, one key=tenant[,rate=R,burst=B] line each (default: open)",
+        help="require API keys, one key=tenant[,rate=R,burst=B,tpm=T,parallel=N] line each (default: open)",
     )
     group.add_argument("--rate-limit", type=float, help="submits per second per tenant (default: no limit)")
     group.add_argument(
@@ -91,6 +91,17 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--model-fallback", help="the id of a model served beside it (--add-model) that answers what it fails"
+    )
+    group.add_argument(
+        "--model-price-prompt",
+        type=float,
+        help="USD per million prompt tokens, billed with usage (default 0)",
+    )
+    group.add_argument("--model-price-completion", type=float, help="USD per million completion tokens")
+    group.add_argument(
+        "--model-price-cached",
+        type=float,
+        help="USD per million prompt tokens found cached (default: prompt's)",
     )
     group.add_argument("--model-version", help="the version recorded on every event the model produced")
     group.add_argument("--model-license", help="the license recorded on every event the model produced")
@@ -213,6 +224,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         name=flags.get("model_name") or base.model.name,
         fallback=flags.get("model_fallback") or base.model.fallback,
         cache=flags.get("model_cache", base.model.cache),
+        price_prompt=flags.get("model_price_prompt", base.model.price_prompt),
+        price_completion=flags.get("model_price_completion", base.model.price_completion),
+        price_cached=flags.get("model_price_cached", base.model.price_cached),
         version=flags.get("model_version") or base.model.version,
         license=flags.get("model_license") or base.model.license,
         ttft=flags.get("model_ttft", base.model.ttft),
@@ -556,11 +570,13 @@ def _usage(args: argparse.Namespace) -> int:
             "cached_tokens",
             "completion_tokens",
             "total_tokens",
+            "cost_usd",
         )
         print(f"{'tenant':<16} {'model':<28} " + " ".join(f"{c.replace('_tokens', ''):>10}" for c in columns))
         for tally in tallies:
             numbers = tally.to_json()
-            print(f"{tally.tenant:<16} {tally.model:<28} " + " ".join(f"{numbers[c]:>10}" for c in columns))
+            cells = (f"{numbers[c]:>10.4f}" if c == "cost_usd" else f"{numbers[c]:>10}" for c in columns)
+            print(f"{tally.tenant:<16} {tally.model:<28} " + " ".join(cells))
 
     return _on_running_log(args, show)
 

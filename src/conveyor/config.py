@@ -45,6 +45,11 @@ class ModelSettings:
     fallback: str = ""
     # Seconds a deterministic answer is kept to answer the same request again (0: not kept).
     cache: float = 0.0
+    # USD per million tokens, recorded with each request's usage (conveyor.usage.Price): prompt
+    # tokens, completion tokens, and prompt tokens found in the model's cache (None: as prompt).
+    price_prompt: float = 0.0
+    price_completion: float = 0.0
+    price_cached: float | None = None
     # Dynamic batching of generate requests (see conveyor.pipeline.BatchPolicy).
     batch_max_size: int = 16
     batch_max_wait: float = 0.0
@@ -57,6 +62,8 @@ class ModelSettings:
             raise ValueError(f"a model's cache must keep answers 0 to 604800 seconds, not {self.cache}")
         if self.background < 1:
             raise ValueError(f"a model's background limit must be 1 or more, not {self.background}")
+        if min(self.price_prompt, self.price_completion, self.price_cached or 0.0) < 0:
+            raise ValueError("a model's prices must be 0 or more")
 
     @property
     def id(self) -> str:
@@ -189,6 +196,9 @@ class Settings:
             background=int(get("MODEL_BACKGROUND") or base.model.background),
             fallback=get("MODEL_FALLBACK") or "",
             cache=float(get("MODEL_CACHE") or base.model.cache),
+            price_prompt=float(get("MODEL_PRICE_PROMPT") or base.model.price_prompt),
+            price_completion=float(get("MODEL_PRICE_COMPLETION") or base.model.price_completion),
+            price_cached=float(cached) if (cached := get("MODEL_PRICE_CACHED")) is not None else None,
             batch_max_size=int(get("BATCH_MAX_SIZE") or base.model.batch_max_size),
             batch_max_wait=float(get("BATCH_MAX_WAIT") or base.model.batch_max_wait),
             batch_target_latency=float(target) if target is not None else None,
@@ -246,6 +256,8 @@ class Settings:
             "CONVEYOR_MODEL_BACKGROUND": str(self.model.background),
             "CONVEYOR_MODEL_FALLBACK": self.model.fallback,
             "CONVEYOR_MODEL_CACHE": repr(self.model.cache),
+            "CONVEYOR_MODEL_PRICE_PROMPT": repr(self.model.price_prompt),
+            "CONVEYOR_MODEL_PRICE_COMPLETION": repr(self.model.price_completion),
             "CONVEYOR_BATCH_MAX_SIZE": str(self.model.batch_max_size),
             "CONVEYOR_BATCH_MAX_WAIT": repr(self.model.batch_max_wait),
             "CONVEYOR_BLOCKLIST": "\n".join(self.blocklist),
@@ -258,6 +270,8 @@ class Settings:
         }
         if self.model.batch_target_latency is not None:
             env["CONVEYOR_BATCH_TARGET_LATENCY"] = repr(self.model.batch_target_latency)
+        if self.model.price_cached is not None:
+            env["CONVEYOR_MODEL_PRICE_CACHED"] = repr(self.model.price_cached)
         if self.log_url:
             env["CONVEYOR_LOG_URL"] = self.log_url
         if self.store_url:
@@ -303,6 +317,9 @@ NAMES = frozenset(
         "MODEL_BACKGROUND",
         "MODEL_FALLBACK",
         "MODEL_CACHE",
+        "MODEL_PRICE_PROMPT",
+        "MODEL_PRICE_COMPLETION",
+        "MODEL_PRICE_CACHED",
         "BATCH_MAX_SIZE",
         "BATCH_MAX_WAIT",
         "BATCH_TARGET_LATENCY",

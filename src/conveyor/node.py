@@ -43,6 +43,7 @@ from conveyor.stages import (
 )
 from conveyor.store.base import StateStore
 from conveyor.supervisor import WorkerProcesses
+from conveyor.usage import Price
 
 
 def model_info(settings: ModelSettings, model: ModelBackend) -> ModelInfo:
@@ -96,6 +97,15 @@ async def build_models(settings: Settings) -> dict[str, ModelBackend]:
     return built
 
 
+def prices(settings: Settings) -> dict[str, Price]:
+    """The price of each model served that has one, by the name its events carry."""
+    return {
+        model.id: Price(model.price_prompt, model.price_completion, model.price_cached)
+        for model in settings.served
+        if model.price_prompt or model.price_completion or model.price_cached
+    }
+
+
 def build_pipeline(
     settings: Settings,
     models: Mapping[str, ModelBackend],
@@ -131,7 +141,7 @@ def build_pipeline(
     chosen = [
         prepare_stage(SafetyPolicy(settings.blocklist), routes=routes) if "prepare" in stages else None,
         *generates,
-        finalize_stage() if "finalize" in stages else None,
+        finalize_stage(prices(settings)) if "finalize" in stages else None,
         deliver_stage(hosts=settings.callback_hosts, secret=secret) if "deliver" in stages else None,
         Projector().stage(also=_waiting_topics(routes.values())) if "projector" in stages else None,
     ]

@@ -185,6 +185,10 @@ class RequestCompleted(Payload):
     logprobs: list[TokenLogprob] | None = None
     embedding: list[float] | None = None  # the prompt's, when it was asked for
     cached: bool = False  # answered from the answer cache
+    cost_usd: float | None = Field(
+        default=None,
+        description="What the request cost at its model's price when it was answered (None: no price set).",
+    )
 
 
 class RequestFailed(Payload):

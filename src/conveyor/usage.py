@@ -15,7 +15,22 @@ from typing import Any
 from conveyor.events import Topic
 from conveyor.history import Window, each_request
 from conveyor.log.base import EventLog
-from conveyor.payloads import EventType, RequestCompleted, decode
+from conveyor.payloads import EventType, RequestCompleted, Usage, decode
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Price:
+    """A model's price in USD per million tokens; cached prompt tokens at ``cached`` (None: as the
+    others)."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+    cached: float | None = None
+
+    def cost(self, usage: Usage) -> float:
+        cached = usage.cached_tokens * (self.prompt if self.cached is None else self.cached)
+        fresh = (usage.prompt_tokens - usage.cached_tokens) * self.prompt
+        return (cached + fresh + usage.completion_tokens * self.completion) / 1_000_000
 
 
 @dataclasses.dataclass(slots=True)
@@ -29,13 +44,19 @@ class Tally:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, those read from the model's cache
     completion_tokens: int = 0
+    cost_usd: float = 0.0  # at each model's price when the request was answered
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "total_tokens": self.total_tokens}
+        # Rounded to a billionth of a dollar: a sum of floats is not exact below that.
+        return {
+            **dataclasses.asdict(self),
+            "total_tokens": self.total_tokens,
+            "cost_usd": round(self.cost_usd, 9),
+        }
 
 
 async def usage(log: EventLog, window: Window) -> list[Tally]:
@@ -51,4 +72,5 @@ async def usage(log: EventLog, window: Window) -> list[Tally]:
         tally.prompt_tokens += counts.prompt_tokens
         tally.cached_tokens += counts.cached_tokens
         tally.completion_tokens += counts.completion_tokens
+        tally.cost_usd += completed.cost_usd or 0.0
     return [tallies[key] for key in sorted(tallies)]

@@ -53,6 +53,7 @@ class RequestView(BaseModel):
     logprobs: list[TokenLogprob] | None = None  # of each token of the output, if asked for
     embedding: list[float] | None = None  # the prompt's, if that was asked for instead of text
     cached: bool = False  # answered from the answer cache (the model did not run)
+    cost_usd: float | None = None  # at its model's price (None: the model has none)
     streamed_chars: int | None = None
     stages: dict[str, dict[str, str]] = Field(default_factory=dict)
     usage: Usage | None = None
@@ -125,6 +126,7 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
             v.output, v.usage, v.streamed_chars = completed.output, completed.usage, completed.streamed_chars
             v.finish_reason, v.tool_calls = completed.finish_reason, completed.tool_calls
             v.logprobs, v.embedding, v.cached = completed.logprobs, completed.embedding, completed.cached
+            v.cost_usd = completed.cost_usd
             v.model = event.model or v.model
             if v.status == "failed" and v.error is not None and _dead_lettered(v, v.error.stage):
                 # Redriven from the dead-letter topic and finished after all (in whichever order

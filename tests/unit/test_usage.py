@@ -7,9 +7,13 @@ import time
 from datetime import UTC, datetime
 
 import orjson
+import pytest
 
+from conveyor.cli import command_line, settings_from
+from conveyor.config import ModelSettings, Settings
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.history import Window
+from conveyor.node import prices
 from conveyor.payloads import (
     EventType,
     FinishReason,
@@ -21,7 +25,8 @@ from conveyor.payloads import (
 from conveyor.stages import finalize_stage
 from conveyor.store.base import Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
-from conveyor.usage import Tally, usage
+from conveyor.usage import Price, Tally, usage
+from tests.conftest import NodeFactory
 
 
 def generated(
@@ -52,12 +57,15 @@ async def ledger(store: MemoryStateStore) -> list[Tally]:
         tally.prompt_tokens += record["prompt_tokens"]
         tally.cached_tokens += record["cached_tokens"]
         tally.completion_tokens += record["completion_tokens"]
+        tally.cost_usd += record["cost_usd"] or 0.0
     return [sums[key] for key in sorted(sums)]
 
 
 async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_the_ledger_does() -> None:
     log, store = MemoryEventLog(), MemoryStateStore()
-    finalize = StageHarness(finalize_stage(), log=log, store=store)
+    # USD per million tokens: prompt, completion, and prompt tokens the model found cached.
+    prices = {"small": Price(prompt=1.0, completion=2.0, cached=0.5), "large": Price(10.0, 20.0)}
+    finalize = StageHarness(finalize_stage(prices), log=log, store=store)
     events = [
         generated("acme", "small", 10, 20),
         generated("acme", "small", 7, 3, "length"),
@@ -79,7 +87,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
     await log.publish(Topic.COMPLETED, [refused])  # no tokens made, no ledger record
 
     tallies = await usage(log, Window())
-    assert tallies == await ledger(store)
+    assert [t.to_json() for t in tallies] == [t.to_json() for t in await ledger(store)]
     assert [t.to_json() for t in tallies] == [
         {
             "tenant": "acme",
@@ -90,6 +98,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "cached_tokens": 6,
             "completion_tokens": 30,
             "total_tokens": 42,
+            "cost_usd": 0.0,  # the model did not run
         },
         {
             "tenant": "acme",
@@ -100,6 +109,8 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "cached_tokens": 8,
             "completion_tokens": 23,
             "total_tokens": 40,
+            # (5 cached x 0.5 + 5 x 1 + 20 x 2) + (3 cached x 0.5 + 4 x 1 + 3 x 2), per million
+            "cost_usd": 0.000059,
         },
         {
             "tenant": "globex",
@@ -110,6 +121,7 @@ async def test_usage_counts_each_completed_request_once_per_tenant_and_model_as_
             "cached_tokens": 2,
             "completion_tokens": 4,
             "total_tokens": 9,
+            "cost_usd": 0.000012,  # cancelled: the tokens it made
         },
     ]
     assert [t.tenant for t in await usage(log, Window(tenant="globex"))] == ["globex"]
@@ -131,3 +143,38 @@ async def test_usage_of_a_window_counts_the_requests_that_completed_in_it() -> N
     assert [(t.requests, t.total_tokens) for t in await usage(log, since_february)] == [(1, 30)]
     assert [(t.requests, t.total_tokens) for t in await usage(log, Window())] == [(2, 60)]
     assert await usage(log, Window(until=datetime(2026, 1, 1, tzinfo=UTC))) == []
+
+
+async def test_a_priced_model_records_each_requests_cost_in_its_view(node: NodeFactory) -> None:
+    model = ModelSettings(backend="simulated", price_prompt=0.5, price_completion=1.5)
+    async with node(settings={"model": model}) as http:
+        done = await http.post("/v1/requests", params={"wait": 30}, json={"prompt": "what does it cost?"})
+        view = done.json()
+    counts = Usage(**view["usage"])
+    assert counts.completion_tokens > 0
+    assert view["cost_usd"] == pytest.approx(Price(0.5, 1.5).cost(counts))
+    assert view["cost_usd"] == pytest.approx(
+        (counts.prompt_tokens * 0.5 + counts.completion_tokens * 1.5) / 1e6
+    )
+
+
+def test_prices_come_from_flags_and_from_each_added_model() -> None:
+    args = command_line().parse_args(
+        [
+            *(
+                "up",
+                "--model",
+                "simulated",
+                "--model-price-prompt",
+                "0.15",
+                "--model-price-completion",
+                "0.6",
+            ),
+            *("--add-model", "big=simulated,price_prompt=3,price_completion=15,price_cached=0.3"),
+        ]
+    )
+    settings = settings_from(args)
+    assert prices(settings) == {"simulated": Price(0.15, 0.6), "big": Price(3.0, 15.0, 0.3)}
+    assert Settings.from_env(settings.to_env()) == settings  # and on to the worker processes
+    with pytest.raises(ValueError, match="prices must be 0 or more"):
+        ModelSettings(price_prompt=-1)

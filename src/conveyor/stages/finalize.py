@@ -1,8 +1,10 @@
-"""finalize: post-process the text and write the usage ledger exactly once per request."""
+"""finalize: post-process the text and write the usage ledger exactly once per request, with
+what the request cost at its model's price (none for an answer from the answer cache: the model
+did not run)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -12,15 +14,21 @@ from conveyor.payloads import EventType, GenerationCompleted, RequestCompleted, 
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.deliver import settled
 from conveyor.store.base import Namespace
+from conveyor.usage import Price
 
 
 def postprocess(text: str) -> str:
     return text.strip()
 
 
-def finalize_stage() -> Stage:
+def finalize_stage(prices: Mapping[str, Price] | None = None) -> Stage:
+    """``prices``: each priced model's, by the model name its events carry."""
+    priced = dict(prices or {})
+
     async def handle(ctx: StageContext, event: Envelope) -> Sequence[Output]:
         generated = decode(GenerationCompleted, event.data)
+        price = priced.get(event.model)
+        cost = None if price is None else 0.0 if generated.cached else price.cost(generated.usage)
         record = {
             "request_id": event.request_id,
             "tenant": event.tenant,
@@ -32,6 +40,7 @@ def finalize_stage() -> Stage:
             "cached_tokens": generated.usage.cached_tokens,
             "finish_reason": generated.finish_reason,
             "cached": generated.cached,
+            "cost_usd": cost,
             "event_id": event.id,
             "recorded_at": now_rfc3339(),
         }
@@ -49,6 +58,7 @@ def finalize_stage() -> Stage:
             logprobs=generated.logprobs,
             embedding=generated.embedding,
             cached=generated.cached,
+            cost_usd=cost,
         )
         return settled(ctx.derive(event, type=EventType.COMPLETED, payload=completed))
 
