@@ -22,7 +22,7 @@ from conveyor.embedded import EmbeddedNats
 from conveyor.errors import UnavailableError
 from conveyor.events import Topic, background_topic, prepared_topic
 from conveyor.gateway.app import create_app
-from conveyor.gateway.auth import ApiKeys
+from conveyor.gateway.auth import Keys, KeysFile
 from conveyor.gateway.core import GatewayLimits
 from conveyor.gateway.ratelimit import Rate
 from conveyor.log.base import EventLog
@@ -160,14 +160,14 @@ def _route(settings: Settings, model: str) -> str:
     return "" if model == settings.model.id else model
 
 
-def gateway_options(settings: Settings) -> tuple[GatewayLimits, ApiKeys | None]:
+def gateway_options(settings: Settings) -> tuple[GatewayLimits, Keys | None]:
     """The gateway's limits and API keys from ``settings`` (ValueError, naming the setting, if wrong)."""
     if settings.rate_burst is not None and not settings.rate_limit:
         raise ValueError("--rate-burst needs --rate-limit")
     if settings.max_backlog is not None and settings.max_backlog < 0:
         raise ValueError(f"--max-backlog must be 0 or more, not {settings.max_backlog}")
     rate = Rate.of(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
-    keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
+    keys = KeysFile(settings.api_keys_file) if settings.api_keys_file else None
     if settings.token_limit is not None and settings.token_limit < 1:
         raise ValueError(f"--token-limit must be 1 or more tokens per minute, not {settings.token_limit}")
     if settings.max_parallel is not None and settings.max_parallel < 1:

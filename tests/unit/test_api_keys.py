@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
 import pytest
 
-from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.auth import ApiKeys, KeysFile, presented_key
 from conveyor.gateway.ratelimit import Rate
 
 KEYS = """
@@ -68,7 +69,7 @@ def test_a_bad_keys_file_is_a_clear_error_that_does_not_echo_the_key(text: str, 
 
 def test_a_missing_keys_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read the API keys file"):
-        ApiKeys.load(tmp_path / "absent.txt")
+        KeysFile(tmp_path / "absent.txt")
 
 
 @pytest.mark.parametrize(
@@ -85,3 +86,37 @@ def test_a_missing_keys_file_is_a_clear_error(tmp_path: Path) -> None:
 )
 def test_the_key_comes_from_a_bearer_token_or_x_api_key(headers: dict[str, str], key: str | None) -> None:
     assert presented_key(headers) == key
+
+
+def test_a_keys_file_is_read_again_when_it_changes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path, now = tmp_path / "keys.txt", [0.0]
+    path.write_text("sk-old=acme,rate=1\n")
+    keys = KeysFile(path, interval=1.0, clock=lambda: now[0])
+    rates = keys.rates  # what the rate limiter holds: a live view
+    assert (keys.tenant("sk-old"), rates) == ("acme", {"acme": Rate(1.0, 1.0)})
+
+    path.write_text("sk-new=globex,parallel=4\nsk-old2=acme,rate=5\n")
+    # A key not known is looked up after a fresh read: one just added works on its first use.
+    assert keys.tenant("sk-new") == "globex"
+    assert (rates, keys.parallel_limits) == ({"acme": Rate(5.0, 5.0)}, {"globex": 4})
+    path.write_text("sk-new=globex\n")
+    # A known key is checked at most once a second: a removed one is refused within that.
+    assert keys.tenant("sk-old2") == "acme"
+    now[0] = 1.0
+    assert keys.tenant("sk-old2") is None
+    assert keys.tenant("sk-new") == "globex"
+
+    # A file that no longer reads keeps the keys read before it, and says why once.
+    path.write_text("sk-broken=not a tenant\n")
+    now[0] = 2.0
+    with caplog.at_level(logging.ERROR, logger="conveyor.gateway"):
+        assert keys.tenant("sk-new") == "globex"
+        assert keys.tenant("sk-someone") is None
+    assert [r.getMessage() for r in caplog.records].count(
+        f"API keys not reloaded, the keys read before stay: {path}, line 1: a tenant is 1-64 letters, "
+        "digits, '_', '.' or '-'"
+    ) == 1
+    path.unlink()
+    assert keys.tenant("sk-someone-else") is None
+    assert keys.tenant("sk-new") == "globex"
+    assert "cannot read the API keys file" in caplog.records[-1].getMessage()

@@ -35,6 +35,13 @@ ACME, GLOBEX = "sk-acme-7f3a9c", "sk-globex-41d0e2"
 CHAT = {"model": "simulated", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def write_keys(tmp_path: Path, text: str) -> Path:
+    """An API keys file that says ``text``."""
+    path = tmp_path / "keys.txt"
+    path.write_text(text)
+    return path
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -54,9 +61,7 @@ async def chat(client: openai.AsyncOpenAI) -> ChatCompletion:
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.txt"
-    path.write_text(f"# tenants\n{ACME}=acme\n{GLOBEX}=globex\n")
-    return path
+    return write_keys(tmp_path, f"# tenants\n{ACME}=acme\n{GLOBEX}=globex\n")
 
 
 def assert_unauthorized(response: httpx.Response) -> None:
@@ -189,8 +194,7 @@ async def test_a_tenant_over_its_rate_gets_429_with_retry_after(node: NodeFactor
 async def test_a_tenants_own_rate_from_the_keys_file_and_the_sdks_rate_limit_error(
     node: NodeFactory, tmp_path: Path
 ) -> None:
-    keys = tmp_path / "keys.txt"
-    keys.write_text(f"{ACME}=acme,rate=0.001,burst=1\n{GLOBEX}=globex\n")
+    keys = write_keys(tmp_path, f"{ACME}=acme,rate=0.001,burst=1\n{GLOBEX}=globex\n")
     async with node(settings={"api_keys_file": keys}) as http:
         async with sdk(str(http.base_url), ACME) as client:
             await chat(client)
@@ -285,8 +289,7 @@ def test_a_token_window_says_how_long_until_a_tenant_is_under_its_limit_again() 
 async def test_a_tenant_over_its_tokens_per_minute_is_refused_until_they_age_and_the_others_go_on(
     node: NodeFactory, tmp_path: Path
 ) -> None:
-    keys = tmp_path / "keys.txt"
-    keys.write_text(f"{ACME}=acme,tpm=40\n{GLOBEX}=globex\n")
+    keys = write_keys(tmp_path, f"{ACME}=acme,tpm=40\n{GLOBEX}=globex\n")
     async with node(settings={"api_keys_file": keys}) as http, sdk(str(http.base_url), ACME) as client:
         refused = None
         for _ in range(20):  # ~10-30 tokens each: refused within a few, once their usage is counted
@@ -316,8 +319,7 @@ async def test_a_tenant_over_its_tokens_per_minute_is_refused_until_they_age_and
 async def test_a_tenant_at_its_parallel_limit_is_refused_until_one_ends_and_the_others_go_on(
     node: NodeFactory, tmp_path: Path
 ) -> None:
-    keys = tmp_path / "keys.txt"
-    keys.write_text(f"{ACME}=acme,parallel=2\n{GLOBEX}=globex\n")
+    keys = write_keys(tmp_path, f"{ACME}=acme,parallel=2\n{GLOBEX}=globex\n")
     slow = {"prompt": "slow one"}  # 23 tokens at 0.5 s: under way for 11 s unless cancelled
     quick = {"prompt": "hi", "max_tokens": 1}
     async with (
@@ -351,3 +353,19 @@ async def test_a_tenant_at_its_parallel_limit_is_refused_until_one_ends_and_the_
         for rid in (first[1], again.json()["id"]):  # not left to run out while the node stops
             await http.delete(f"/v1/requests/{rid}", headers=bearer(ACME))
             await wait_final(http, rid, headers=bearer(ACME))
+
+
+async def test_a_key_added_to_the_keys_file_of_a_running_gateway_works_on_its_first_use(
+    node: NodeFactory, tmp_path: Path
+) -> None:
+    keys = write_keys(tmp_path, f"{ACME}=acme\n")
+    async with node(settings={"api_keys_file": keys}) as http:
+        assert (
+            await http.post("/v1/requests", json={"prompt": "hi"}, headers=bearer(GLOBEX))
+        ).status_code == 401
+        keys.write_text(f"{ACME}=acme\n{GLOBEX}=globex,rate=100\n")  # no restart
+        added = await http.post(
+            "/v1/requests", params={"wait": 10}, json={"prompt": "hi"}, headers=bearer(GLOBEX)
+        )
+        assert added.status_code == 200
+        assert added.json()["tenant"] == "globex"

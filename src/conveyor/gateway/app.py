@@ -20,7 +20,7 @@ from conveyor.callbacks import refusal
 from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.anthropic_api import add_anthropic_routes
-from conveyor.gateway.auth import ApiKeys
+from conveyor.gateway.auth import Keys
 from conveyor.gateway.batch_api import FILES_PATH, add_batch_routes
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
 from conveyor.gateway.embeddings_api import add_embeddings_routes
@@ -161,7 +161,7 @@ def create_app(
     limits: GatewayLimits = GatewayLimits(),
     models: Sequence[str] = ("simulated",),
     aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
-    keys: ApiKeys | None = None,
+    keys: Keys | None = None,
 ) -> FastAPI:
     """The gateway: the job API, the OpenAI- and Anthropic-compatible APIs for ``models``, health
     and metrics.
@@ -169,10 +169,12 @@ def create_app(
     With ``keys``, every API request needs one of them and belongs to its tenant; ``limits``
     may set a per-tenant rate and a backlog above which submits are refused.
     """
-    tenant_rates = keys.rates if keys else {}
+    # With keys, a rate limiter either way: a rate given in the keys file later applies at once (a
+    # tenant without a rate costs it nothing). Token and parallel limits watch the store for every
+    # request: only if some tenant or a flag has one at start.
     limiter = None
-    if limits.rate or tenant_rates:
-        limiter = RateLimiter(store, default=limits.rate, tenants=tenant_rates)
+    if limits.rate or keys is not None:
+        limiter = RateLimiter(store, default=limits.rate, tenants=keys.rates if keys else {})
     admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
     token_limits = keys.token_limits if keys else {}
     quota = None

@@ -12,15 +12,21 @@ requests under way at once (``conveyor.gateway.parallel``)::
 A key may contain anything but commas and white space (``=`` too: the tenant is after the
 last one); a tenant is 1-64 letters, digits, ``_``, ``.`` or ``-``. Only sha256 digests of the
 keys are kept in memory.
+
+A running gateway reads the file again when it changes (``KeysFile``), so keys are added, revoked
+and given other limits without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from conveyor.gateway.ratelimit import Rate
 
@@ -28,6 +34,9 @@ _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _OPTIONS = ("rate", "burst", "tpm", "parallel")
 _WHOLE = {"tpm": "tokens per minute", "parallel": "requests under way at once"}
 _INDEX = 8  # bytes of a digest the lookup table is keyed by
+logger = logging.getLogger("conveyor.gateway")
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def _digest(key: str) -> bytes:
@@ -40,6 +49,21 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     return headers.get("x-api-key", "").strip() or None
+
+
+class Keys(Protocol):
+    """Who a key belongs to, and the limits some tenants have of their own."""
+
+    @property
+    def rates(self) -> Mapping[str, Rate]: ...
+
+    @property
+    def token_limits(self) -> Mapping[str, int]: ...
+
+    @property
+    def parallel_limits(self) -> Mapping[str, int]: ...
+
+    def tenant(self, key: str) -> str | None: ...
 
 
 class ApiKeys:
@@ -59,14 +83,6 @@ class ApiKeys:
         self.rates: Mapping[str, Rate] = dict(rates)
         self.token_limits: Mapping[str, int] = dict(token_limits or {})
         self.parallel_limits: Mapping[str, int] = dict(parallel_limits or {})
-
-    @classmethod
-    def load(cls, path: Path) -> ApiKeys:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ValueError(f"cannot read the API keys file {path}: {exc.strerror}") from exc
-        return cls.parse(text, source=str(path))
 
     @classmethod
     def parse(cls, text: str, *, source: str = "API keys") -> ApiKeys:
@@ -132,3 +148,74 @@ def _options(options: list[str], where: str) -> dict[str, float]:
         if (number := values.get(name, 1.0)) < 1 or not number.is_integer():
             raise ValueError(f"{where}: {name} must be a whole number of {what}, 1 or more")
     return values
+
+
+class KeysFile:
+    """The keys of a keys file, read again when it changes. A key not known is looked up after a
+    fresh read (a key just added works on its first use); otherwise the file is read at most once
+    every ``interval`` seconds (a key removed is refused within that). A file that no longer
+    reads keeps the keys it had, and the log says why. The tenants' limits are live views, so the
+    rate limiter, the token and the parallel limits apply a changed limit at once."""
+
+    def __init__(
+        self, path: Path, *, interval: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._path, self._interval, self._clock = path, interval, clock
+        self._seen: str | None = self._read()  # the file as last read (None: it could not be)
+        self._keys = ApiKeys.parse(self._seen, source=str(path))
+        self._checked = clock()
+        self.rates: Mapping[str, Rate] = _Live(lambda: self._keys.rates)
+        self.token_limits: Mapping[str, int] = _Live(lambda: self._keys.token_limits)
+        self.parallel_limits: Mapping[str, int] = _Live(lambda: self._keys.parallel_limits)
+
+    def tenant(self, key: str) -> str | None:
+        if self._clock() - self._checked >= self._interval:
+            self._reload()
+        tenant = self._keys.tenant(key)
+        if tenant is None and self._reload():
+            tenant = self._keys.tenant(key)
+        return tenant
+
+    def _read(self) -> str:
+        try:
+            return self._path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read the API keys file {self._path}: {exc.strerror}") from exc
+
+    def _reload(self) -> bool:
+        """Read the file again; whether its keys changed. What is wrong with it is said once."""
+        self._checked = self._clock()
+        text: str | None = None
+        try:
+            text = self._read()
+        except ValueError as exc:
+            problem = str(exc)
+        if text == self._seen:
+            return False
+        self._seen = text
+        if text is not None:
+            try:
+                self._keys = ApiKeys.parse(text, source=str(self._path))
+            except ValueError as exc:
+                problem = str(exc)
+            else:
+                logger.warning("API keys reloaded from %s", self._path)
+                return True
+        logger.error("API keys not reloaded, the keys read before stay: %s", problem)
+        return False
+
+
+class _Live(Mapping[K, V]):
+    """A mapping that is whatever ``current`` returns at each use."""
+
+    def __init__(self, current: Callable[[], Mapping[K, V]]) -> None:
+        self._current = current
+
+    def __getitem__(self, key: K) -> V:
+        return self._current()[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())

@@ -20,7 +20,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from conveyor.callbacks import LOOPBACK
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.gateway.admission import Admission
-from conveyor.gateway.auth import ApiKeys, presented_key
+from conveyor.gateway.auth import Keys, presented_key
 from conveyor.gateway.parallel import ParallelLimit
 from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import Rate, RateLimiter
@@ -93,7 +93,7 @@ class GatewayCore:
         log: EventLog,
         store: StateStore,
         *,
-        keys: ApiKeys | None = None,
+        keys: Keys | None = None,
         limiter: RateLimiter | None = None,
         admission: Admission | None = None,
         quota: TokenQuota | None = None,

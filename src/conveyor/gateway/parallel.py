@@ -31,7 +31,7 @@ RECHECK = 30.0
 class ParallelLimit:
     def __init__(self, store: StateStore, *, default: int | None, tenants: Mapping[str, int]) -> None:
         self._store = store
-        self._default, self._tenants = default, dict(tenants)
+        self._default, self._tenants = default, tenants  # a live view of a keys file's, maybe
         self._under_way: dict[str, dict[str, float]] = {}  # tenant -> request id -> since (monotonic)
         self._tenant_of: dict[str, str] = {}
 

@@ -34,7 +34,8 @@ class TokenQuota:
         window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._store, self._default, self._tenants = store, default, dict(tenants or {})
+        self._store, self._default = store, default
+        self._tenants = tenants if tenants is not None else {}  # a live view of a keys file's, maybe
         self._window, self._clock = window, clock
         self._used: dict[str, collections.deque[tuple[float, int]]] = {}
         self._sums: collections.Counter[str] = collections.Counter()

@@ -94,7 +94,7 @@ class RateLimiter:
         attempts: int = 16,
     ) -> None:
         self._store, self._default, self._clock, self._attempts = store, default, clock, attempts
-        self._tenants = dict(tenants or {})
+        self._tenants = tenants if tenants is not None else {}  # a live view of a keys file's, maybe
         # One store round trip at a time per tenant in this process: requests here queue instead
         # of failing each other's compare-and-set; only other gateways can make it fail.
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
