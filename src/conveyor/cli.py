@@ -423,6 +423,8 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"error: {json.dumps(final['error'])}", file=sys.stderr)
     if final.get("usage"):
         print(f"usage: {json.dumps(final['usage'])}", file=sys.stderr)
+    if final.get("cost_usd") is not None:
+        print(f"cost: {final['cost_usd']:.6f} USD", file=sys.stderr)
     return 0 if final.get("status") == "completed" else 1
 
 

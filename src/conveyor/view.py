@@ -28,7 +28,7 @@ from conveyor.payloads import (
 
 Status = Literal["accepted", "prepared", "generating", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-_OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "error", "model")
+_OUTCOME = ("id", "status", "output", "tool_calls", "finish_reason", "usage", "cost_usd", "error", "model")
 _HIDDEN = {"cancel_requested", "batch"}  # bookkeeping, not for clients
 _RANK = {"accepted": 0, "prepared": 1, "generating": 2, "completed": 3, "failed": 3, "cancelled": 3}
 

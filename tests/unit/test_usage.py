@@ -27,6 +27,7 @@ from conveyor.store.base import Namespace
 from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
 from conveyor.usage import Price, Tally, usage
 from tests.conftest import NodeFactory
+from tests.helpers import read_sse
 
 
 def generated(
@@ -150,12 +151,15 @@ async def test_a_priced_model_records_each_requests_cost_in_its_view(node: NodeF
     async with node(settings={"model": model}) as http:
         done = await http.post("/v1/requests", params={"wait": 30}, json={"prompt": "what does it cost?"})
         view = done.json()
+        *_, (_, kind, final) = await read_sse(http, view["id"])
     counts = Usage(**view["usage"])
     assert counts.completion_tokens > 0
     assert view["cost_usd"] == pytest.approx(Price(0.5, 1.5).cost(counts))
     assert view["cost_usd"] == pytest.approx(
         (counts.prompt_tokens * 0.5 + counts.completion_tokens * 1.5) / 1e6
     )
+    # The stream's final event (and a callback, which says the same) carries it too.
+    assert (kind, final["cost_usd"]) == ("completed", view["cost_usd"])
 
 
 def test_prices_come_from_flags_and_from_each_added_model() -> None:
