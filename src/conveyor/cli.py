@@ -64,6 +64,11 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         help="requests a tenant may have under way at once, through each gateway (default: no limit)",
     )
     group.add_argument(
+        "--budget",
+        type=float,
+        help="USD a tenant may spend a calendar month at the models' prices (default: no limit)",
+    )
+    group.add_argument(
         "--max-backlog",
         type=int,
         help="answer submits 503 while prepare has more than this many requests to take in",
@@ -264,6 +269,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_backlog=flags.get("max_backlog", base.max_backlog),
         token_limit=flags.get("token_limit", base.token_limit),
         max_parallel=flags.get("max_parallel", base.max_parallel),
+        budget=flags.get("budget", base.budget),
         callback_hosts=tuple(h.strip() for h in flags["callback_hosts"].split(",") if h.strip())
         if "callback_hosts" in flags
         else base.callback_hosts,

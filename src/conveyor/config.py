@@ -123,6 +123,7 @@ class Settings:
     max_backlog: int | None = None  # refuse submits while prepare is further behind (None: never)
     token_limit: int | None = None  # tokens per minute per tenant, counted as used (None: no limit)
     max_parallel: int | None = None  # requests under way per tenant, per gateway (None: no limit)
+    budget: float | None = None  # USD per tenant and calendar month at the models' prices (None: none)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
 
@@ -208,6 +209,7 @@ class Settings:
         hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
         names = ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG", "TOKEN_LIMIT", "MAX_PARALLEL")
         keys_file, rate, burst, backlog, tokens, parallel = (get(n) for n in names)
+        budget = get("BUDGET")
         return cls(
             host=get("HOST") or base.host,
             port=int(get("PORT") or base.port),
@@ -230,6 +232,7 @@ class Settings:
             max_backlog=int(backlog) if backlog is not None else None,
             token_limit=int(tokens) if tokens is not None else None,
             max_parallel=int(parallel) if parallel is not None else None,
+            budget=float(budget) if budget is not None else None,
             callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
@@ -283,6 +286,7 @@ class Settings:
             "CONVEYOR_MAX_BACKLOG": self.max_backlog,
             "CONVEYOR_TOKEN_LIMIT": self.token_limit,
             "CONVEYOR_MAX_PARALLEL": self.max_parallel,
+            "CONVEYOR_BUDGET": self.budget,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -329,6 +333,7 @@ NAMES = frozenset(
         "MAX_BACKLOG",
         "TOKEN_LIMIT",
         "MAX_PARALLEL",
+        "BUDGET",
         "CALLBACK_HOSTS",
         "MODELS",
         "SERVE",

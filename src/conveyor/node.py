@@ -170,6 +170,8 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, Keys | None]:
     keys = KeysFile(settings.api_keys_file) if settings.api_keys_file else None
     if settings.token_limit is not None and settings.token_limit < 1:
         raise ValueError(f"--token-limit must be 1 or more tokens per minute, not {settings.token_limit}")
+    if settings.budget is not None and settings.budget <= 0:
+        raise ValueError(f"--budget must be above 0 USD a month, not {settings.budget}")
     if settings.max_parallel is not None and settings.max_parallel < 1:
         raise ValueError(f"--max-parallel must be 1 or more requests, not {settings.max_parallel}")
     limits = GatewayLimits(
@@ -178,6 +180,7 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, Keys | None]:
         callback_hosts=settings.callback_hosts,
         tokens_per_minute=settings.token_limit,
         max_parallel=settings.max_parallel,
+        budget=settings.budget,
     )
     return limits, keys
 

@@ -31,6 +31,7 @@ def test_keys_map_to_their_tenants_and_unknown_keys_to_none() -> None:
     limited = ApiKeys.parse("sk-1=acme,tpm=500,rate=2\nsk-2=globex,tpm=40,parallel=8")
     assert (limited.token_limits, limited.rates) == ({"acme": 500, "globex": 40}, {"acme": Rate(2.0, 2.0)})
     assert limited.parallel_limits == {"globex": 8}
+    assert ApiKeys.parse("sk-1=acme,budget=12.5").budgets == {"acme": 12.5}
 
 
 def test_only_digests_of_the_keys_are_kept() -> None:
@@ -57,6 +58,7 @@ def test_only_digests_of_the_keys_are_kept() -> None:
         ("sk-1=acme,tpm=2.5", "line 1: tpm must be a whole number"),
         ("sk-1=acme,tpm=5\nsk-2=acme,tpm=6", "line 2: tenant 'acme' was given another tpm"),
         ("sk-1=acme,parallel=0", "line 1: parallel must be a whole number of requests under way at once"),
+        ("sk-1=acme,budget=0", "line 1: budget must be above 0 USD a month"),
         ("sk-1=acme,parallel=4\nsk-2=acme,parallel=5", "line 2: tenant 'acme' was given another parallel"),
         ("# nothing\n", "no keys"),
     ],

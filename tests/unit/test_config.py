@@ -56,6 +56,7 @@ def test_every_setting_a_process_passes_on_has_a_known_name() -> None:
         max_backlog=1000,
         token_limit=5000,
         max_parallel=8,
+        budget=100.0,
     )
     assert {name.removeprefix("CONVEYOR_") for name in settings.to_env()} <= NAMES
     assert Settings.from_env(settings.to_env()) == settings
@@ -90,6 +91,7 @@ def test_the_gateway_settings_come_from_the_environment_and_bad_ones_stop_the_st
         ({"rate_limit": -1.0}, "above 0"),
         ({"max_backlog": -1}, "--max-backlog must be 0 or more"),
         ({"max_parallel": 0}, "--max-parallel must be 1 or more"),
+        ({"budget": 0.0}, "--budget must be above 0 USD a month"),
     ]:
         with pytest.raises(ValueError, match=error):
             gateway_options(dataclasses.replace(settings, **wrong))  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ _ERRORS = {
     "rate_limited": "rate_limit_error",
     "token_limit": "rate_limit_error",
     "parallel_limit": "rate_limit_error",
+    "budget_exceeded": "rate_limit_error",
     "overloaded": "overloaded_error",
     "safety_blocked": "invalid_request_error",
     "context_length_exceeded": "invalid_request_error",

@@ -37,6 +37,7 @@ from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
 from conveyor.observability.tracing import TraceHeader
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
+from conveyor.spend import Budgets
 from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
@@ -184,6 +185,9 @@ def create_app(
     parallel = None
     if limits.max_parallel or parallel_limits:
         parallel = ParallelLimit(store, default=limits.max_parallel, tenants=parallel_limits)
+    budgets = None
+    if limits.budget or (keys is not None and keys.budgets):
+        budgets = Budgets(store, default=limits.budget, tenants=keys.budgets if keys else {})
     core = GatewayCore(
         log,
         store,
@@ -192,6 +196,7 @@ def create_app(
         admission=admission,
         quota=quota,
         parallel=parallel,
+        budgets=budgets,
         models=models,
         aliases=aliases,
     )

@@ -1,13 +1,13 @@
 """API keys: which tenant a request belongs to.
 
 The keys file has one ``key=tenant`` line per key, optionally followed by the tenant's own
-rate limit (``conveyor.gateway.ratelimit``), tokens per minute (``conveyor.gateway.quota``) and
-requests under way at once (``conveyor.gateway.parallel``)::
+rate limit (``conveyor.gateway.ratelimit``), tokens per minute (``conveyor.gateway.quota``),
+requests under way at once (``conveyor.gateway.parallel``) and USD a month (``conveyor.spend``)::
 
     # comments and blank lines are ignored
     sk-live-8f2c…=acme
     sk-live-19ab…=globex,rate=5,burst=10
-    sk-live-77d0…=initech,tpm=20000,parallel=8
+    sk-live-77d0…=initech,tpm=20000,parallel=8,budget=250
 
 A key may contain anything but commas and white space (``=`` too: the tenant is after the
 last one); a tenant is 1-64 letters, digits, ``_``, ``.`` or ``-``. Only sha256 digests of the
@@ -31,7 +31,8 @@ from typing import Protocol, TypeVar
 from conveyor.gateway.ratelimit import Rate
 
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_OPTIONS = ("rate", "burst", "tpm", "parallel")
+_KNOWN = ("rate=R", "burst=B", "tpm=T", "parallel=N", "budget=USD")
+_OPTIONS = tuple(option.partition("=")[0] for option in _KNOWN)
 _WHOLE = {"tpm": "tokens per minute", "parallel": "requests under way at once"}
 _INDEX = 8  # bytes of a digest the lookup table is keyed by
 logger = logging.getLogger("conveyor.gateway")
@@ -63,6 +64,9 @@ class Keys(Protocol):
     @property
     def parallel_limits(self) -> Mapping[str, int]: ...
 
+    @property
+    def budgets(self) -> Mapping[str, float]: ...
+
     def tenant(self, key: str) -> str | None: ...
 
 
@@ -75,6 +79,7 @@ class ApiKeys:
         rates: Mapping[str, Rate],
         token_limits: Mapping[str, int] | None = None,
         parallel_limits: Mapping[str, int] | None = None,
+        budgets: Mapping[str, float] | None = None,
     ) -> None:
         """``tenants``: sha256 digest of a key -> its tenant."""
         self._tenants: dict[bytes, list[tuple[bytes, str]]] = {}
@@ -83,6 +88,7 @@ class ApiKeys:
         self.rates: Mapping[str, Rate] = dict(rates)
         self.token_limits: Mapping[str, int] = dict(token_limits or {})
         self.parallel_limits: Mapping[str, int] = dict(parallel_limits or {})
+        self.budgets: Mapping[str, float] = dict(budgets or {})
 
     @classmethod
     def parse(cls, text: str, *, source: str = "API keys") -> ApiKeys:
@@ -90,6 +96,7 @@ class ApiKeys:
         rates: dict[str, Rate] = {}
         token_limits: dict[str, int] = {}
         parallel_limits: dict[str, int] = {}
+        budgets: dict[str, float] = {}
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -98,7 +105,7 @@ class ApiKeys:
             first, *options = (part.strip() for part in line.split(","))
             key, _, tenant = (part.strip() for part in first.rpartition("="))
             if not key or any(c.isspace() for c in key):
-                raise ValueError(f"{where}: expected key=tenant[,rate=R,burst=B,tpm=T,parallel=N]")
+                raise ValueError(f"{where}: expected key=tenant[,OPTION=VALUE...]")
             if not _TENANT.fullmatch(tenant):
                 raise ValueError(f"{where}: a tenant is 1-64 letters, digits, '_', '.' or '-'")
             digest = _digest(key)
@@ -111,6 +118,12 @@ class ApiKeys:
                     limit = int(values.pop(name))
                     if limits.setdefault(tenant, limit) != limit:
                         raise ValueError(f"{where}: tenant {tenant!r} was given another {name} before")
+            if "budget" in values:
+                budget = values.pop("budget")
+                if budget <= 0:
+                    raise ValueError(f"{where}: budget must be above 0 USD a month")
+                if budgets.setdefault(tenant, budget) != budget:
+                    raise ValueError(f"{where}: tenant {tenant!r} was given another budget before")
             if values:
                 if "rate" not in values:
                     raise ValueError(f"{where}: burst=B needs rate=R")
@@ -119,7 +132,7 @@ class ApiKeys:
                     raise ValueError(f"{where}: tenant {tenant!r} was given another rate limit before")
         if not tenants:
             raise ValueError(f"{source}: no keys (lines key=tenant)")
-        return cls(tenants, rates, token_limits, parallel_limits)
+        return cls(tenants, rates, token_limits, parallel_limits, budgets)
 
     def tenant(self, key: str) -> str | None:
         """The tenant of ``key``, or None for an unknown key."""
@@ -137,9 +150,7 @@ def _options(options: list[str], where: str) -> dict[str, float]:
     for option in options:
         name, _, value = option.partition("=")
         if name not in _OPTIONS or name in values:
-            raise ValueError(
-                f"{where}: unknown or repeated option {name!r}; known: rate=R, burst=B, tpm=T, parallel=N"
-            )
+            raise ValueError(f"{where}: unknown or repeated option {name!r}; known: {', '.join(_KNOWN)}")
         try:
             values[name] = float(value)
         except ValueError:
@@ -167,6 +178,7 @@ class KeysFile:
         self.rates: Mapping[str, Rate] = _Live(lambda: self._keys.rates)
         self.token_limits: Mapping[str, int] = _Live(lambda: self._keys.token_limits)
         self.parallel_limits: Mapping[str, int] = _Live(lambda: self._keys.parallel_limits)
+        self.budgets: Mapping[str, float] = _Live(lambda: self._keys.budgets)
 
     def tenant(self, key: str) -> str | None:
         if self._clock() - self._checked >= self._interval:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import math
 import random
@@ -30,6 +31,7 @@ from conveyor.observability.metrics import REQUESTS_ACCEPTED, REQUESTS_REFUSED
 from conveyor.observability.tracing import current_traceparent
 from conveyor.payloads import CancelRequested, EventType, RequestAccepted
 from conveyor.projector import read_view
+from conveyor.spend import Budgets, next_month
 from conveyor.store.base import Namespace, StateStore
 from conveyor.view import RequestView
 
@@ -56,6 +58,7 @@ class GatewayLimits:
     max_backlog: int | None = None  # refuse submits while prepare is further behind than this
     tokens_per_minute: int | None = None  # per tenant (the API keys file may give a tenant its own)
     max_parallel: int | None = None  # requests under way per tenant, per gateway (likewise)
+    budget: float | None = None  # USD per tenant and calendar month, at the models' prices (likewise)
     callback_hosts: tuple[str, ...] = LOOPBACK  # what a callback_url may name (conveyor.callbacks)
 
 
@@ -98,6 +101,7 @@ class GatewayCore:
         admission: Admission | None = None,
         quota: TokenQuota | None = None,
         parallel: ParallelLimit | None = None,
+        budgets: Budgets | None = None,
         models: Sequence[str] = (),
         aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     ) -> None:
@@ -106,7 +110,7 @@ class GatewayCore:
         self.models = tuple(models)
         self.aliases = dict(aliases or {})
         self.keys, self.limiter, self.admission, self.quota = keys, limiter, admission, quota
-        self.parallel = parallel
+        self.parallel, self.budgets = parallel, budgets
         self.watch = StatusWatch(store, on_write=parallel.seen if parallel else None)
         # Read-your-writes: a request accepted here is "accepted" even before the projector
         # has written its view (a few milliseconds later). (tenant, accepted_at) rather than
@@ -172,6 +176,17 @@ class GatewayCore:
                 f"over the limit of {self.quota.limit(tenant)} tokens per minute; retry in {wait:.1f} s",
                 retry_after=wait,
             )
+        if self.budgets is not None:
+            now = datetime.datetime.now(datetime.UTC)
+            if (used := await self.budgets.spent(tenant, now)) is not None:
+                ends = next_month(now)
+                raise Refused(
+                    429,
+                    "budget_exceeded",
+                    f"{used:.4f} USD spent this month, all of the tenant's budget of "
+                    f"{self.budgets.budget(tenant):g}; it starts over on {ends:%Y-%m-%d} (UTC)",
+                    retry_after=(ends - now).total_seconds(),
+                )
         if self.limiter is not None and (wait := await self.limiter.acquire(tenant)) > 0:
             rate = self.limiter.rate(tenant)
             limit = f" of {rate.per_second:g} requests per second (burst {rate.burst:g})" if rate else ""

@@ -32,6 +32,7 @@ _REFUSALS = {
     "rate_limited": ("requests", "rate_limit_exceeded"),
     "token_limit": ("tokens", "rate_limit_exceeded"),
     "parallel_limit": ("requests", "rate_limit_exceeded"),
+    "budget_exceeded": ("insufficient_quota", "insufficient_quota"),  # what OpenAI says of a spent plan
     "overloaded": ("server_error", "overloaded"),
 }
 # The legacy API's default, which its clients rely on (vLLM keeps it too).

@@ -4,10 +4,12 @@ did not run)."""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 
 import orjson
 
+from conveyor import spend
 from conveyor.events import Envelope, Topic, now_rfc3339
 from conveyor.observability.metrics import USAGE_TOKENS
 from conveyor.payloads import EventType, GenerationCompleted, RequestCompleted, decode
@@ -48,6 +50,8 @@ def finalize_stage(prices: Mapping[str, Price] | None = None) -> Stage:
         # already there and bills nothing more.
         if await ctx.store.create(Namespace.USAGE, event.request_id, orjson.dumps(record)) is not None:
             USAGE_TOKENS.inc(generated.usage.total_tokens, tenant=event.tenant)
+            if cost:
+                await spend.add(ctx.store, event.tenant, cost, datetime.datetime.now(datetime.UTC))
         completed = RequestCompleted(
             output=generated.text if generated.continuation else postprocess(generated.text),
             streamed_chars=len(generated.text),

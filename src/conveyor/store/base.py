@@ -23,6 +23,7 @@ class Namespace(StrEnum):
     FILES = "files"
     BATCHES = "batches"
     CACHE = "cache"  # deterministic answers by their request's digest (stages/answer_cache.py)
+    SPEND = "spend"  # USD per tenant and month, what budgets are held to (spend.py)
 
 
 _DAY = 86_400.0
@@ -38,6 +39,7 @@ TTL: Mapping[Namespace, float] = MappingProxyType(
         Namespace.FILES: 30 * _DAY,
         Namespace.BATCHES: 30 * _DAY,
         Namespace.CACHE: 7 * _DAY,
+        Namespace.SPEND: 62 * _DAY,  # this month's and the last, whole
     }
 )
 
