@@ -287,9 +287,11 @@ async def test_conveyor_replay_answers_the_history_again_and_usage_shows_it_bill
         "cached",
         "completion",
         "total",
+        "cost_usd",
     ]
     numbers = ("prompt_tokens", "cached_tokens", "completion_tokens", "total_tokens")
-    assert row.split() == ["default", "simulated", "3", "0", *(str(used[c]) for c in numbers)]
+    # The simulated model has no price: it cost nothing.
+    assert row.split() == ["default", "simulated", "3", "0", *(str(used[c]) for c in numbers), "0.0000"]
     assert await usage("--tenant", "globex") == [header]
     assert up.stop() == 0
 
