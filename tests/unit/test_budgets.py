@@ -77,3 +77,32 @@ async def test_a_tenant_that_spent_its_budget_is_refused_until_next_month_and_th
         assert abs(int(refused.headers["Retry-After"]) - until_next_month.total_seconds()) < 60
         assert await sdk_refusal(client) == "insufficient_quota"
         await globex_goes_on(http)  # globex has no budget
+
+
+async def test_a_tenant_sees_its_limits_and_what_it_used_of_them(node: NodeFactory, tmp_path: Path) -> None:
+    keys = write_keys(tmp_path, f"{ACME}=acme,rate=50,tpm=100000,parallel=8,budget=5\n{GLOBEX}=globex\n")
+    model = ModelSettings(backend="simulated", price_prompt=1.0, price_completion=1.0)
+    async with node(settings={"api_keys_file": keys, "model": model}) as http:
+        done = await http.post(
+            "/v1/requests", params={"wait": 30}, json={"prompt": "hi"}, headers=bearer(ACME)
+        )
+        view = done.json()
+        acme = (await http.get("/v1/me", headers=bearer(ACME))).json()
+        globex = (await http.get("/v1/me", headers=bearer(GLOBEX))).json()
+        assert (await http.get("/v1/me")).status_code == 401
+    total = view["usage"]["prompt_tokens"] + view["usage"]["completion_tokens"]
+    # Counted once the usage record reaches this gateway's watch of the ledger: moments after.
+    assert acme.pop("tokens_last_minute") in (0, total)
+    assert acme == {
+        "tenant": "acme",
+        "month": spend.month(datetime.datetime.now(UTC)),
+        "spent_usd": pytest.approx(view["cost_usd"]),
+        "budget_usd": 5.0,
+        "rate_per_second": 50.0,
+        "rate_burst": 50.0,
+        "tokens_per_minute": 100000,
+        "max_parallel": 8,
+        "under_way": 0,
+    }
+    assert globex["tenant"] == "globex"
+    assert (globex["spent_usd"], globex["budget_usd"], globex["rate_per_second"]) == (0.0, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from conveyor import spend
 from conveyor.callbacks import refusal
 from conveyor.errors import UnavailableError
 from conveyor.gateway.admission import Admission
@@ -37,7 +39,6 @@ from conveyor.log.base import EventLog
 from conveyor.observability.metrics import REGISTRY
 from conveyor.observability.tracing import TraceHeader
 from conveyor.payloads import ChatMessage, RequestAccepted, Sampling
-from conveyor.spend import Budgets
 from conveyor.store.base import StateStore
 from conveyor.view import RequestView
 
@@ -133,6 +134,21 @@ class Submitted(BaseModel):
     stream_url: str
 
 
+class Account(BaseModel):
+    """The caller's tenant, its limits (null: none), and what it used."""
+
+    tenant: str
+    month: str = Field(description="The calendar month (UTC) that spent_usd and budget_usd are of.")
+    spent_usd: float = Field(description="At the models' prices; 0 where models have none.")
+    budget_usd: float | None
+    rate_per_second: float | None
+    rate_burst: float | None
+    tokens_per_minute: int | None
+    tokens_last_minute: int | None = Field(description="Counted as used; null without a token limit.")
+    max_parallel: int | None
+    under_way: int | None = Field(description="Accepted and not ended, through this gateway.")
+
+
 class Waited(RequestView):
     """A submit with ``?wait=``: the request's view as ``GET /v1/requests/{id}`` shows it, and its URLs."""
 
@@ -187,7 +203,7 @@ def create_app(
         parallel = ParallelLimit(store, default=limits.max_parallel, tenants=parallel_limits)
     budgets = None
     if limits.budget or (keys is not None and keys.budgets):
-        budgets = Budgets(store, default=limits.budget, tenants=keys.budgets if keys else {})
+        budgets = spend.Budgets(store, default=limits.budget, tenants=keys.budgets if keys else {})
     core = GatewayCore(
         log,
         store,
@@ -459,6 +475,24 @@ def create_app(
             )
         await core.cancel(view)
         return JSONResponse({"id": rid, "status": "cancelling"}, status_code=202)
+
+    @app.get("/v1/me", tags=["requests"], response_model=Account)
+    async def me(tenant: str = tenant_of_key) -> Account:
+        """Who the API key belongs to: its tenant's limits, and what it used of them."""
+        now = datetime.datetime.now(datetime.UTC)
+        rate = limiter.rate(tenant) if limiter else None
+        return Account(
+            tenant=tenant,
+            month=spend.month(now),
+            spent_usd=await spend.spent(store, tenant, now),
+            budget_usd=budgets.budget(tenant) if budgets else None,
+            rate_per_second=rate.per_second if rate else None,
+            rate_burst=rate.burst if rate else None,
+            tokens_per_minute=quota.limit(tenant) if quota else None,
+            tokens_last_minute=quota.used(tenant) if quota else None,
+            max_parallel=parallel.limit(tenant) if parallel else None,
+            under_way=parallel.under_way(tenant) if parallel else None,
+        )
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, str]:
