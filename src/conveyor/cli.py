@@ -97,17 +97,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model-fallback", help="the id of a model served beside it (--add-model) that answers what it fails"
     )
-    group.add_argument(
-        "--model-price-prompt",
-        type=float,
-        help="USD per million prompt tokens, billed with usage (default 0)",
-    )
-    group.add_argument("--model-price-completion", type=float, help="USD per million completion tokens")
-    group.add_argument(
-        "--model-price-cached",
-        type=float,
-        help="USD per million prompt tokens found cached (default: prompt's)",
-    )
+    for tokens, default in (("prompt", "0"), ("completion", "0"), ("cached", "the prompt tokens'")):
+        group.add_argument(
+            f"--model-price-{tokens}", type=float, help=f"USD per million {tokens} tokens (default {default})"
+        )
     group.add_argument("--model-version", help="the version recorded on every event the model produced")
     group.add_argument("--model-license", help="the license recorded on every event the model produced")
     group.add_argument("--model-ttft", type=float, help="simulated model: seconds before the first token")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from conveyor.store.base import Namespace, StateStore
+from conveyor.store.base import Entry, Namespace, StateStore
 
 
 def month(at: datetime.datetime) -> str:
@@ -32,10 +32,13 @@ def _key(tenant: str, at: datetime.datetime) -> str:
     return f"{tenant}.{month(at)}"
 
 
+def _usd(entry: Entry | None) -> float:
+    return float(orjson.loads(entry.value)["usd"]) if entry else 0.0
+
+
 async def spent(store: StateStore, tenant: str, at: datetime.datetime) -> float:
     """USD ``tenant`` spent in the month of ``at``."""
-    entry = await store.get(Namespace.SPEND, _key(tenant, at))
-    return float(orjson.loads(entry.value)["usd"]) if entry else 0.0
+    return _usd(await store.get(Namespace.SPEND, _key(tenant, at)))
 
 
 async def add(store: StateStore, tenant: str, usd: float, at: datetime.datetime) -> None:
@@ -43,8 +46,7 @@ async def add(store: StateStore, tenant: str, usd: float, at: datetime.datetime)
     key = _key(tenant, at)
     while True:
         entry = await store.get(Namespace.SPEND, key)
-        total = (float(orjson.loads(entry.value)["usd"]) if entry else 0.0) + usd
-        value = orjson.dumps({"usd": total})
+        value = orjson.dumps({"usd": _usd(entry) + usd})
         if entry is None:
             if await store.create(Namespace.SPEND, key, value) is not None:
                 return

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
 from fastapi import Request, Security
@@ -34,8 +34,6 @@ from conveyor.projector import read_view
 from conveyor.spend import Budgets, next_month
 from conveyor.store.base import Namespace, StateStore
 from conveyor.view import RequestView
-
-T = TypeVar("T")
 
 SOURCE = "conveyor/gateway"
 
@@ -203,17 +201,10 @@ class GatewayCore:
             )
 
     def _release(self, rid: str) -> None:
+        """``rid`` is not under way: it failed to reach the log (or is in doubt, and then a retry
+        publishes the same event again), or a retry raced it."""
         if self.parallel is not None:
             self.parallel.release(rid)
-
-    async def _unless_failed(self, rid: str, step: Awaitable[T]) -> T:
-        """``step`` of accepting ``rid``; if it fails, the request is not under way (or is in doubt,
-        and then a retry publishes the same event again)."""
-        try:
-            return await step
-        except BaseException:
-            self._release(rid)
-            raise
 
     def route(self, model: str) -> str:
         """What the events of a request for ``model`` (one of ``models``, by id, or an alias of
@@ -274,7 +265,12 @@ class GatewayCore:
             record = orjson.dumps(
                 {"id": rid, "fingerprint": digest, "headers": event.to_headers(), "body": event.data.decode()}
             )
-            if await self._unless_failed(rid, self.store.create(Namespace.IDEMPOTENCY, idem, record)) is None:
+            try:
+                created = await self.store.create(Namespace.IDEMPOTENCY, idem, record)
+            except BaseException:
+                self._release(rid)
+                raise
+            if created is None:
                 existing = await self.store.get(Namespace.IDEMPOTENCY, idem)
                 if existing is not None:  # a retry racing the first: that one is under way
                     self._release(rid)
@@ -283,7 +279,11 @@ class GatewayCore:
         # Watched before the event is on the log, so no change can slip by: the waiter starts
         # from "accepted" without reading the store (where nothing is written yet).
         with self.watch.subscribe(rid, queue) if wait > 0 else contextlib.nullcontext():
-            await self._unless_failed(rid, self.log.publish(Topic.REQUESTS, [event]))
+            try:
+                await self.log.publish(Topic.REQUESTS, [event])
+            except BaseException:
+                self._release(rid)
+                raise
             REQUESTS_ACCEPTED.inc()
             self._recent[rid] = (tenant, event.time)
             if len(self._recent) > 10_000:
