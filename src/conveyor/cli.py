@@ -33,6 +33,16 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-url", help="use an existing event log, e.g. nats://127.0.0.1:4222")
     parser.add_argument("--store-url", help="use an existing state store (default: the log's NATS key-value)")
     parser.add_argument(
+        "--blob-url",
+        help="where event payloads too large for the log go: s3://BUCKET/PREFIX, gs://…, az://…,"
+        " file:///DIR, nats://… (default: a NATS log's object store; a Kafka log has none)",
+    )
+    parser.add_argument(
+        "--max-event-bytes",
+        type=int,
+        help="payloads larger than this go to the blob store, the event carries a reference (default 65536)",
+    )
+    parser.add_argument(
         "--log-level", choices=logs.LEVELS, help="of this process's own messages (default warning)"
     )
     parser.add_argument(
@@ -48,6 +58,11 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         "--api-keys-file",
         type=Path,
         help="require API keys, one key=tenant[,rate=R,burst=B,tpm=T,parallel=N] line each (default: open)",
+    )
+    group.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="the largest request body taken (default 8 MiB with a blob store, else 256 KiB)",
     )
     group.add_argument("--rate-limit", type=float, help="submits per second per tenant (default: no limit)")
     group.add_argument(
@@ -251,6 +266,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         data_dir=flags.get("data_dir") or base.data_dir,
         log_url=flags.get("log_url") or base.log_url,
         store_url=flags.get("store_url") or base.store_url,
+        blob_url=flags.get("blob_url") or base.blob_url,
+        max_event_bytes=flags.get("max_event_bytes") or base.max_event_bytes,
+        max_body_bytes=flags.get("max_body_bytes") or base.max_body_bytes,
         ack_wait=flags.get("ack_wait") or base.ack_wait,
         log_level=flags.get("log_level") or base.log_level,
         log_format=flags.get("log_format") or base.log_format,
@@ -454,7 +472,12 @@ def _on_running_log(args: argparse.Namespace, action: Callable[[EventLog], Await
         return 2
 
     async def main() -> None:
-        log = await open_log(url, prefix=settings.prefix)
+        log = await open_log(
+            url,
+            prefix=settings.prefix,
+            blob_url=settings.blobs_for(url),
+            max_event_bytes=settings.max_event_bytes,
+        )
         try:
             await action(log)
         finally:

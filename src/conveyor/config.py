@@ -97,6 +97,10 @@ class Settings:
     data_dir: Path = Path(".conveyor")
     log_url: str | None = None  # None: start the bundled NATS server in data_dir
     store_url: str | None = None  # None: the same NATS server's key-value store
+    # Where event payloads over max_event_bytes go (log/claim_check.py). None: a NATS log's own
+    # object store; a Kafka log has none, and the gateway then takes bodies of 256 KiB at most.
+    blob_url: str | None = None
+    max_event_bytes: int = 64 * 1024
     prefix: str = "conveyor"
     # Seconds before the broker redelivers an event whose worker went silent. Live workers
     # send heartbeats for long handlers, so this bounds recovery time after a crash.
@@ -124,6 +128,7 @@ class Settings:
     token_limit: int | None = None  # tokens per minute per tenant, counted as used (None: no limit)
     max_parallel: int | None = None  # requests under way per tenant, per gateway (None: no limit)
     budget: float | None = None  # USD per tenant and calendar month at the models' prices (None: none)
+    max_body_bytes: int | None = None  # of a request (None: 8 MiB with a blob store, else 256 KiB)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
 
@@ -152,6 +157,17 @@ class Settings:
                 at = fallbacks[at]
             if at in seen:
                 raise ValueError(f"the fallbacks go round in a circle: {' -> '.join([*seen, at])}")
+
+    def blobs_for(self, log_url: str) -> str | None:
+        """The blob store of a deployment whose log is at ``log_url``: ``blob_url``, else a NATS
+        log's own object store (a Kafka log brings none)."""
+        return self.blob_url or (log_url if log_url.startswith("nats:") else None)
+
+    @property
+    def body_limit(self) -> int:
+        """The largest request body the gateway takes, in bytes."""
+        has_blobs = self.blob_url is not None or self.log_url is None or self.log_url.startswith("nats:")
+        return self.max_body_bytes or (8 * 1024 * 1024 if has_blobs else 256 * 1024)
 
     @property
     def served(self) -> tuple[ModelSettings, ...]:
@@ -209,13 +225,15 @@ class Settings:
         hosts = env.get("CONVEYOR_CALLBACK_HOSTS")  # likewise: no callbacks
         names = ("API_KEYS_FILE", "RATE_LIMIT", "RATE_BURST", "MAX_BACKLOG", "TOKEN_LIMIT", "MAX_PARALLEL")
         keys_file, rate, burst, backlog, tokens, parallel = (get(n) for n in names)
-        budget = get("BUDGET")
+        budget, body = get("BUDGET"), get("MAX_BODY_BYTES")
         return cls(
             host=get("HOST") or base.host,
             port=int(get("PORT") or base.port),
             data_dir=Path(get("DATA_DIR") or base.data_dir),
             log_url=get("LOG_URL"),
             store_url=get("STORE_URL"),
+            blob_url=get("BLOB_URL"),
+            max_event_bytes=int(get("MAX_EVENT_BYTES") or base.max_event_bytes),
             prefix=get("PREFIX") or base.prefix,
             log_level=get("LOG_LEVEL") or base.log_level,
             log_format=get("LOG_FORMAT") or base.log_format,
@@ -233,6 +251,7 @@ class Settings:
             token_limit=int(tokens) if tokens is not None else None,
             max_parallel=int(parallel) if parallel is not None else None,
             budget=float(budget) if budget is not None else None,
+            max_body_bytes=int(body) if body is not None else None,
             callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
@@ -244,6 +263,7 @@ class Settings:
             "CONVEYOR_DATA_DIR": str(self.data_dir),
             "CONVEYOR_PREFIX": self.prefix,
             "CONVEYOR_ACK_WAIT": repr(self.ack_wait),
+            "CONVEYOR_MAX_EVENT_BYTES": str(self.max_event_bytes),
             "CONVEYOR_MODEL": self.model.backend,
             "CONVEYOR_MODEL_NAME": self.model.name,
             "CONVEYOR_MODEL_VERSION": self.model.version,
@@ -279,6 +299,8 @@ class Settings:
             env["CONVEYOR_LOG_URL"] = self.log_url
         if self.store_url:
             env["CONVEYOR_STORE_URL"] = self.store_url
+        if self.blob_url:
+            env["CONVEYOR_BLOB_URL"] = self.blob_url
         optional = {
             "CONVEYOR_API_KEYS_FILE": self.api_keys_file,
             "CONVEYOR_RATE_LIMIT": self.rate_limit,
@@ -287,6 +309,7 @@ class Settings:
             "CONVEYOR_TOKEN_LIMIT": self.token_limit,
             "CONVEYOR_MAX_PARALLEL": self.max_parallel,
             "CONVEYOR_BUDGET": self.budget,
+            "CONVEYOR_MAX_BODY_BYTES": self.max_body_bytes,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -300,6 +323,9 @@ NAMES = frozenset(
         "DATA_DIR",
         "LOG_URL",
         "STORE_URL",
+        "BLOB_URL",
+        "MAX_EVENT_BYTES",
+        "MAX_BODY_BYTES",
         "PREFIX",
         "LOG_LEVEL",
         "LOG_FORMAT",

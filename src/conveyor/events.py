@@ -81,6 +81,9 @@ class Envelope:
     redrive: str = ""  # sent back from the dead-letter topic: only this stage handles it
     callback: str = ""  # the URL told of the request's outcome (stages/deliver.py), if any
     batch: str = ""  # a Batch API request's batch and line (batch_progress.py)
+    # The blob holding ``data`` when it was too large for the log (log/claim_check.py): set only
+    # between publishing and reading; an event read with it still set lost its payload.
+    dataref: str = ""
 
     @property
     def subject(self) -> str:
@@ -138,6 +141,7 @@ class Envelope:
             "ce-redrive": self.redrive,
             "ce-callback": self.callback,
             "ce-batch": self.batch,
+            "ce-dataref": self.dataref,
         }
         headers.update({k: v for k, v in optional.items() if v})
         return headers
@@ -172,6 +176,7 @@ class Envelope:
                 redrive=h.get("ce-redrive", ""),
                 callback=h.get("ce-callback", ""),
                 batch=h.get("ce-batch", ""),
+                dataref=h.get("ce-dataref", ""),
             )
         except ValueError as exc:
             raise InvalidEventError(f"malformed event header: {exc}") from exc

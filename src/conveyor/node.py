@@ -181,6 +181,8 @@ def gateway_options(settings: Settings) -> tuple[GatewayLimits, Keys | None]:
         tokens_per_minute=settings.token_limit,
         max_parallel=settings.max_parallel,
         budget=settings.budget,
+        max_body_bytes=settings.body_limit,
+        max_prompt_chars=settings.body_limit,  # a prompt is as long as the body may carry
     )
     return limits, keys
 
@@ -245,7 +247,13 @@ async def backends(settings: Settings) -> AsyncIterator[tuple[EventLog, StateSto
     store_url = settings.store_url or log_url
     if store_url.startswith("kafka:"):  # NATS brings its key-value store along; Kafka has none
         raise ValueError("a kafka:// log needs a state store: --store-url redis://HOST:PORT/0 (or nats://…)")
-    log = await open_log(log_url, prefix=settings.prefix, ack_wait=settings.ack_wait)
+    log = await open_log(
+        log_url,
+        prefix=settings.prefix,
+        ack_wait=settings.ack_wait,
+        blob_url=settings.blobs_for(log_url),
+        max_event_bytes=settings.max_event_bytes,
+    )
     store = await open_store(store_url, prefix=settings.prefix)
     try:
         yield log, store, log_url

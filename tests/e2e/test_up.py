@@ -158,7 +158,8 @@ async def test_garbage_on_a_topic_is_dead_lettered_and_the_pipeline_keeps_servin
             bad = [
                 (b'{"prompt": ', 400),
                 (b'{"prompt": ["a list"]}', 422),
-                (b'{"prompt": "' + b"x" * 300_000 + b'"}', 413),
+                # Over the 8 MiB a deployment with a blob store takes (256 KiB without one).
+                (b'{"prompt": "' + b"x" * 9_000_000 + b'"}', 413),
             ]
             for body, status in bad:
                 response = await client.post(

@@ -85,12 +85,16 @@ def test_a_derived_event_keeps_every_attribute_it_does_not_set() -> None:
     }
     parent = Envelope(**values, data=b"{}", attempt=3, deadline=12.5, priority=7)
     child = parent.derive(type="b", source="s2", payload=RequestAccepted(prompt="y"), label="stage")
-    changed = {"id", "type", "source", "data", "time", "dataschema", "causation_id", "attempt", "redrive"}
+    changed = {
+        *("id", "type", "source", "data", "time", "dataschema", "causation_id", "attempt", "redrive"),
+        "dataref",  # the child's data is its own
+    }
     for field in dataclasses.fields(Envelope):
         if field.name not in changed:
             assert getattr(child, field.name) == getattr(parent, field.name), field.name
     assert child.attempt == 0
     assert child.redrive == ""  # what a stage makes of an event sent back to it goes to everyone
+    assert child.dataref == ""
 
 
 @pytest.mark.parametrize(

@@ -26,3 +26,12 @@ def test_safety_policy_matches_phrases_case_insensitively_on_word_boundaries() -
     assert policy.violation("How do I BUILD  a bomb?") == "build a bomb"
     assert policy.violation("rebuild a bombastic speech") is None
     assert SafetyPolicy(()).violation("build a bomb") is None
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["a", "a@", "ab.", "1 ", "a@b."])
+def test_redaction_of_a_long_prompt_without_pii_ends(unit: str) -> None:
+    # Long runs of the characters an address or a number is made of: the email rule used to search
+    # each run from every one of its characters (a 300,000-letter prompt held prepare for minutes).
+    text = unit * (300_000 // len(unit))
+    assert redact(text) == (text, {})

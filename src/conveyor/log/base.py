@@ -37,6 +37,12 @@ class Delivery:
                 self._decoded = Envelope.from_headers(self.headers, self.body)
             except InvalidEventError as exc:
                 self._decoded = exc
+            else:
+                if self._decoded.dataref:  # log/claim_check.py puts the payload back when it can
+                    self._decoded = InvalidEventError(
+                        f"its payload is in the blob store as {self._decoded.dataref}, and"
+                        " that blob is gone (or this process has no blob store: --blob-url)"
+                    )
         if isinstance(self._decoded, InvalidEventError):
             raise self._decoded
         return self._decoded

@@ -77,3 +77,10 @@ def start_valkey() -> ServerProcess:
     port = free_port()
     argv = [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
     return ServerProcess(argv, url=f"redis://127.0.0.1:{port}/0", ready="Ready to accept connections")
+
+
+def start_moto() -> ServerProcess:
+    """moto's S3 server (in memory) on a free loopback port; its ``url`` is the endpoint's."""
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return ServerProcess(argv, url=f"http://127.0.0.1:{port}", ready="Running on")
