@@ -145,10 +145,15 @@ def upstream(url: str, model: str = "m") -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def relaying(node: NodeFactory) -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, Any]]]]:
-    """A node whose model is a ``recording_upstream``: yields the node's client and the bodies the
-    upstream received."""
-    async with recording_upstream() as (url, received), node(settings=upstream(url)) as http:
+async def relaying(
+    node: NodeFactory, **settings: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, Any]]]]:
+    """A node (with ``settings``) whose model is a ``recording_upstream``: yields the node's client
+    and the bodies the upstream received."""
+    async with (
+        recording_upstream() as (url, received),
+        node(settings={**upstream(url), **settings}) as http,
+    ):
         yield http, received
 
 

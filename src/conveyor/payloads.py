@@ -65,13 +65,46 @@ class Tool(Payload):
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
+def checked_image_url(url: str) -> str:
+    """``url`` if it can name an image for a model; ValueError saying why not."""
+    if not url.startswith(("https://", "http://", "data:image/")):
+        raise ValueError(f"an image URL must be https://… or data:image/…;base64,…, not {url[:40]!r}")
+    if url.startswith("data:") and ";base64," not in url[:100]:
+        raise ValueError("an inline image must be base64: data:image/TYPE;base64,DATA")
+    return url
+
+
+class ContentPart(Payload):
+    """A piece of a turn that is more than text: its text, or an image by URL (``https:``, or a
+    ``data:image/…;base64,`` URL that carries the image itself), as the client ordered them."""
+
+    type: Literal["text", "image"]
+    text: str = ""
+    url: str = ""
+    detail: Literal["auto", "low", "high"] | None = None  # how closely the model should look
+
+    @classmethod
+    def image(cls, url: str, detail: Literal["auto", "low", "high"] | None = None) -> ContentPart:
+        return cls(type="image", url=checked_image_url(url), detail=detail)
+
+    @classmethod
+    def of_text(cls, text: str) -> ContentPart:
+        return cls(type="text", text=text)
+
+
 class ChatMessage(Payload):
-    """One turn: an assistant turn may carry the calls it made, a ``tool`` turn answers one of them."""
+    """One turn: an assistant turn may carry the calls it made, a ``tool`` turn answers one of them.
+    A turn with images has them in ``parts``, between its pieces of text; ``content`` is its text."""
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
+    parts: list[ContentPart] = Field(default_factory=list)  # only for a turn with images
+
+    @property
+    def images(self) -> int:
+        return sum(part.type == "image" for part in self.parts)
 
 
 class Sampling(Payload):

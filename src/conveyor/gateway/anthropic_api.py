@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.model_request import ModelRequest, given
+from conveyor.gateway.model_request import ModelRequest, given, what_is_wrong
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import Wire, stream
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
+from conveyor.payloads import ChatMessage, ContentPart, RequestAccepted, Sampling, Tool, ToolCall
 from conveyor.view import RequestView
 
 _CHOICES: dict[str, Literal["auto", "none", "required"]] = {
@@ -86,7 +86,30 @@ class ToolResultBlock(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(b.text for b in self.content)
 
 
-Block = TextBlock | ToolUseBlock | ToolResultBlock
+class ImageSource(BaseModel):
+    type: Literal["base64", "url"]
+    media_type: str = ""
+    data: str = ""
+    url: str = ""
+
+
+class ImageBlock(BaseModel):
+    type: Literal["image"]
+    source: ImageSource
+
+    @model_validator(mode="after")
+    def _usable(self) -> ImageBlock:
+        self.part()  # a bad source is the client's error now, not the model's later
+        return self
+
+    def part(self) -> ContentPart:
+        source = self.source
+        if source.type == "url":
+            return ContentPart.image(source.url)
+        return ContentPart.image(f"data:{source.media_type};base64,{source.data}")
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ImageBlock, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -109,7 +132,15 @@ class Message(BaseModel):
             for b in blocks
             if isinstance(b, ToolUseBlock)
         ]
-        said = [ChatMessage(role=self.role, content=text, tool_calls=calls)] if text or calls else []
+        parts = [
+            ContentPart.of_text(b.text) if isinstance(b, TextBlock) else b.part()
+            for b in blocks
+            if isinstance(b, TextBlock | ImageBlock)
+        ]
+        if not any(isinstance(b, ImageBlock) for b in blocks):
+            parts = []
+        said = [ChatMessage(role=self.role, content=text, tool_calls=calls, parts=parts)]
+        said = said if text or calls or parts else []
         return results + said
 
 
@@ -287,9 +318,8 @@ def _parse(raw: bytes, models: Sequence[str], limits: GatewayLimits) -> Messages
     try:
         body = MessagesRequest.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise AnthropicError(400, "invalid_request_error", f"{where}: {first['msg']}") from exc
+        where, why = what_is_wrong(exc)
+        raise AnthropicError(400, "invalid_request_error", f"{where or 'body'}: {why}") from exc
     if body.model not in models:
         raise AnthropicError(
             404, "not_found_error", f"model: {body.model!r} does not exist; try {list(models)}"

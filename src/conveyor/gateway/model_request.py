@@ -11,11 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 def given(value: Any) -> bool:
     return value is not None
+
+
+def what_is_wrong(exc: ValidationError) -> tuple[str, str]:
+    """The field and the reason of a refused request body, the error that says most: of a union
+    (text or a list of parts), the branch that got furthest, not the first one tried."""
+    errors = exc.errors(include_url=False)
+    telling = max(errors, key=lambda e: len(e["loc"]))  # the first of the deepest
+    # The location without pydantic's names for the union's branches ("list[tagged-union[…]]").
+    where = ".".join(str(p) for p in telling["loc"] if not (isinstance(p, str) and "[" in p))
+    return where, telling["msg"].removeprefix("Value error, ")
 
 
 class ModelRequest(BaseModel):

@@ -17,13 +17,21 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from conveyor.gateway.core import GatewayCore, GatewayLimits, Refused
-from conveyor.gateway.model_request import ModelRequest, given
+from conveyor.gateway.model_request import ModelRequest, given, what_is_wrong
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import ChatWire, TextWire, Wire, stream
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall
+from conveyor.payloads import (
+    ChatMessage,
+    ContentPart,
+    RequestAccepted,
+    Sampling,
+    Tool,
+    ToolCall,
+    checked_image_url,
+)
 from conveyor.view import RequestView
 
 # The gateway's refusals as OpenAI answers them: (type, code); the rest keep their code.
@@ -45,6 +53,19 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageUrl(BaseModel):
+    url: Annotated[str, AfterValidator(checked_image_url)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str
@@ -59,7 +80,7 @@ class ToolCallMade(BaseModel):
 class ChatCompletionMessage(BaseModel):
     # "developer" is what OpenAI's newer models call the system turn.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Part] | None = None
     tool_calls: list[ToolCallMade] | None = None
     tool_call_id: str | None = None
 
@@ -73,8 +94,19 @@ class ChatCompletionMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if isinstance(part, TextPart))
         return self.content or ""
+
+    def parts(self) -> list[ContentPart]:
+        """The content's parts in order, if it has an image."""
+        if not isinstance(self.content, list) or all(isinstance(p, TextPart) for p in self.content):
+            return []
+        return [
+            ContentPart.of_text(p.text)
+            if isinstance(p, TextPart)
+            else ContentPart.image(p.image_url.url, p.image_url.detail)
+            for p in self.content
+        ]
 
     def payload(self) -> ChatMessage:
         calls = [
@@ -82,7 +114,13 @@ class ChatCompletionMessage(BaseModel):
             for c in self.tool_calls or []
         ]
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id)
+        return ChatMessage(
+            role=role,
+            content=self.text(),
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
+            parts=self.parts(),
+        )
 
 
 class FunctionDefinition(BaseModel):
@@ -237,10 +275,9 @@ def validated(kind: type[M], raw: bytes, models: Sequence[str]) -> M:
     try:
         body = kind.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        where, why = what_is_wrong(exc)
         raise OpenAIError(
-            400, f"{param or 'body'}: {first['msg']}", code="invalid_request", param=param
+            400, f"{where or 'body'}: {why}", code="invalid_request", param=where or None
         ) from exc
     if body.model not in models:
         raise OpenAIError(

@@ -29,7 +29,7 @@ from conveyor.gateway.model_request import ModelRequest, given
 from conveyor.gateway.openai_api import OpenAIError, ended, validated
 from conveyor.gateway.streaming import EventStreamResponse
 from conveyor.gateway.wire import Wire, stream
-from conveyor.payloads import ChatMessage, RequestAccepted, Sampling, Tool, ToolCall, Usage
+from conveyor.payloads import ChatMessage, ContentPart, RequestAccepted, Sampling, Tool, ToolCall, Usage
 from conveyor.view import RequestView
 
 
@@ -93,14 +93,13 @@ def _turns(body: ResponsesRequest) -> list[ChatMessage]:
     for i, item in enumerate(body.input):
         kind = item.get("type", "message")
         if kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
-            content = item.get("content", "")
+            content, parts = item.get("content", ""), []
             if not isinstance(content, str):
-                parts = [p.get("text") for p in content if p.get("type") in ("input_text", "output_text")]
-                if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                    raise ValueError(f"input.{i}: only text content is taken here")
-                content = "".join(parts)
+                parts = [_part(part, f"input.{i}") for part in content]
+                content = "".join(part.text for part in parts)
             role = "system" if item["role"] == "developer" else item["role"]
-            turns.append(ChatMessage.model_validate({"role": role, "content": content}))
+            images = parts if any(part.type == "image" for part in parts) else []
+            turns.append(ChatMessage.model_validate({"role": role, "content": content, "parts": images}))
         elif kind == "function_call":
             call = ToolCall(id=item["call_id"], name=item["name"], arguments=item.get("arguments", "{}"))
             turns.append(ChatMessage(role="assistant", tool_calls=[call]))
@@ -110,6 +109,16 @@ def _turns(body: ResponsesRequest) -> list[ChatMessage]:
         else:
             raise ValueError(f"input.{i}: items of type {kind!r} are not taken here")
     return turns
+
+
+def _part(part: dict[str, Any], where: str) -> ContentPart:
+    """A content part of an input message: text, or an image by URL (ValueError otherwise)."""
+    kind = part.get("type")
+    if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+        return ContentPart.of_text(part["text"])
+    if kind == "input_image" and isinstance(part.get("image_url"), str):
+        return ContentPart.image(part["image_url"], part.get("detail"))
+    raise ValueError(f"{where}: only text and images by URL (input_image.image_url) are taken here")
 
 
 def _payload(body: ResponsesRequest, max_tokens: int) -> RequestAccepted:

@@ -259,6 +259,10 @@ class LocalModel:
 
     def _sequence(self, request: GenerationRequest, emit: Callable[[Token], None]) -> _Sequence:
         """``request`` made ready for the engine; PermanentError if the model cannot take it."""
+        if images := sum(message.images for message in request.messages):
+            raise RejectedError(
+                "invalid_request", f"this model reads text only, and the request has {images} image(s)"
+            )
         if request.continuation:  # the user's text: what looks like a special token is text
             prompt = self._tokenize(request.prompt.encode(), special=False)
         else:

@@ -24,7 +24,15 @@ from pydantic import ValidationError
 from conveyor.errors import ConveyorError, PermanentError, RetryableError, UnavailableError
 from conveyor.models.base import Embedding, GenerationRequest, ModelInfo, Token
 from conveyor.observability.tracing import TRACEPARENT
-from conveyor.payloads import ChatMessage, FinishReason, TokenLogprob, ToolCall, TopLogprob, Usage
+from conveyor.payloads import (
+    ChatMessage,
+    ContentPart,
+    FinishReason,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
 
 logger = logging.getLogger("conveyor.models.openai_compat")
 
@@ -210,15 +218,26 @@ class OpenAICompatModel:
 
 def _message(message: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.parts:
+        out["content"] = [_part(part) for part in message.parts]
     if message.tool_calls:
         out["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
             for c in message.tool_calls
         ]
-        out["content"] = message.content or None
+        out["content"] = out["content"] or None
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _part(part: ContentPart) -> dict[str, Any]:
+    if part.type == "text":
+        return {"type": "text", "text": part.text}
+    image: dict[str, Any] = {"url": part.url}
+    if part.detail is not None:
+        image["detail"] = part.detail
+    return {"type": "image_url", "image_url": image}
 
 
 class _ToolCalls:

@@ -78,8 +78,14 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str,
             calls = [
                 call.model_copy(update={"arguments": redacted(call.arguments)}) for call in message.tool_calls
             ]
+            # A turn with images: its text is its text parts, each redacted once.
+            parts = [
+                part.model_copy(update={"text": redacted(part.text)}) if part.type == "text" else part
+                for part in message.parts
+            ]
+            content = "".join(p.text for p in parts) if parts else redacted(message.content)
             messages.append(
-                message.model_copy(update={"content": redacted(message.content), "tool_calls": calls})
+                message.model_copy(update={"content": content, "tool_calls": calls, "parts": parts})
             )
         prepared = RequestPrepared(
             prompt=prompt,
