@@ -443,12 +443,19 @@ async def test_a_prompt_too_long_for_the_context_is_the_clients_error_through_th
 
 async def test_an_image_for_the_text_only_local_model_is_the_clients_error(node: NodeFactory) -> None:
     settings = {"model": ModelSettings(backend="local", slots=1, context=128)}
-    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     async with node(settings=settings) as http, sdk(str(http.base_url)) as client:
         with pytest.raises(openai.BadRequestError) as refused:
             await client.chat.completions.create(
                 model="smollm2-135m-instruct",
-                messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}],
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is it?"},
+                            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                        ],
+                    }
+                ],
                 max_tokens=8,
             )
     assert refused.value.code == "invalid_request"

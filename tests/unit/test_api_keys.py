@@ -32,6 +32,7 @@ def test_keys_map_to_their_tenants_and_unknown_keys_to_none() -> None:
     assert (limited.token_limits, limited.rates) == ({"acme": 500, "globex": 40}, {"acme": Rate(2.0, 2.0)})
     assert limited.parallel_limits == {"globex": 8}
     assert ApiKeys.parse("sk-1=acme,budget=12.5").budgets == {"acme": 12.5}
+    assert ApiKeys.parse("sk-1=acme,models=small|chat,rate=2").models == {"acme": {"small", "chat"}}
 
 
 def test_only_digests_of_the_keys_are_kept() -> None:
@@ -60,6 +61,9 @@ def test_only_digests_of_the_keys_are_kept() -> None:
         ("sk-1=acme,parallel=0", "line 1: parallel must be a whole number of requests under way at once"),
         ("sk-1=acme,budget=0", "line 1: budget must be above 0 USD a month"),
         ("sk-1=acme,parallel=4\nsk-2=acme,parallel=5", "line 2: tenant 'acme' was given another parallel"),
+        ("sk-1=acme,models=a||b", "line 1: models=ID|ID once, with no empty id"),
+        ("sk-1=acme,models=a,models=b", "line 1: models=ID|ID once"),
+        ("sk-1=acme,models=a\nsk-2=acme,models=b", "line 2: tenant 'acme' was given other models"),
         ("# nothing\n", "no keys"),
     ],
 )

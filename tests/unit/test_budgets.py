@@ -103,6 +103,7 @@ async def test_a_tenant_sees_its_limits_and_what_it_used_of_them(node: NodeFacto
         "tokens_per_minute": 100000,
         "max_parallel": 8,
         "under_way": 0,
+        "models": None,
     }
     assert globex["tenant"] == "globex"
     assert (globex["spent_usd"], globex["budget_usd"], globex["rate_per_second"]) == (0.0, None, None)

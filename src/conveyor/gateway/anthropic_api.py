@@ -45,6 +45,7 @@ _ERRORS = {
     "context_length_exceeded": "invalid_request_error",
     "invalid_request": "invalid_request_error",
     "not_found": "not_found_error",
+    "model_not_allowed": "permission_error",
 }
 
 

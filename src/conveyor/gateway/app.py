@@ -147,6 +147,7 @@ class Account(BaseModel):
     tokens_last_minute: int | None = Field(description="Counted as used; null without a token limit.")
     max_parallel: int | None
     under_way: int | None = Field(description="Accepted and not ended, through this gateway.")
+    models: list[str] | None = Field(description="The models and aliases it may use; null: all served.")
 
 
 class Waited(RequestView):
@@ -492,6 +493,7 @@ def create_app(
             tokens_last_minute=quota.used(tenant) if quota else None,
             max_parallel=parallel.limit(tenant) if parallel else None,
             under_way=parallel.under_way(tenant) if parallel else None,
+            models=sorted(allowed) if (allowed := core.may_use(tenant)) is not None else None,
         )
 
     @app.get("/healthz", tags=["operations"])

@@ -2,11 +2,12 @@
 
 The keys file has one ``key=tenant`` line per key, optionally followed by the tenant's own
 rate limit (``conveyor.gateway.ratelimit``), tokens per minute (``conveyor.gateway.quota``),
-requests under way at once (``conveyor.gateway.parallel``) and USD a month (``conveyor.spend``)::
+requests under way at once (``conveyor.gateway.parallel``), USD a month (``conveyor.spend``) and the
+models (or aliases) it may ask for, by id, ``|``-separated (all of them without ``models=``)::
 
     # comments and blank lines are ignored
     sk-live-8f2c…=acme
-    sk-live-19ab…=globex,rate=5,burst=10
+    sk-live-19ab…=globex,rate=5,burst=10,models=small|chat
     sk-live-77d0…=initech,tpm=20000,parallel=8,budget=250
 
 A key may contain anything but commas and white space (``=`` too: the tenant is after the
@@ -31,7 +32,7 @@ from typing import Protocol, TypeVar
 from conveyor.gateway.ratelimit import Rate
 
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_KNOWN = ("rate=R", "burst=B", "tpm=T", "parallel=N", "budget=USD")
+_KNOWN = ("rate=R", "burst=B", "tpm=T", "parallel=N", "budget=USD", "models=ID|ID")
 _OPTIONS = tuple(option.partition("=")[0] for option in _KNOWN)
 _WHOLE = {"tpm": "tokens per minute", "parallel": "requests under way at once"}
 _INDEX = 8  # bytes of a digest the lookup table is keyed by
@@ -67,6 +68,11 @@ class Keys(Protocol):
     @property
     def budgets(self) -> Mapping[str, float]: ...
 
+    @property
+    def models(self) -> Mapping[str, frozenset[str]]:
+        """The models (or aliases) a tenant may ask for; a tenant not here may ask for any."""
+        ...
+
     def tenant(self, key: str) -> str | None: ...
 
 
@@ -80,6 +86,7 @@ class ApiKeys:
         token_limits: Mapping[str, int] | None = None,
         parallel_limits: Mapping[str, int] | None = None,
         budgets: Mapping[str, float] | None = None,
+        models: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         """``tenants``: sha256 digest of a key -> its tenant."""
         self._tenants: dict[bytes, list[tuple[bytes, str]]] = {}
@@ -89,6 +96,7 @@ class ApiKeys:
         self.token_limits: Mapping[str, int] = dict(token_limits or {})
         self.parallel_limits: Mapping[str, int] = dict(parallel_limits or {})
         self.budgets: Mapping[str, float] = dict(budgets or {})
+        self.models: Mapping[str, frozenset[str]] = dict(models or {})
 
     @classmethod
     def parse(cls, text: str, *, source: str = "API keys") -> ApiKeys:
@@ -97,6 +105,7 @@ class ApiKeys:
         token_limits: dict[str, int] = {}
         parallel_limits: dict[str, int] = {}
         budgets: dict[str, float] = {}
+        models: dict[str, frozenset[str]] = {}
         for number, raw in enumerate(text.splitlines(), start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -112,7 +121,14 @@ class ApiKeys:
             if digest in tenants:
                 raise ValueError(f"{where}: this key is listed twice")
             tenants[digest] = tenant
-            values = _options(options, where)
+            allowed = [option for option in options if option.startswith("models=")]
+            if allowed:
+                named = frozenset(m.strip() for m in allowed[-1].removeprefix("models=").split("|"))
+                if len(allowed) > 1 or "" in named:
+                    raise ValueError(f"{where}: models=ID|ID once, with no empty id")
+                if models.setdefault(tenant, named) != named:
+                    raise ValueError(f"{where}: tenant {tenant!r} was given other models before")
+            values = _options([option for option in options if option not in allowed], where)
             for name, limits in (("tpm", token_limits), ("parallel", parallel_limits)):
                 if name in values:
                     limit = int(values.pop(name))
@@ -132,7 +148,7 @@ class ApiKeys:
                     raise ValueError(f"{where}: tenant {tenant!r} was given another rate limit before")
         if not tenants:
             raise ValueError(f"{source}: no keys (lines key=tenant)")
-        return cls(tenants, rates, token_limits, parallel_limits, budgets)
+        return cls(tenants, rates, token_limits, parallel_limits, budgets, models)
 
     def tenant(self, key: str) -> str | None:
         """The tenant of ``key``, or None for an unknown key."""
@@ -179,6 +195,7 @@ class KeysFile:
         self.token_limits: Mapping[str, int] = _Live(lambda: self._keys.token_limits)
         self.parallel_limits: Mapping[str, int] = _Live(lambda: self._keys.parallel_limits)
         self.budgets: Mapping[str, float] = _Live(lambda: self._keys.budgets)
+        self.models: Mapping[str, frozenset[str]] = _Live(lambda: self._keys.models)
 
     def tenant(self, key: str) -> str | None:
         if self._clock() - self._checked >= self._interval:

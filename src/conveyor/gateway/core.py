@@ -206,6 +206,21 @@ class GatewayCore:
         if self.parallel is not None:
             self.parallel.release(rid)
 
+    def may_use(self, tenant: str) -> frozenset[str] | None:
+        """The models and aliases ``tenant`` may ask for; None: every one served."""
+        return None if self.keys is None else self.keys.models.get(tenant)
+
+    def _check_access(self, tenant: str, model: str) -> None:
+        """Refused (403) if ``tenant`` may not ask for ``model`` (empty: the default one)."""
+        allowed = self.may_use(tenant)
+        asked = model or next(iter(self.models), "")
+        if allowed is not None and asked not in allowed:
+            raise Refused(
+                403,
+                "model_not_allowed",
+                f"this API key may not use the model {asked!r}; it may use {sorted(allowed)}",
+            )
+
     def route(self, model: str) -> str:
         """What the events of a request for ``model`` (one of ``models``, by id, or an alias of
         some; empty: the default) name as its model: nothing for the default one. An alias's model
@@ -235,6 +250,7 @@ class GatewayCore:
         """Put the request on the log (durably, when this returns); raises Refused if it may not.
         With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``).
         ``model``: one of ``models`` by id (empty: the default one)."""
+        self._check_access(tenant, model)
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,

@@ -42,6 +42,7 @@ _REFUSALS = {
     "parallel_limit": ("requests", "rate_limit_exceeded"),
     "budget_exceeded": ("insufficient_quota", "insufficient_quota"),  # what OpenAI says of a spent plan
     "overloaded": ("server_error", "overloaded"),
+    "model_not_allowed": ("invalid_request_error", "model_not_allowed"),
 }
 # The legacy API's default, which its clients rely on (vLLM keeps it too).
 TEXT_COMPLETION_MAX_TOKENS = 16
@@ -306,21 +307,27 @@ def add_openai_routes(
             return {"type": "model", "id": model, "display_name": model, "created_at": "1970-01-01T00:00:00Z"}
         return {"id": model, "object": "model", "created": 0, "owned_by": "conveyor"}
 
+    def usable(tenant: str) -> list[str]:
+        allowed = core.may_use(tenant)
+        return [m for m in models if allowed is None or m in allowed]
+
     @app.get("/v1/models", tags=["openai", "anthropic"])
-    async def list_models(request: Request, _: str = tenant_of_key) -> dict[str, Any]:
-        """The models this deployment serves (in Anthropic's shape for its SDK)."""
-        data = [described(m, request) for m in models]
+    async def list_models(request: Request, tenant: str = tenant_of_key) -> dict[str, Any]:
+        """The models this deployment serves that the API key may use (in Anthropic's shape for
+        its SDK)."""
+        mine = usable(tenant)
+        data = [described(m, request) for m in mine]
         if request.headers.get("anthropic-version"):
-            first, last = (models[0], models[-1]) if models else (None, None)
+            first, last = (mine[0], mine[-1]) if mine else (None, None)
             return {"data": data, "has_more": False, "first_id": first, "last_id": last}
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model:path}", tags=["openai", "anthropic"])
-    async def retrieve_model(model: str, request: Request, _: str = tenant_of_key) -> dict[str, Any]:
-        """One model this deployment serves."""
-        if model not in models:
+    async def retrieve_model(model: str, request: Request, tenant: str = tenant_of_key) -> dict[str, Any]:
+        """One model this deployment serves that the API key may use."""
+        if model not in usable(tenant):
             raise OpenAIError(
-                404, f"the model {model!r} does not exist; try {list(models)}", code="model_not_found"
+                404, f"the model {model!r} does not exist; try {usable(tenant)}", code="model_not_found"
             )
         return described(model, request)
 
