@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+import openai
 import pytest
 
 from conveyor import spend
 from conveyor.config import ModelSettings
 from conveyor.events import new_event
+from conveyor.files import dumps
 from conveyor.payloads import EventType, GenerationCompleted, Usage
 from conveyor.stages import finalize_stage
 from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
@@ -76,6 +78,15 @@ async def test_a_tenant_that_spent_its_budget_is_refused_until_next_month_and_th
         until_next_month = spend.next_month(datetime.datetime.now(UTC)) - datetime.datetime.now(UTC)
         assert abs(int(refused.headers["Retry-After"]) - until_next_month.total_seconds()) < 60
         assert await sdk_refusal(client) == "insufficient_quota"
+        # Nor may it start a batch of thousands.
+        line = {"model": "simulated", "messages": [{"role": "user", "content": "x"}]}
+        lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": line}]
+        uploaded = await client.files.create(file=("in.jsonl", dumps(lines)), purpose="batch")
+        with pytest.raises(openai.RateLimitError) as spent:
+            await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert spent.value.code == "insufficient_quota"
         await globex_goes_on(http)  # globex has no budget
 
 

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from conveyor.config import ModelSettings
+from conveyor.files import dumps
 from tests.conftest import NodeFactory
 from tests.helpers import anthropic_sdk, sdk
 from tests.unit.test_gateway_access import ACME, GLOBEX, bearer, write_keys
@@ -55,6 +56,16 @@ async def test_a_tenant_uses_only_its_models_and_sees_only_them(node: NodeFactor
             assert aliased.model == "chat"
             with pytest.raises(openai.PermissionDeniedError):
                 await client.embeddings.create(model="big", input="x")
+            # Nor through a batch: the line that asks for another model refuses the batch.
+            line = {"model": "big", "messages": [{"role": "user", "content": "x"}]}
+            lines = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": line}]
+            uploaded = await client.files.create(file=("in.jsonl", dumps(lines)), purpose="batch")
+            with pytest.raises(
+                openai.BadRequestError, match="line 1: this API key may not use the model 'big'"
+            ):
+                await client.batches.create(
+                    input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
         async with anthropic_sdk(base, ACME) as claude:
             with pytest.raises(anthropic.PermissionDeniedError):
                 await claude.messages.create(

@@ -29,7 +29,7 @@ from conveyor.batch_progress import line_tag, read_progress
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.files import Files, StoredFile, dumps
 from conveyor.gateway import embeddings_api as embeddings
-from conveyor.gateway.core import SOURCE, GatewayCore, GatewayLimits
+from conveyor.gateway.core import SOURCE, GatewayCore, GatewayLimits, Refused
 from conveyor.gateway.openai_api import CHAT, TEXT, Endpoint, OpenAIError
 from conveyor.ids import derive_id, new_id
 from conveyor.observability.tracing import current_traceparent
@@ -174,6 +174,10 @@ class Batches:
         return (batch, entry.revision) if batch is not None and entry and batch.tenant == tenant else None
 
     async def create(self, asked: BatchCreate, tenant: str) -> Batch:
+        try:  # a spent budget holds for a batch's thousands of requests as for one
+            await self.core.check_budget(tenant)
+        except Refused as exc:
+            raise OpenAIError.refused(exc) from None
         stored = await self.files.get(asked.input_file_id, tenant)
         if stored is None:
             raise OpenAIError(
@@ -212,6 +216,7 @@ class Batches:
             try:
                 line = _line(raw, endpoint.path, seen)
                 model, payload = endpoint.request(orjson.dumps(line["body"]), self.models, self.limits)
+                self.core.check_access(batch.tenant, model)
                 index = len(lines)
                 metadata = {**payload.metadata, "batch_id": batch.id, "custom_id": line["custom_id"]}
                 event = new_event(
@@ -226,7 +231,7 @@ class Batches:
                     batch=line_tag(batch.id, index),
                     traceparent=trace,
                 )
-            except OpenAIError as exc:
+            except (OpenAIError, Refused) as exc:
                 raise _wrong(number, exc.message) from None
             except (ValueError, KeyError, TypeError) as exc:
                 raise _wrong(number, str(exc)) from None

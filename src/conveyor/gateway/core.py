@@ -174,17 +174,7 @@ class GatewayCore:
                 f"over the limit of {self.quota.limit(tenant)} tokens per minute; retry in {wait:.1f} s",
                 retry_after=wait,
             )
-        if self.budgets is not None:
-            now = datetime.datetime.now(datetime.UTC)
-            if (used := await self.budgets.spent(tenant, now)) is not None:
-                ends = next_month(now)
-                raise Refused(
-                    429,
-                    "budget_exceeded",
-                    f"{used:.4f} USD spent this month, all of the tenant's budget of "
-                    f"{self.budgets.budget(tenant):g}; it starts over on {ends:%Y-%m-%d} (UTC)",
-                    retry_after=(ends - now).total_seconds(),
-                )
+        await self.check_budget(tenant)
         if self.limiter is not None and (wait := await self.limiter.acquire(tenant)) > 0:
             rate = self.limiter.rate(tenant)
             limit = f" of {rate.per_second:g} requests per second (burst {rate.burst:g})" if rate else ""
@@ -200,6 +190,21 @@ class GatewayCore:
                 retry_after=1.0,
             )
 
+    async def check_budget(self, tenant: str) -> None:
+        """Refused (429) if ``tenant`` has spent its budget for the month."""
+        if self.budgets is None:
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        if (used := await self.budgets.spent(tenant, now)) is not None:
+            ends = next_month(now)
+            raise Refused(
+                429,
+                "budget_exceeded",
+                f"{used:.4f} USD spent this month, all of the tenant's budget of "
+                f"{self.budgets.budget(tenant):g}; it starts over on {ends:%Y-%m-%d} (UTC)",
+                retry_after=(ends - now).total_seconds(),
+            )
+
     def _release(self, rid: str) -> None:
         """``rid`` is not under way: it failed to reach the log (or is in doubt, and then a retry
         publishes the same event again), or a retry raced it."""
@@ -210,7 +215,7 @@ class GatewayCore:
         """The models and aliases ``tenant`` may ask for; None: every one served."""
         return None if self.keys is None else self.keys.models.get(tenant)
 
-    def _check_access(self, tenant: str, model: str) -> None:
+    def check_access(self, tenant: str, model: str) -> None:
         """Refused (403) if ``tenant`` may not ask for ``model`` (empty: the default one)."""
         allowed = self.may_use(tenant)
         asked = model or next(iter(self.models), "")
@@ -250,7 +255,7 @@ class GatewayCore:
         """Put the request on the log (durably, when this returns); raises Refused if it may not.
         With ``wait``, then wait up to that many seconds for it to end (``Accepted.view``).
         ``model``: one of ``models`` by id (empty: the default one)."""
-        self._check_access(tenant, model)
+        self.check_access(tenant, model)
         event = new_event(
             type=EventType.ACCEPTED,
             source=SOURCE,
