@@ -9,6 +9,9 @@ aggregate completion tokens/s, time to first token and end-to-end latency (p50),
 ratio is against the same round's single stream, each TTFT overhead against the same round's direct
 call. Through Conveyor, the first token is the first SSE ``token`` event (the first content chunk of
 the OpenAI stream) and the count comes from the recorded usage.
+Then ``PAIRS`` pairs of lone requests, each sent directly and through Conveyor back to back (in
+alternating order, on a prompt neither engine has seen): the median and p90 of each pair's TTFT
+difference is Conveyor's overhead, measured where a slow spell of this VM falls on both sides of it.
 Each weight type of ``--weights`` (default: q8_0, the default, and f16) is run whole, one after the
 other. Run: ``.venv/bin/python benchmarks/local_model.py [--weights q8_0,f16]`` (~8 min per type).
 """
@@ -32,6 +35,7 @@ from conveyor.testing import UpProcess
 
 LEVELS = (1, 4, 8, 16)
 ROUNDS = 3
+PAIRS = 24
 MAX_TOKENS = 64
 PROMPTS = [
     "Explain what a message queue is.",
@@ -148,6 +152,24 @@ async def rounds(weights: str, systems: dict[str, Call]) -> None:
         print(f"{weights}, {system}: TTFT overhead one at a time, per round: {each} ms", flush=True)
 
 
+async def paired(weights: str, systems: dict[str, Call]) -> None:
+    """Each system's TTFT overhead over the direct call, pair by pair."""
+    (_, direct), *others = systems.items()
+    for system, call in others:
+        overheads = []
+        for i in range(PAIRS):
+            first, second = (direct, call) if i % 2 == 0 else (call, direct)
+            a, b = (await first(1000 + i))[0], (await second(1000 + i))[0]
+            through, alone = (b, a) if i % 2 == 0 else (a, b)
+            overheads.append((through - alone) * 1000)
+        p90 = statistics.quantiles(overheads, n=10)[-1]
+        print(
+            f"{weights}, {system}: TTFT overhead over the direct call, {PAIRS} pairs: median "
+            f"{statistics.median(overheads):.1f} ms, p90 {p90:.1f} ms",
+            flush=True,
+        )
+
+
 async def weight_type(weights: str) -> None:
     """One weight type: the engine called directly, and through ``conveyor up`` by its own API
     (POST, then SSE) and by the OpenAI API (one streamed chat completion), round by round."""
@@ -164,6 +186,7 @@ async def weight_type(weights: str) -> None:
                     "conveyor up (OpenAI API, streamed)": functools.partial(openai_call, client),
                 }
                 await rounds(weights, systems)
+                await paired(weights, systems)
         finally:
             up.stop()
             up.cleanup()

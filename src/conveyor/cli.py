@@ -338,7 +338,8 @@ def _up(args: argparse.Namespace) -> int:
             stages += ", projector in this process" if "projector" in settings.stages else ""
         print(f"Conveyor is up: gateway {gateway_url} (API docs at {gateway_url}/docs)", flush=True)
         store = settings.store_url or "the log's key-value buckets"
-        print(f"  log: {log_url} ({origin}); store: {store}", flush=True)
+        blobs = settings.blob_url or ("the log's object store" if settings.blobs_for(log_url) else "none")
+        print(f"  log: {log_url} ({origin}); store: {store}; blobs: {blobs}", flush=True)
         print(f"  stages: {stages}; model: {_model_label(settings)}", flush=True)
         if metrics_urls:
             print(f"  worker metrics: {' '.join(metrics_urls)}", flush=True)
