@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -123,3 +124,19 @@ def test_conveyor_up_takes_every_option() -> None:
     settings = settings_from(command_line().parse_args([*args, "--max-backlog", "7"]))
     assert (settings.port, settings.model.backend, settings.model.slots) == (9000, "simulated", 4)
     assert (settings.ack_wait, settings.max_backlog) == (3.0, 7)
+
+
+def test_every_flag_of_conveyor_up_has_its_environment_variable() -> None:
+    # What the README says: CONVEYOR_ and the flag's name in capitals, but for the flags listed.
+    commands = next(a for a in command_line()._actions if isinstance(a, argparse._SubParsersAction))
+    up = commands.choices["up"]
+    named_otherwise = {
+        "no_prefix_cache": "PREFIX_CACHE",
+        "blocklist_file": "BLOCKLIST",
+        "add_model": "MODELS",
+        "alias": "ALIASES",
+    }
+    not_settings = {"help", "config", "workers"}
+    flags = {action.dest for action in up._actions} - not_settings
+    missing = {flag for flag in flags if named_otherwise.get(flag, flag.upper()) not in NAMES}
+    assert missing == set()
