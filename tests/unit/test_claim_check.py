@@ -15,6 +15,7 @@ from conveyor.errors import UnavailableError
 from conveyor.events import Envelope, Topic, new_event
 from conveyor.log.claim_check import ClaimCheckLog
 from conveyor.log.memory import MemoryEventLog
+from conveyor.observability.metrics import BLOB_BYTES
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, decode
 from conveyor.pipeline import Output, RetryPolicy, Stage, StageContext
 from conveyor.runtime.worker import StageWorker
@@ -39,6 +40,7 @@ def claim_check() -> tuple[ClaimCheckLog, MemoryEventLog, MemoryBlobStore]:
 async def test_a_large_payload_travels_as_a_reference_and_every_read_gets_it_back() -> None:
     log, inner, blobs = claim_check()
     large, small = accepted("x" * 5000), accepted("hi")
+    written, read = BLOB_BYTES.value(op="written"), BLOB_BYTES.value(op="read")
     await log.publish(Topic.REQUESTS, [large, small])
     on_the_log = inner.events(Topic.REQUESTS)
     assert on_the_log[0] == dataclasses.replace(large, data=b"", dataref=f"events/{large.id}")
@@ -50,6 +52,9 @@ async def test_a_large_payload_travels_as_a_reference_and_every_read_gets_it_bac
     assert [d.envelope() for d in deliveries] == [large, small]
     assert [t.envelope async for t in log.tail(Topic.REQUESTS, None, follow=False)] == [large, small]
     assert await log.find(Topic.REQUESTS, large.request_id) == large
+    # /metrics counts what went through the blob store: one write, three reads.
+    assert BLOB_BYTES.value(op="written") - written == len(large.data)
+    assert BLOB_BYTES.value(op="read") - read == 3 * len(large.data)
 
 
 async def test_a_publish_again_of_the_same_event_stores_it_once() -> None:

@@ -22,6 +22,7 @@ from conveyor.blobs.base import BlobStore
 from conveyor.errors import UnavailableError
 from conveyor.events import Envelope
 from conveyor.log.base import Delivery, EventLog, Lag, Subscription, Tailed
+from conveyor.observability.metrics import BLOB_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ClaimCheckLog:
             return event
         name = blob_name(event.id)
         await self.blobs.put(name, event.data)
+        BLOB_BYTES.inc(len(event.data), op="written")
         return dataclasses.replace(event, data=b"", dataref=name)
 
     async def _claim(self, event: Envelope) -> Envelope:
@@ -65,6 +67,7 @@ class ClaimCheckLog:
         data = await self.blobs.get(event.dataref)
         if data is None:
             return event
+        BLOB_BYTES.inc(len(data), op="read")
         return dataclasses.replace(event, data=data, dataref="")
 
     async def subscribe(self, topic: str, group: str) -> Subscription:
@@ -132,6 +135,7 @@ class _Claiming:
         if data is not None:
             del delivery.headers[DATAREF]
             delivery.body = data
+            BLOB_BYTES.inc(len(data), op="read")
         return True
 
     async def close(self) -> None:

@@ -181,3 +181,7 @@ ADMISSION_OVERLOADED = REGISTRY.gauge(
 REQUESTS_REFUSED = REGISTRY.counter(
     "conveyor_gateway_refused_total", "Requests the gateway turned away before the log, by error code."
 )
+BLOB_BYTES = REGISTRY.counter(
+    "conveyor_blob_bytes_total",
+    "Event payloads over the log's size limit, in bytes: written to the blob store, or read back.",
+)
