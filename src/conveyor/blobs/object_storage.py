@@ -6,14 +6,15 @@ query parameters: ``?endpoint=http://127.0.0.1:9000&region=us-east-1``), ``gs://
 
 Cloud buckets expire blobs by a lifecycle rule of the bucket (delete objects under the prefix
 after the log's retention, 7 days by default): a process here cannot set one, nor should every
-worker list a whole bucket to find what is old. A directory is swept by the process that writes
-to it, at start and then daily.
+worker list a whole bucket to find what is old. A directory is swept by each process that writes
+to it, when it first writes and then daily.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -23,6 +24,7 @@ from conveyor.errors import UnavailableError
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
 
+logger = logging.getLogger(__name__)
 _WEEK = 7 * 86_400.0
 # obstore retries a failed request for up to 3 minutes by default; a stage waiting on a blob holds
 # its event that long. Fail sooner: the event is handed back to the broker and comes again.
@@ -52,7 +54,7 @@ class ObjectStorageBlobs:
         self._max_age = max_age
         self._sweeps = parts.scheme == "file"
         self._next_sweep = 0.0
-        self._sweeping: asyncio.Task[int] | None = None
+        self._sweeping: asyncio.Task[None] | None = None
 
     async def put(self, name: str, data: bytes) -> None:
         try:
@@ -61,7 +63,7 @@ class ObjectStorageBlobs:
             raise UnavailableError(f"blob put {name}: {exc}") from exc
         if self._sweeps and time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + 86_400.0
-            self._sweeping = asyncio.create_task(self.sweep())
+            self._sweeping = asyncio.create_task(self._sweep_in_background())
 
     async def get(self, name: str) -> bytes | None:
         try:
@@ -84,6 +86,12 @@ class ObjectStorageBlobs:
         for start in range(0, len(old), 1000):
             await self._obstore.delete_async(self._store, old[start : start + 1000])
         return len(old)
+
+    async def _sweep_in_background(self) -> None:
+        try:
+            await self.sweep()
+        except (OSError, self._obstore.exceptions.BaseError) as exc:  # tried again in a day
+            logger.warning("blobs older than %.0f s not swept: %s", self._max_age, exc)
 
     async def ping(self) -> None:
         try:
