@@ -10,6 +10,8 @@ from pathlib import Path
 import orjson
 import yaml
 
+from conveyor.backends import BLOB_MAX_AGE
+from conveyor.log.claim_check import blob_name
 from tests.conftest import NodeFactory
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
@@ -37,6 +39,14 @@ def test_every_alert_says_what_and_how_bad() -> None:
         assert rule["alert"].startswith("Conveyor")
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
+
+
+def test_the_buckets_lifecycle_rule_expires_event_payloads_with_the_log() -> None:
+    (rule,) = orjson.loads((DEPLOY / "s3" / "lifecycle.json").read_bytes())["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["Expiration"]["Days"] * 86_400 == BLOB_MAX_AGE
+    # The blob URL s3://BUCKET/conveyor puts each payload at conveyor/events/<event id>.
+    assert rule["Filter"]["Prefix"] == "conveyor/" + blob_name("")
 
 
 async def test_what_deploy_asks_for_is_what_metrics_shows(node: NodeFactory) -> None:
