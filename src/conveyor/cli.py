@@ -60,6 +60,12 @@ def _gateway_options(parser: argparse.ArgumentParser) -> None:
         help="require API keys, one key=tenant[,rate=R,burst=B,tpm=T,parallel=N] line each (default: open)",
     )
     group.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log a line per HTTP call: method, path, status, duration, tenant, request ids",
+    )
+    group.add_argument(
         "--max-body-bytes",
         type=int,
         help="the largest request body taken (default 8 MiB with a blob store, else 256 KiB)",
@@ -269,6 +275,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         blob_url=flags.get("blob_url") or base.blob_url,
         max_event_bytes=flags.get("max_event_bytes") or base.max_event_bytes,
         max_body_bytes=flags.get("max_body_bytes") or base.max_body_bytes,
+        access_log=flags.get("access_log") or base.access_log,
         ack_wait=flags.get("ack_wait") or base.ack_wait,
         log_level=flags.get("log_level") or base.log_level,
         log_format=flags.get("log_format") or base.log_format,

@@ -129,6 +129,7 @@ class Settings:
     max_parallel: int | None = None  # requests under way per tenant, per gateway (None: no limit)
     budget: float | None = None  # USD per tenant and calendar month at the models' prices (None: none)
     max_body_bytes: int | None = None  # of a request (None: 8 MiB with a blob store, else 256 KiB)
+    access_log: bool = False  # a line per HTTP call (gateway/access.py)
     # The hosts a request's callback_url may name (conveyor.callbacks); empty: no callbacks.
     callback_hosts: tuple[str, ...] = LOOPBACK
 
@@ -252,6 +253,7 @@ class Settings:
             max_parallel=int(parallel) if parallel is not None else None,
             budget=float(budget) if budget is not None else None,
             max_body_bytes=int(body) if body is not None else None,
+            access_log=_flag(get("ACCESS_LOG"), base.access_log),
             callback_hosts=_phrases(hosts) if hosts is not None else base.callback_hosts,
         )
 
@@ -264,6 +266,7 @@ class Settings:
             "CONVEYOR_PREFIX": self.prefix,
             "CONVEYOR_ACK_WAIT": repr(self.ack_wait),
             "CONVEYOR_MAX_EVENT_BYTES": str(self.max_event_bytes),
+            "CONVEYOR_ACCESS_LOG": "true" if self.access_log else "false",
             "CONVEYOR_MODEL": self.model.backend,
             "CONVEYOR_MODEL_NAME": self.model.name,
             "CONVEYOR_MODEL_VERSION": self.model.version,
@@ -326,6 +329,7 @@ NAMES = frozenset(
         "BLOB_URL",
         "MAX_EVENT_BYTES",
         "MAX_BODY_BYTES",
+        "ACCESS_LOG",
         "PREFIX",
         "LOG_LEVEL",
         "LOG_FORMAT",

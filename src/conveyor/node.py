@@ -352,7 +352,13 @@ async def run_node(
                 if sock is not None:
                     ids = [model.id for model in settings.served]
                     app = create_app(
-                        log, store, limits=limits, keys=keys, models=ids, aliases=settings.aliases
+                        log,
+                        store,
+                        limits=limits,
+                        keys=keys,
+                        models=ids,
+                        aliases=settings.aliases,
+                        access_log=settings.access_log,
                     )
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 ports = children.metrics_ports if children else []

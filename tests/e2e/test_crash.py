@@ -38,7 +38,11 @@ async def check_after_restart(up: UpProcess, store: StateStore, prompts: list[st
 @pytest.mark.parametrize("stop", ["kill-9+nats-killed", "kill-9+nats-orphaned", "sigterm"])
 async def test_stopped_with_requests_in_flight_then_restarted(conveyor: ConveyorFactory, stop: str) -> None:
     first = conveyor(*SLOW_MODEL).start()
-    prompts = [f"crash test {i}" for i in range(REQUESTS)]
+    # Every tenth prompt is over the log's 64 KiB event limit: its events' payloads are in the
+    # bundled server's object store, which must survive the crash as the streams do.
+    prompts = [
+        f"crash test {i}" + (" and a long document" * 5000 if i % 10 == 0 else "") for i in range(REQUESTS)
+    ]
     async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
         rids = await asyncio.gather(*(submit(client, p, max_tokens=30) for p in prompts))
         await read_sse(client, rids[-1], stop_after=4)  # generation is under way

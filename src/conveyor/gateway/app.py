@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from conveyor import spend
 from conveyor.callbacks import refusal
 from conveyor.errors import UnavailableError
+from conveyor.gateway import access
+from conveyor.gateway.access import Access
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.anthropic_api import add_anthropic_routes
 from conveyor.gateway.auth import Keys
@@ -180,9 +183,10 @@ def create_app(
     models: Sequence[str] = ("simulated",),
     aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     keys: Keys | None = None,
+    access_log: bool = False,
 ) -> FastAPI:
     """The gateway: the job API, the OpenAI- and Anthropic-compatible APIs for ``models``, health
-    and metrics.
+    and metrics. With ``access_log``, a line per HTTP call (``gateway/access.py``).
 
     With ``keys``, every API request needs one of them and belongs to its tenant; ``limits``
     may set a per-tenant rate and a backlog above which submits are refused.
@@ -367,7 +371,10 @@ def create_app(
     app.add_middleware(
         BodySizeLimit, max_bytes=limits.max_body_bytes, paths={FILES_PATH: limits.max_file_bytes}
     )  # before anything reads
-    app.add_middleware(TraceHeader)  # outermost: the client's trace is current for all the rest
+    app.add_middleware(TraceHeader)  # the client's trace is current for all the rest
+    app.add_middleware(Access, log=access_log)  # outermost: it times the whole call
+    if access_log:  # whatever the process's own level
+        logging.getLogger(access.logger.name).setLevel(logging.INFO)
 
     @app.post(
         "/v1/requests",

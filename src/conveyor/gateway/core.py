@@ -20,6 +20,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from conveyor.callbacks import LOOPBACK
 from conveyor.events import Envelope, Topic, new_event
+from conveyor.gateway import access
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import Keys, presented_key
 from conveyor.gateway.parallel import ParallelLimit
@@ -306,6 +307,7 @@ class GatewayCore:
                 self._release(rid)
                 raise
             REQUESTS_ACCEPTED.inc()
+            access.accepted(rid, tenant)
             self._recent[rid] = (tenant, event.time)
             if len(self._recent) > 10_000:
                 self._recent.popitem(last=False)
@@ -322,6 +324,7 @@ class GatewayCore:
             event = Envelope.from_headers(previous["headers"], previous["body"].encode())
             await self.log.publish(Topic.REQUESTS, [event])
         status = view.status if view else "accepted"
+        access.accepted(previous["id"], tenant)
         ended = await self.wait(previous["id"], wait, tenant=tenant) if wait > 0 else None
         return Accepted(previous["id"], True, status, ended)
 
