@@ -143,7 +143,9 @@ def build_pipeline(
         *generates,
         finalize_stage(prices(settings)) if "finalize" in stages else None,
         deliver_stage(hosts=settings.callback_hosts, secret=secret) if "deliver" in stages else None,
-        Projector().stage(also=_waiting_topics(routes.values())) if "projector" in stages else None,
+        Projector(default_model=settings.model.id).stage(also=_waiting_topics(routes.values()))
+        if "projector" in stages
+        else None,
     ]
     return Pipeline([stage for stage in chosen if stage is not None])
 

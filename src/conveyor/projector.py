@@ -11,16 +11,20 @@ a fast request costs one write (and one notification to each gateway) instead of
 while a waiter still learns of the end without delay. [generated] is not read: the
 completed event carries when generation finished (one delivery less per request).
 When a Batch API request's view ends, its line is marked in its batch's progress
-(batch_progress.py) before the event is acknowledged.
+(batch_progress.py) before the event is acknowledged. The projector whose write ends a view counts
+the request's latency and time to first token (``conveyor_request_seconds``,
+``conveyor_time_to_first_token_seconds``), from the stamps of the events (each its writer's clock).
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 from collections.abc import Sequence
 
 from conveyor.batch_progress import ProgressMarks
 from conveyor.events import Envelope, Topic
+from conveyor.observability.metrics import FIRST_TOKEN_SECONDS, REQUEST_SECONDS
 from conveyor.payloads import EventType
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.store.base import Namespace, StateStore
@@ -43,8 +47,26 @@ async def read_view(store: StateStore, request_id: str) -> RequestView | None:
     return RequestView.model_validate_json(entry.value) if entry else None
 
 
+def _seconds(start: str, end: str) -> float:
+    return (datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(start)).total_seconds()
+
+
+def observe_ended(view: RequestView, ended_at: str, model: str) -> None:
+    """Count an ended request's latency (and, completed, its time to first token) under ``model``."""
+    accepted = view.stages.get("gateway", {}).get("accepted_at")
+    if accepted is None:  # its end was seen before its acceptance: there is nothing to count from
+        return
+    REQUEST_SECONDS.observe(max(0.0, _seconds(accepted, ended_at)), model=model, status=view.status)
+    generate = view.stages.get("generate", {})
+    first = generate.get("started_at") or generate.get("finished_at")  # one chunk: the whole answer
+    if view.status == "completed" and first is not None:
+        FIRST_TOKEN_SECONDS.observe(max(0.0, _seconds(accepted, first)), model=model)
+
+
 class Projector:
-    def __init__(self, *, cache_size: int = 20_000) -> None:
+    def __init__(self, *, cache_size: int = 20_000, default_model: str = "") -> None:
+        """``default_model``: the id of the model a request that names none is answered by."""
+        self._default_model = default_model
         self._cache: collections.OrderedDict[str, tuple[RequestView, int]] = collections.OrderedDict()
         self._cache_size = cache_size
         self._progress = ProgressMarks()
@@ -74,6 +96,9 @@ class Projector:
                 revision = await store.update(Namespace.STATUS, rid, data, cached[1])
             if revision is not None:
                 result = (view, revision)
+                if view.terminal and (cached is None or not cached[0].terminal):
+                    ended_at = max(event.time for event in events)
+                    observe_ended(view, ended_at, view.model or self._default_model)
                 break
             cached = None  # someone else wrote it: read again and refold
         # Only requests still under way: a final view sees no more events but a rare late one

@@ -106,6 +106,7 @@ def fold(view: RequestView | None, event: Envelope) -> RequestView:
     match event.type:
         case EventType.ACCEPTED:
             _stamp(v, "gateway", "accepted_at", at)
+            v.model = v.model or event.model or None  # the one asked for, until another answers
         case EventType.PREPARED:
             _advance(v, "prepared")
             _stamp(v, "prepare", "finished_at", at)

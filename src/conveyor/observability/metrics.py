@@ -185,3 +185,15 @@ BLOB_BYTES = REGISTRY.counter(
     "conveyor_blob_bytes_total",
     "Event payloads over the log's size limit, in bytes: written to the blob store, or read back.",
 )
+# Requests last from milliseconds (a cached answer) to minutes (a long answer from a slow model).
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+REQUEST_SECONDS = REGISTRY.histogram(
+    "conveyor_request_seconds",
+    "From a request's acceptance to its end, by model and final status (counted by the projector).",
+    _REQUEST_BUCKETS,
+)
+FIRST_TOKEN_SECONDS = REGISTRY.histogram(
+    "conveyor_time_to_first_token_seconds",
+    "From a completed request's acceptance to its first text generated, by model.",
+    _REQUEST_BUCKETS,
+)
