@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from conveyor.config import LOCAL_WEIGHTS, STAGES, ModelSettings, Settings
+from conveyor.config import ALIAS_ROUTING, LOCAL_WEIGHTS, STAGES, ModelSettings, Settings
 from conveyor.errors import ConveyorError, RejectedError, UnavailableError
 from conveyor.log.base import EventLog
 from conveyor.observability import logs
@@ -160,6 +160,12 @@ def _served_options(parser: argparse.ArgumentParser, *, serve: bool = True) -> N
         help="a model name that spreads its requests over served models by weight, e.g. "
         "chat=v1:90,v2:10 (a canary) or gpt=east:1,west:1 (two upstreams of one model)",
     )
+    group.add_argument(
+        "--alias-routing",
+        choices=ALIAS_ROUTING,
+        help="weight: each request drawn by weight (default); backlog: to the model with the least "
+        "backlog per unit of weight",
+    )
     if serve:
         group.add_argument(
             "--serve", help="generate only for these models, by id, comma-separated (default: every one)"
@@ -276,6 +282,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_event_bytes=flags.get("max_event_bytes") or base.max_event_bytes,
         max_body_bytes=flags.get("max_body_bytes") or base.max_body_bytes,
         access_log=flags.get("access_log") or base.access_log,
+        alias_routing=flags.get("alias_routing") or base.alias_routing,
         ack_wait=flags.get("ack_wait") or base.ack_wait,
         log_level=flags.get("log_level") or base.log_level,
         log_format=flags.get("log_format") or base.log_format,

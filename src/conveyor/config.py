@@ -16,6 +16,8 @@ from conveyor.models.base import MODEL_IDS
 from conveyor.stages.prepare import DEFAULT_BLOCKLIST
 
 STAGES = ("prepare", "generate", "finalize", "deliver", "projector")
+# How an alias picks a model for a request (GatewayCore._pick).
+ALIAS_ROUTING = ("weight", "backlog")
 # The local model's weight types (conveyor.models.local.WEIGHTS says what each one is).
 LOCAL_WEIGHTS = ("q8_0", "f16", "shipped")
 
@@ -117,6 +119,7 @@ class Settings:
     # Names that spread requests over served models by weight (a canary, several upstreams of one
     # model): alias -> ((model id, weight), ...).
     aliases: Mapping[str, tuple[tuple[str, float], ...]] = dataclasses.field(default_factory=dict)
+    alias_routing: str = "weight"  # one of ALIAS_ROUTING
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
     stages: tuple[str, ...] = STAGES
     # The gateway: with a keys file (lines key=tenant) every API request needs a key; without
@@ -143,6 +146,8 @@ class Settings:
             )
         if unknown := sorted(set(self.serve) - set(ids)):
             raise ValueError(f"--serve names models not served here: {unknown}; served: {ids}")
+        if self.alias_routing not in ALIAS_ROUTING:
+            raise ValueError(f"alias routing is {' or '.join(ALIAS_ROUTING)}, not {self.alias_routing!r}")
         for alias, targets in self.aliases.items():
             if alias in ids or not model_token(alias):
                 raise ValueError(f"an alias needs a name of its own, not {alias!r}; models: {ids}")
@@ -244,6 +249,7 @@ class Settings:
             models=tuple(ModelSettings.of(m) for m in _models(models)) if models else (),
             serve=_phrases(get("SERVE") or ""),
             aliases=_aliases(get("ALIASES") or "{}"),
+            alias_routing=get("ALIAS_ROUTING") or base.alias_routing,
             blocklist=_phrases(blocklist) if blocklist is not None else base.blocklist,
             api_keys_file=Path(keys_file) if keys_file is not None else None,
             rate_limit=float(rate) if rate is not None else None,
@@ -267,6 +273,7 @@ class Settings:
             "CONVEYOR_ACK_WAIT": repr(self.ack_wait),
             "CONVEYOR_MAX_EVENT_BYTES": str(self.max_event_bytes),
             "CONVEYOR_ACCESS_LOG": "true" if self.access_log else "false",
+            "CONVEYOR_ALIAS_ROUTING": self.alias_routing,
             "CONVEYOR_MODEL": self.model.backend,
             "CONVEYOR_MODEL_NAME": self.model.name,
             "CONVEYOR_MODEL_VERSION": self.model.version,
@@ -330,6 +337,7 @@ NAMES = frozenset(
         "MAX_EVENT_BYTES",
         "MAX_BODY_BYTES",
         "ACCESS_LOG",
+        "ALIAS_ROUTING",
         "PREFIX",
         "LOG_LEVEL",
         "LOG_FORMAT",

@@ -50,6 +50,11 @@ def prepared_topic(model: str) -> str:
     return f"{Topic.PREPARED}-{model_token(model)}" if model else Topic.PREPARED
 
 
+def generate_group(model: str) -> str:
+    """The generate stage (and consumer group) of ``model``'s requests, named as its topic is."""
+    return f"generate-{model_token(model)}" if model else "generate"
+
+
 def background_topic(topic: str) -> str:
     """Where the requests of positive priority (background work: a batch's) wait instead of
     ``topic``: the generate stage takes a few of them at a time, so they never stand in front of

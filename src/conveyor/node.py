@@ -361,6 +361,7 @@ async def run_node(
                         models=ids,
                         aliases=settings.aliases,
                         access_log=settings.access_log,
+                        alias_routing=settings.alias_routing,
                     )
                     gateway_url = await http.enter_async_context(serving(app, sock))
                 ports = children.metrics_ports if children else []

@@ -84,5 +84,5 @@ async def test_while_the_backlog_cannot_be_read_submits_are_admitted(
     assert (admission.backlog, admission.overloaded) == (None, False)
     assert ADMISSION_OVERLOADED.value() == 0.0
     assert [r.getMessage() for r in caplog.records].count(
-        "admission control cannot read the backlog, admitting everything: UnavailableError('the log is down')"
+        "the log's backlogs cannot be read, none is known: UnavailableError('the log is down')"
     ) == 1  # said once, not every half second

@@ -14,12 +14,14 @@ from conveyor.cli import command_line, settings_from
 from conveyor.config import ModelSettings, Settings
 from conveyor.embedded import free_port
 from conveyor.errors import RejectedError
-from conveyor.events import Envelope, Topic, new_event, prepared_topic
+from conveyor.events import Envelope, Topic, generate_group, new_event, prepared_topic
+from conveyor.gateway.backlog import Backlogs
+from conveyor.gateway.core import GatewayCore
 from conveyor.models.base import GenerationRequest, Token
 from conveyor.models.simulated import SimulatedModel
 from conveyor.payloads import DeadLetter, EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.stages import CancelWatch, generate_stage, prepare_stage
-from conveyor.testing import MemoryEventLog, StageHarness
+from conveyor.testing import MemoryEventLog, MemoryStateStore, StageHarness
 from tests.conftest import NodeFactory
 from tests.helpers import sdk, submit, wait_final
 
@@ -186,10 +188,12 @@ async def test_a_request_refused_for_its_own_fault_is_not_passed_to_the_fallback
     assert out.get(prepared_topic("fast"), []) == []
 
 
-async def test_an_alias_spreads_its_requests_over_its_models_by_weight(node: NodeFactory) -> None:
+@pytest.mark.parametrize("routing", ["weight", "backlog"])
+async def test_an_alias_spreads_its_requests_over_its_models(node: NodeFactory, routing: str) -> None:
+    # By backlog, with both models idle between one-at-a-time requests: ties, drawn by weight.
     aliases = {"chat": (("simulated", 1.0), ("fast", 1.0)), "only-fast": (("fast", 1.0),)}
     async with (
-        node(settings={"models": (FAST,), "aliases": aliases}) as http,
+        node(settings={"models": (FAST,), "aliases": aliases, "alias_routing": routing}) as http,
         sdk(str(http.base_url)) as client,
     ):
         listed = [m.id async for m in client.models.list()]
@@ -215,10 +219,18 @@ def test_aliases_come_from_flags_files_and_the_environment_and_must_name_served_
         "fast=simulated",
         "--alias",
         "chat=simulated:90,fast:10",
+        "--alias-routing",
+        "backlog",
     ]
     flags = settings_from(parser.parse_args(argv))
-    assert flags.aliases == {"chat": (("simulated", 90.0), ("fast", 10.0))}
-    assert Settings.from_env(flags.to_env()).aliases == flags.aliases
+    assert (flags.aliases, flags.alias_routing) == (
+        {"chat": (("simulated", 90.0), ("fast", 10.0))},
+        "backlog",
+    )
+    again = Settings.from_env(flags.to_env())
+    assert (again.aliases, again.alias_routing) == (flags.aliases, "backlog")
+    with pytest.raises(ValueError, match="alias routing is weight or backlog"):
+        Settings(alias_routing="fastest")
     config = tmp_path / "conveyor.toml"
     config.write_text('model = "simulated"\n\n[aliases]\nchat = {simulated = 3}\n')
     assert Settings.load(config, env={}).aliases == {"chat": (("simulated", 3.0),)}
@@ -230,3 +242,30 @@ def test_aliases_come_from_flags_files_and_the_environment_and_must_name_served_
     ]:
         with pytest.raises(ValueError, match=error):
             settings_from(parser.parse_args(["up", "--model", "simulated", *wrong]))
+
+
+async def test_an_alias_routed_by_backlog_sends_requests_where_the_least_wait_per_weight() -> None:
+    log = MemoryEventLog()
+    backlogs = Backlogs(log)
+    aliases = {"chat": (("simulated", 1.0), ("fast", 2.0))}  # fast has twice the capacity
+    core = GatewayCore(
+        log, MemoryStateStore(), models=("simulated", "fast"), aliases=aliases, backlogs=backlogs
+    )
+
+    async def waiting(route: str, count: int) -> None:
+        """``count`` more prepared requests waiting for the generate stage of ``route``."""
+        await log.subscribe(prepared_topic(route), generate_group(route))
+        prepared = RequestPrepared(prompt="p")
+        events = [new_event(type=EventType.PREPARED, source="t", payload=prepared) for _ in range(count)]
+        await log.publish(prepared_topic(route), events)
+
+    # No backlog known yet (no generate stage has subscribed): each request drawn by weight.
+    await backlogs.refresh()
+    assert {core.route("chat") for _ in range(200)} == {"", "fast"}  # "": the default model
+    await waiting("", 3)
+    await waiting("fast", 4)  # 2 per unit of weight against 3
+    await backlogs.refresh()
+    assert {core.route("chat") for _ in range(50)} == {"fast"}
+    await waiting("fast", 4)  # 4 per unit of weight against 3
+    await backlogs.refresh()
+    assert {core.route("chat") for _ in range(50)} == {""}

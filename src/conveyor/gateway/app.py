@@ -26,6 +26,7 @@ from conveyor.gateway.access import Access
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.anthropic_api import add_anthropic_routes
 from conveyor.gateway.auth import Keys
+from conveyor.gateway.backlog import Backlogs
 from conveyor.gateway.batch_api import FILES_PATH, add_batch_routes
 from conveyor.gateway.core import GatewayCore, GatewayLimits, IdempotencyConflict, Refused
 from conveyor.gateway.embeddings_api import add_embeddings_routes
@@ -184,6 +185,7 @@ def create_app(
     aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
     keys: Keys | None = None,
     access_log: bool = False,
+    alias_routing: str = "weight",
 ) -> FastAPI:
     """The gateway: the job API, the OpenAI- and Anthropic-compatible APIs for ``models``, health
     and metrics. With ``access_log``, a line per HTTP call (``gateway/access.py``).
@@ -198,6 +200,10 @@ def create_app(
     if limits.rate or keys is not None:
         limiter = RateLimiter(store, default=limits.rate, tenants=keys.rates if keys else {})
     admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
+    # Routing an alias by backlog reads the same backlogs as admission control, if it runs.
+    backlogs = None
+    if alias_routing == "backlog" and aliases:
+        backlogs = admission.backlogs if admission is not None else Backlogs(log)
     token_limits = keys.token_limits if keys else {}
     quota = None
     if limits.tokens_per_minute or token_limits:
@@ -220,6 +226,7 @@ def create_app(
         budgets=budgets,
         models=models,
         aliases=aliases,
+        backlogs=backlogs,
     )
     models = [*models, *(aliases or {})]  # what a client may name
 
@@ -233,6 +240,9 @@ def create_app(
         if admission is not None:
             await admission.refresh()  # the first submit already meets a known backlog
             tasks.append(asyncio.create_task(admission.run()))
+        elif backlogs is not None:
+            await backlogs.refresh()
+            tasks.append(asyncio.create_task(backlogs.run()))
         try:
             yield
         finally:

@@ -19,10 +19,11 @@ from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from conveyor.callbacks import LOOPBACK
-from conveyor.events import Envelope, Topic, new_event
+from conveyor.events import Envelope, Topic, generate_group, new_event, prepared_topic
 from conveyor.gateway import access
 from conveyor.gateway.admission import Admission
 from conveyor.gateway.auth import Keys, presented_key
+from conveyor.gateway.backlog import Backlogs
 from conveyor.gateway.parallel import ParallelLimit
 from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import Rate, RateLimiter
@@ -103,11 +104,15 @@ class GatewayCore:
         budgets: Budgets | None = None,
         models: Sequence[str] = (),
         aliases: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+        backlogs: Backlogs | None = None,
     ) -> None:
+        """With ``backlogs``, an alias sends each request to its model with the least backlog for
+        its weight (else each is drawn by weight)."""
         self.log, self.store = log, store
         # The models served, the default first: a request for it names no model on its events.
         self.models = tuple(models)
         self.aliases = dict(aliases or {})
+        self.backlogs = backlogs
         self.keys, self.limiter, self.admission, self.quota = keys, limiter, admission, quota
         self.parallel, self.budgets = parallel, budgets
         self.watch = StatusWatch(store, on_write=parallel.seen if parallel else None)
@@ -232,12 +237,28 @@ class GatewayCore:
         some; empty: the default) name as its model: nothing for the default one. An alias's model
         is drawn by weight for each request. Refused (404) for a model not served."""
         if (targets := self.aliases.get(model)) is not None:
-            model = random.choices([m for m, _ in targets], weights=[w for _, w in targets])[0]
+            model = self._pick(targets)
         if model and model not in self.models:
             raise Refused(
                 404, "model_not_found", f"the model {model!r} does not exist; try {list(self.models)}"
             )
         return "" if model == next(iter(self.models), "") else model
+
+    def _pick(self, targets: Sequence[tuple[str, float]]) -> str:
+        """An alias's model for one request: drawn by weight among those with the least backlog per
+        unit of weight (a weight is a model's share of the capacity), or among all of them while
+        any backlog is not known. A failing upstream holds its requests in retries, so its backlog
+        grows and requests go elsewhere."""
+        if self.backlogs is not None:
+            default = next(iter(self.models), "")
+            loads = [
+                self.backlogs.of(prepared_topic(route), generate_group(route))
+                for route in ("" if m == default else m for m, _ in targets)
+            ]
+            if all(load is not None for load in loads):
+                shares = [(load or 0) / weight for load, (_, weight) in zip(loads, targets, strict=True)]
+                targets = [t for t, share in zip(targets, shares, strict=True) if share == min(shares)]
+        return random.choices([m for m, _ in targets], weights=[w for _, w in targets])[0]
 
     async def accept(
         self,

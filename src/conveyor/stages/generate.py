@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 
 from conveyor.errors import ConveyorError, InvalidEventError, RejectedError, RetryableError
-from conveyor.events import Envelope, Topic, background_topic, model_token, prepared_topic
+from conveyor.events import Envelope, Topic, background_topic, generate_group, prepared_topic
 from conveyor.log.base import EventLog
 from conveyor.models.base import Embedder, Embedding, GenerationRequest, ModelBackend, ModelInfo, Token
 from conveyor.payloads import (
@@ -356,7 +356,7 @@ def generate_stage(
         ]
 
     return Stage(
-        name=f"generate-{model_token(route)}" if route else "generate",
+        name=generate_group(route),
         consumes=(topic, background_topic(topic)),
         topic_limits={background_topic(topic): background},
         fallback=fall_back if fallback is not None else None,
