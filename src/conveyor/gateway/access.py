@@ -3,9 +3,11 @@
 A call that puts requests on the log (a submit, a chat completion, a message, a response, an
 embeddings call, a batch's lines aside) answers with their ids in ``x-request-id`` (where the OpenAI
 SDK reads ``_request_id``) and ``request-id`` (the Anthropic SDK's), comma-separated when there are
-several: what a client quotes when it asks what became of its call. With ``--access-log``, every
-HTTP call is a line of the ``conveyor.access`` logger (text or JSON, as the process logs): method,
-path, status, duration, and the tenant and request ids of what it accepted.
+several, up to ``MAX_IDS`` (an embeddings call of 2,048 texts makes 2,048 requests: their ids would
+make a header larger than HTTP clients read): what a client quotes when it asks what became of its
+call. With ``--access-log``, every HTTP call is a line of the ``conveyor.access`` logger (text or
+JSON, as the process logs): method, path, status, duration, and the tenant, the number and the first
+``MAX_IDS`` ids of the requests it accepted.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("conveyor.access")
+MAX_IDS = 16  # as many as a completion's choices
 
 
 @dataclasses.dataclass(slots=True)
 class _Call:
-    ids: list[str] = dataclasses.field(default_factory=list)
+    ids: list[str] = dataclasses.field(default_factory=list)  # the first MAX_IDS
+    count: int = 0
     tenant: str = ""
 
 
@@ -35,8 +39,10 @@ def accepted(request_id: str, tenant: str) -> None:
     """The current HTTP call put ``request_id`` on the log, for ``tenant``."""
     call = _CALL.get()
     if call is not None:
-        call.ids.append(request_id)
+        call.count += 1
         call.tenant = tenant
+        if len(call.ids) < MAX_IDS:
+            call.ids.append(request_id)
 
 
 class Access:
@@ -54,7 +60,7 @@ class Access:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if call.ids:
+                if 0 < call.count <= MAX_IDS:
                     ids = ",".join(call.ids).encode()
                     message["headers"] = [
                         *message.get("headers", ()),
@@ -81,6 +87,7 @@ class Access:
                         "status": status,
                         "duration_ms": round(elapsed, 1),
                         "tenant": call.tenant or None,
+                        "requests": call.count,
                         "request_ids": call.ids,
                     },
                 )
