@@ -314,6 +314,21 @@ class JetStreamBackend:
                 elif not reply.cancelled():
                     reply.exception()  # marks a failure as seen
 
+    async def _direct_get(self, subject: str, body: bytes = b"", *, what: str) -> Msg | None:
+        """A stream's message by a direct get (``subject``: ``$JS.API.DIRECT.GET.<stream>...``; the
+        stream allows direct reads): one request, answered by any replica, without a consumer.
+        None if there is no such message; UnavailableError, saying ``what`` was read, on failure."""
+        try:
+            (reply,) = await self._heard([(subject, body, None)])
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise UnavailableError(f"{what}: {exc!r}") from exc
+        headers = reply.headers or {}
+        if status := headers.get("Status"):
+            if status == "404":
+                return None
+            raise UnavailableError(f"{what}: {status} {headers.get('Description', '')}")
+        return reply
+
     async def ping(self) -> None:
         try:
             await self._js.account_info()

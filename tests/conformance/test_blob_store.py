@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from conveyor.blobs.base import BlobStore
+from conveyor.blobs.nats import NatsBlobStore
 from conveyor.blobs.object_storage import ObjectStorageBlobs
 from conveyor.embedded import free_port
 from conveyor.errors import UnavailableError
+from tests.conftest import unique_prefix
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,5 +83,19 @@ async def test_a_directory_store_sweeps_blobs_older_than_its_max_age(tmp_path: P
         assert await blobs.sweep() == 1
         assert await blobs.get("events/old") is None
         assert await blobs.get("events/new") == b"new"
+    finally:
+        await blobs.close()
+
+
+async def test_the_nats_store_reads_a_blob_without_making_a_consumer(nats_url: str) -> None:
+    # nats-py reads an object through an ephemeral consumer, which a cluster makes by consensus:
+    # every long prompt read by prepare, generate and the projector would make one.
+    blobs = await NatsBlobStore.open(nats_url, prefix=unique_prefix())
+    try:
+        data = random.Random(5).randbytes(300_000)  # three chunks
+        await blobs.put("events/long", data)
+        assert await blobs.get("events/long") == data
+        info = await blobs._js.stream_info(f"OBJ_{blobs.bucket}")
+        assert info.state.consumer_count == 0
     finally:
         await blobs.close()

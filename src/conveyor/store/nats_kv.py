@@ -61,15 +61,10 @@ class NatsStateStore(JetStreamBackend):
         await self._kv(ns)
         bucket = self.bucket_name(ns)
         subject = f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}"
-        try:
-            (reply,) = await self._heard([(subject, b"", None)])
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise UnavailableError(f"store get {ns}/{key}: {exc!r}") from exc
+        reply = await self._direct_get(subject, what=f"store get {ns}/{key}")
+        if reply is None:
+            return None
         headers = reply.headers or {}
-        if status := headers.get("Status"):
-            if status == "404":
-                return None
-            raise UnavailableError(f"store get {ns}/{key}: {status} {headers.get('Description', '')}")
         if headers.get("KV-Operation") or headers.get("Nats-Marker-Reason"):
             return None  # a delete, purge or expiry marker
         return Entry(reply.data, int(headers["Nats-Sequence"]))
