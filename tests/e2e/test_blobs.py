@@ -48,6 +48,16 @@ async def test_a_prompt_too_large_for_the_log_is_answered_through_the_blob_store
             assert view["usage"]["prompt_tokens"] > 100_000  # the model read all of it
             events = await read_sse(client, rid)
             assert "".join(data["text"] for _, kind, data in events if kind == "token") == view["output"]
+            # Retried with an Idempotency-Key: the gateway keeps the event it published with the key
+            # (to publish the very same one again), as the log has it: a reference, not 1.4 MB.
+            retried = [
+                await client.post(
+                    "/v1/requests", json={"prompt": PROMPT}, headers={"Idempotency-Key": "doc-1"}
+                )
+                for _ in range(2)
+            ]
+            assert [r.status_code for r in retried] == [202, 200]
+            assert retried[0].json()["id"] == retried[1].json()["id"]
             # The OpenAI API, as an SDK sends a long document: the same pipeline.
             chat = await client.post(
                 "/v1/chat/completions",

@@ -29,6 +29,7 @@ from conveyor.gateway.quota import TokenQuota
 from conveyor.gateway.ratelimit import Rate, RateLimiter
 from conveyor.gateway.watch import StatusWatch
 from conveyor.log.base import EventLog
+from conveyor.log.claim_check import as_published
 from conveyor.observability.metrics import REQUESTS_ACCEPTED, REQUESTS_REFUSED
 from conveyor.observability.tracing import current_traceparent
 from conveyor.payloads import CancelRequested, EventType, RequestAccepted
@@ -305,11 +306,11 @@ class GatewayCore:
             # The event itself is kept with the key: a retry after a failed or timed-out publish
             # (which may have been stored after all) publishes the very same event again, and the
             # log drops it if the first one made it. Deleting the key instead could bill twice.
-            record = orjson.dumps(
-                {"id": rid, "fingerprint": digest, "headers": event.to_headers(), "body": event.data.decode()}
-            )
             try:
-                created = await self.store.create(Namespace.IDEMPOTENCY, idem, record)
+                event = await as_published(self.log, event)  # a long prompt: kept in the blob store
+                record = {"id": rid, "fingerprint": digest, "headers": event.to_headers()}
+                record["body"] = event.data.decode()
+                created = await self.store.create(Namespace.IDEMPOTENCY, idem, orjson.dumps(record))
             except BaseException:
                 self._release(rid)
                 raise

@@ -48,10 +48,12 @@ class ClaimCheckLog:
 
     async def publish(self, topic: str, events: Sequence[Envelope]) -> None:
         if any(len(event.data) > self.limit for event in events):
-            events = await asyncio.gather(*(self._check(event) for event in events))
+            events = await asyncio.gather(*(self.checked(event) for event in events))
         await self.log.publish(topic, events)
 
-    async def _check(self, event: Envelope) -> Envelope:
+    async def checked(self, event: Envelope) -> Envelope:
+        """``event`` as it goes on the broker: if its payload is over the limit, that is stored
+        (now) and the event refers to it."""
         if len(event.data) <= self.limit:
             return event
         name = blob_name(event.id)
@@ -104,6 +106,13 @@ class ClaimCheckLog:
             await self.log.close()
         finally:
             await self.blobs.close()
+
+
+async def as_published(log: EventLog, event: Envelope) -> Envelope:
+    """``event`` as ``log`` puts it on the broker (a reference to its payload, stored, if that is too
+    large): what to keep when a copy of an event is kept elsewhere (the gateway keeps an
+    Idempotency-Key's event, to publish the very same one again), so no copy outgrows the log."""
+    return await log.checked(event) if isinstance(log, ClaimCheckLog) else event
 
 
 class _Claiming:
