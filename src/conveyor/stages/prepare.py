@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
 from conveyor.events import Envelope, Topic, background_topic, prepared_topic
-from conveyor.payloads import EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
+from conveyor.payloads import ChatMessage, EventType, RequestAccepted, RequestFailed, RequestPrepared, decode
 from conveyor.pipeline import Output, Stage, StageContext
 from conveyor.stages.deliver import settled
 from conveyor.stages.redact import redact
@@ -36,6 +38,44 @@ class SafetyPolicy:
         return next((phrase for phrase, pattern in self._patterns if pattern.search(prompt)), None)
 
 
+# A prompt longer than this (characters) is screened on a thread: the patterns take about half a
+# second of CPU per million characters, which the worker's other events and heartbeats must not wait.
+_ON_A_THREAD = 256 * 1024
+
+
+def _screened(
+    request: RequestAccepted, policy: SafetyPolicy
+) -> str | tuple[str, dict[str, int], list[ChatMessage]]:
+    """The blocked phrase ``request`` contains; else its prompt and turns with PII redacted, and how
+    many of each kind were found."""
+    texts = [request.prompt, *(m.content for m in request.messages)]
+    blocked = next((b for t in texts if (b := policy.violation(t)) is not None), None)
+    if blocked is not None:
+        return blocked
+    prompt, redactions = redact(request.prompt)
+
+    def redacted(text: str) -> str:
+        text, found = redact(text)
+        for kind, n in found.items():
+            redactions[kind] = redactions.get(kind, 0) + n
+        return text
+
+    messages = []
+    for message in request.messages:
+        # An earlier call's arguments are part of the prompt too.
+        calls = [
+            call.model_copy(update={"arguments": redacted(call.arguments)}) for call in message.tool_calls
+        ]
+        # A turn with images: its text is its text parts, each redacted once.
+        parts = [
+            part.model_copy(update={"text": redacted(part.text)}) if part.type == "text" else part
+            for part in message.parts
+        ]
+        content = "".join(p.text for p in parts) if parts else redacted(message.content)
+        messages.append(message.model_copy(update={"content": content, "tool_calls": calls, "parts": parts}))
+    return prompt, redactions, messages
+
+
 def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str, str] | None = None) -> Stage:
     """``routes``: what the events of a request for each model served name as its model, by the
     model's id (``""`` for the default one); a request naming another fails. None: no check, every
@@ -55,38 +95,17 @@ def prepare_stage(policy: SafetyPolicy = SafetyPolicy(), *, routes: Mapping[str,
                 stage=ctx.stage,
             )
             return settled(ctx.derive(event, type=EventType.FAILED, payload=failed))
-        texts = [request.prompt, *(m.content for m in request.messages)]
-        blocked = next((b for t in texts if (b := policy.violation(t)) is not None), None)
-        if blocked is not None:
+        screen = functools.partial(_screened, request, policy)
+        long = len(request.prompt) + sum(len(m.content) for m in request.messages) > _ON_A_THREAD
+        screened = await asyncio.to_thread(screen) if long else screen()
+        if isinstance(screened, str):
             failed = RequestFailed(
                 code="safety_blocked",
-                message=f"the prompt was refused by the safety policy (matched {blocked!r})",
+                message=f"the prompt was refused by the safety policy (matched {screened!r})",
                 stage=ctx.stage,
             )
             return settled(ctx.derive(event, type=EventType.FAILED, payload=failed))
-        prompt, redactions = redact(request.prompt)
-        messages = []
-
-        def redacted(text: str) -> str:
-            text, found = redact(text)
-            for kind, n in found.items():
-                redactions[kind] = redactions.get(kind, 0) + n
-            return text
-
-        for message in request.messages:
-            # An earlier call's arguments are part of the prompt too.
-            calls = [
-                call.model_copy(update={"arguments": redacted(call.arguments)}) for call in message.tool_calls
-            ]
-            # A turn with images: its text is its text parts, each redacted once.
-            parts = [
-                part.model_copy(update={"text": redacted(part.text)}) if part.type == "text" else part
-                for part in message.parts
-            ]
-            content = "".join(p.text for p in parts) if parts else redacted(message.content)
-            messages.append(
-                message.model_copy(update={"content": content, "tool_calls": calls, "parts": parts})
-            )
+        prompt, redactions, messages = screened
         prepared = RequestPrepared(
             prompt=prompt,
             max_tokens=request.max_tokens,
