@@ -540,3 +540,26 @@ async def test_embeddings_through_the_pipeline_put_alike_texts_close_and_refuse_
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.1
     assert answer.usage.prompt_tokens == sum(len(t.split()) for t in texts) + 6  # the model's own count
     assert refused.value.code == "context_length_exceeded"
+
+
+async def test_a_prompt_far_over_the_context_is_refused_without_being_tokenized(model: LocalModel) -> None:
+    # 2.9 MB: a second and a half of tokenizing on the worker's event loop. It cannot fit in 512
+    # tokens however it tokenizes (no token stands for more than the longest piece's bytes).
+    huge = request(0, "The queue absorbs the burst. " * 100_000, max_tokens=16)
+    tokenized = model._tokenize
+    model._tokenize = lambda *_, **__: pytest.fail("tokenized")  # type: ignore[method-assign]
+    try:
+        (token,) = [t async for t in model.generate([huge])]
+    finally:
+        model._tokenize = tokenized  # type: ignore[method-assign]
+    assert isinstance(token.error, PermanentError)
+    assert "exceed the context of 512 tokens per request" in str(token.error)
+
+
+def test_every_token_decodes_whole(model: LocalModel) -> None:
+    # Some of SmolLM2's pieces are longer than 64 bytes (rulers, indentation): a buffer of 64 made
+    # them empty text, so a model writing a line of dashes lost it.
+    pieces = [model._piece(t) for t in range(model._n_vocab)]
+    assert max(map(len, pieces)) == model._longest_piece > 64
+    long = next(t for t, piece in enumerate(pieces) if len(piece) > 64)
+    assert model._tokenize(pieces[long], special=False) == [long]

@@ -195,6 +195,12 @@ class LocalModel:
             raise RuntimeError(f"cannot load {path}")
         self._vocab = llama.llama_model_get_vocab(self._model)
         self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        # The longest text a token stands for (a buffer too small gets minus the length it needs):
+        # a prompt longer than this many bytes per token that fits is refused without tokenizing it.
+        none = ctypes.create_string_buffer(1)
+        self._longest_piece = max(
+            1, *(-llama.llama_token_to_piece(self._vocab, t, none, 0, 0, False) for t in range(self._n_vocab))
+        )
         self._template = llama.llama_model_chat_template(self._model, None)
         params = llama.llama_context_default_params()
         params.n_ctx = slots * context_per_slot
@@ -253,7 +259,7 @@ class LocalModel:
         return list(tokens[:n])
 
     def _piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
+        buf = ctypes.create_string_buffer(self._longest_piece)  # SmolLM2 has pieces of 81 bytes
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return bytes(buf.raw[:n])
 
@@ -263,10 +269,16 @@ class LocalModel:
             raise RejectedError(
                 "invalid_request", f"this model reads text only, and the request has {images} image(s)"
             )
-        if request.continuation:  # the user's text: what looks like a special token is text
-            prompt = self._tokenize(request.prompt.encode(), special=False)
-        else:
-            prompt = self._tokenize(self.chat_prompt(request), special=True)
+        text = request.prompt.encode() if request.continuation else self.chat_prompt(request)
+        # Tokenizing takes ~0.5 s per MB on the event loop: a prompt that cannot fit is refused first.
+        if (at_least := -(-len(text) // self._longest_piece)) + request.max_tokens > self._context_per_slot:
+            raise RejectedError(
+                "context_length_exceeded",
+                f"prompt of at least {at_least} tokens ({len(text)} bytes) + max_tokens {request.max_tokens} "
+                f"exceed the context of {self._context_per_slot} tokens per request",
+            )
+        # The user's text of a continuation: what looks like a special token there is text.
+        prompt = self._tokenize(text, special=not request.continuation)
         if not prompt:
             raise RejectedError("invalid_request", "the prompt is empty: there is nothing to continue")
         if len(prompt) + request.max_tokens > self._context_per_slot:
