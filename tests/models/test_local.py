@@ -563,3 +563,15 @@ def test_every_token_decodes_whole(model: LocalModel) -> None:
     assert max(map(len, pieces)) == model._longest_piece > 64
     long = next(t for t, piece in enumerate(pieces) if len(piece) > 64)
     assert model._tokenize(pieces[long], special=False) == [long]
+
+
+async def test_an_input_far_over_the_context_is_refused_for_embedding_without_being_tokenized(
+    model: LocalModel,
+) -> None:
+    tokenized = model._tokenize
+    model._tokenize = lambda *_, **__: pytest.fail("tokenized")  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PermanentError, match=r"at least \d+ tokens exceeds the context of 512"):
+            await model.embed(["short", "The queue absorbs the burst. " * 100_000])
+    finally:
+        model._tokenize = tokenized  # type: ignore[method-assign]

@@ -198,7 +198,7 @@ class LocalModel:
         # The longest text a token stands for (a buffer too small gets minus the length it needs):
         # a prompt longer than this many bytes per token that fits is refused without tokenizing it.
         none = ctypes.create_string_buffer(1)
-        self._longest_piece = max(
+        self._longest_piece: int = max(
             1, *(-llama.llama_token_to_piece(self._vocab, t, none, 0, 0, False) for t in range(self._n_vocab))
         )
         self._template = llama.llama_model_chat_template(self._model, None)
@@ -258,6 +258,10 @@ class LocalModel:
         n = llama.llama_tokenize(self._vocab, text, len(text), tokens, len(tokens), False, special)
         return list(tokens[:n])
 
+    def _at_least(self, text: bytes) -> int:
+        """The fewest tokens ``text`` can be: no token stands for more than the longest piece."""
+        return -(-len(text) // self._longest_piece)
+
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(self._longest_piece)  # SmolLM2 has pieces of 81 bytes
         n = self._llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
@@ -271,7 +275,7 @@ class LocalModel:
             )
         text = request.prompt.encode() if request.continuation else self.chat_prompt(request)
         # Tokenizing takes ~0.5 s per MB on the event loop: a prompt that cannot fit is refused first.
-        if (at_least := -(-len(text) // self._longest_piece)) + request.max_tokens > self._context_per_slot:
+        if (at_least := self._at_least(text)) + request.max_tokens > self._context_per_slot:
             raise RejectedError(
                 "context_length_exceeded",
                 f"prompt of at least {at_least} tokens ({len(text)} bytes) + max_tokens {request.max_tokens} "
@@ -342,6 +346,12 @@ class LocalModel:
     async def embed(self, texts: Sequence[str]) -> list[Embedding]:
         """Each text's mean-pooled last hidden state, scaled to length 1 (a small instruct model's
         embeddings: fine for tests and demos, not what a search index wants)."""
+        if (at_least := max(self._at_least(text.encode()) for text in texts)) > self._context_per_slot:
+            raise RejectedError(  # said before tokenizing it on the event loop (~0.5 s per MB)
+                "context_length_exceeded",
+                f"an input of at least {at_least} tokens exceeds the context of "
+                f"{self._context_per_slot} tokens",
+            )
         counts = [self.count_tokens(text) for text in texts]
         if not all(counts):
             raise RejectedError("invalid_request", "an input is empty: there is nothing to embed")
