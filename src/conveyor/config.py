@@ -172,7 +172,8 @@ class Settings:
     @property
     def body_limit(self) -> int:
         """The largest request body the gateway takes, in bytes."""
-        has_blobs = self.blob_url is not None or self.log_url is None or self.log_url.startswith("nats:")
+        # No log URL: the bundled NATS server, which brings its object store.
+        has_blobs = self.log_url is None or self.blobs_for(self.log_url) is not None
         return self.max_body_bytes or (8 * 1024 * 1024 if has_blobs else 256 * 1024)
 
     @property

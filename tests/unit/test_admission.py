@@ -7,6 +7,7 @@ import pytest
 from conveyor.errors import UnavailableError
 from conveyor.events import Topic, new_event
 from conveyor.gateway.admission import Admission
+from conveyor.gateway.backlog import Backlogs
 from conveyor.log.base import Lag
 from conveyor.log.memory import MemoryEventLog
 from conveyor.observability.metrics import ADMISSION_BACKLOG, ADMISSION_OVERLOADED
@@ -25,7 +26,7 @@ async def test_over_the_limit_means_more_than_max_backlog_not_yet_acknowledged_b
     log = MemoryEventLog()
     intake = await log.subscribe(Topic.REQUESTS, "prepare")
     await log.subscribe(Topic.REQUESTS, "audit")  # another group's backlog does not count
-    admission = Admission(log, max_backlog=3)
+    admission = Admission(Backlogs(log), max_backlog=3)
     await publish_requests(log, 3)
     await admission.refresh()
     assert (admission.backlog, admission.overloaded) == (3, False)
@@ -45,7 +46,7 @@ async def test_over_the_limit_means_more_than_max_backlog_not_yet_acknowledged_b
 async def test_without_a_prepare_group_nothing_is_known_to_be_behind() -> None:
     log = MemoryEventLog()
     await publish_requests(log, 10)
-    admission = Admission(log, max_backlog=0)
+    admission = Admission(Backlogs(log), max_backlog=0)
     await admission.refresh()
     assert (admission.backlog, admission.overloaded) == (None, False)
 
@@ -66,7 +67,7 @@ class _Partitioned(MemoryEventLog):
 async def test_a_partitioned_logs_backlog_is_the_sum_over_partitions() -> None:
     lags = [Lag("requests", "prepare", 4, 1, partition=p) for p in range(3)]
     lags.append(Lag("prepared", "generate", 100, 0, partition=0))
-    admission = Admission(_Partitioned(lags), max_backlog=14)
+    admission = Admission(Backlogs(_Partitioned(lags)), max_backlog=14)
     await admission.refresh()
     assert (admission.backlog, admission.overloaded) == (15, True)
 
@@ -75,7 +76,7 @@ async def test_while_the_backlog_cannot_be_read_submits_are_admitted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     log = _Partitioned([Lag("requests", "prepare", 50, 0)])
-    admission = Admission(log, max_backlog=10)
+    admission = Admission(Backlogs(log), max_backlog=10)
     await admission.refresh()
     assert admission.overloaded
     log.lags = UnavailableError("the log is down")

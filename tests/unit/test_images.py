@@ -61,35 +61,15 @@ async def test_the_openai_api_hands_images_to_the_upstream_in_order_with_the_tex
 
 async def test_the_anthropic_api_hands_a_base64_image_on_as_an_inline_image(node: NodeFactory) -> None:
     async with relaying(node, **LARGE) as (http, received), anthropic_sdk(str(http.base_url)) as client:
-        await client.messages.create(
-            model="m",
-            max_tokens=16,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {
-                            "type": "image",
-                            "source": {"type": "base64", "media_type": "image/png", "data": PHOTO},
-                        },
-                        {"type": "text", "text": "What is this?"},
-                    ],
-                }
-            ],
-        )
+
+        async def ask(*content: dict[str, Any]) -> None:
+            turn = {"role": "user", "content": list(content)}
+            await client.messages.create(model="m", max_tokens=16, messages=[turn])  # type: ignore[list-item]
+
+        photo = {"type": "base64", "media_type": "image/png", "data": PHOTO}
+        await ask({"type": "image", "source": photo}, {"type": "text", "text": "What is this?"})
         with pytest.raises(anthropic.BadRequestError, match="image URL"):
-            await client.messages.create(
-                model="m",
-                max_tokens=16,
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "source": {"type": "url", "url": "file:///etc/passwd"}}
-                        ],
-                    }
-                ],
-            )
+            await ask({"type": "image", "source": {"type": "url", "url": "file:///etc/passwd"}})
     (body,) = received
     assert contents(body) == [
         [

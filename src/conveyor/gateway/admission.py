@@ -11,20 +11,16 @@ import asyncio
 
 from conveyor.events import Topic
 from conveyor.gateway.backlog import Backlogs
-from conveyor.log.base import EventLog
 from conveyor.observability.metrics import ADMISSION_BACKLOG, ADMISSION_OVERLOADED
 
 GROUP = "prepare"  # the first stage: what it has not taken in yet is the pipeline's queue
 
 
 class Admission:
-    """``backlogs``: read for others too (routing by backlog); by default, its own."""
+    """Reads ``backlogs`` (which routing by backlog may read too) and refreshes them."""
 
-    def __init__(
-        self, log: EventLog, *, max_backlog: int, interval: float = 0.5, backlogs: Backlogs | None = None
-    ) -> None:
-        self.max_backlog = max_backlog
-        self.backlogs = backlogs or Backlogs(log, interval=interval)
+    def __init__(self, backlogs: Backlogs, *, max_backlog: int) -> None:
+        self.backlogs, self.max_backlog = backlogs, max_backlog
 
     @property
     def interval(self) -> float:

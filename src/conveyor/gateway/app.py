@@ -199,11 +199,12 @@ def create_app(
     limiter = None
     if limits.rate or keys is not None:
         limiter = RateLimiter(store, default=limits.rate, tenants=keys.rates if keys else {})
-    admission = Admission(log, max_backlog=limits.max_backlog) if limits.max_backlog is not None else None
-    # Routing an alias by backlog reads the same backlogs as admission control, if it runs.
-    backlogs = None
-    if alias_routing == "backlog" and aliases:
-        backlogs = admission.backlogs if admission is not None else Backlogs(log)
+    # Admission control and routing an alias by backlog read the same backlogs.
+    by_backlog = alias_routing == "backlog" and bool(aliases)
+    backlogs = Backlogs(log) if limits.max_backlog is not None or by_backlog else None
+    admission = None
+    if backlogs is not None and limits.max_backlog is not None:
+        admission = Admission(backlogs, max_backlog=limits.max_backlog)
     token_limits = keys.token_limits if keys else {}
     quota = None
     if limits.tokens_per_minute or token_limits:
@@ -226,7 +227,7 @@ def create_app(
         budgets=budgets,
         models=models,
         aliases=aliases,
-        backlogs=backlogs,
+        backlogs=backlogs if by_backlog else None,
     )
     models = [*models, *(aliases or {})]  # what a client may name
 
